@@ -1,0 +1,123 @@
+"""The `cxrnode` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
+
+app = typer.Typer(
+    help="cxrnode: a DICOM node that drafts chest radiograph reports with CXR-LLaVA.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+config_app = typer.Typer(help="Settings.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic's message names the option and the problem
+        typer.echo(f"cxrnode: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    workers: Annotated[
+        bool, typer.Option("--workers/--no-workers", help="Also start Celery workers here.")
+    ] = True,
+) -> None:
+    """Run the node: DICOM listener, scheduler and (by default) the workers."""
+    from cxrnode.logs import setup_logging
+    from cxrnode.node import Supervisor
+
+    settings = _settings()
+    setup_logging(settings.log_level)
+    Supervisor(settings).run()
+
+
+@app.command()
+def echo(
+    destination: Annotated[str, typer.Argument(help="AET@host:port of the peer.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
+) -> None:
+    """Send a C-ECHO (DICOM ping) to a peer and report its answer."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    try:
+        aet, host, port = parse_destination(destination)
+    except ValueError as exc:
+        typer.echo(f"cxrnode echo: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    ae = AE(ae_title=_settings().ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
+        typer.echo(f"C-ECHO {destination}: {why}", err=True)
+        raise typer.Exit(1)
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        typer.echo(f"C-ECHO {destination}: failed (status {code})", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"C-ECHO {destination}: success")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Counts of instances, studies and jobs by state (and queues once workers exist)."""
+    from cxrnode.status import collect_status, render_status
+
+    report = collect_status(_settings())
+    typer.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations (also done at every `serve` start)."""
+    from cxrnode.db import make_engine
+    from cxrnode.migrate import current_revision, upgrade
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    typer.echo(f"database at revision {current_revision(engine)}")
+
+
+@config_app.command("example")
+def config_example() -> None:
+    """Print a TOML file with every option, its description and its default."""
+    sys.stdout.write(example_toml() + "\n")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the settings in effect (the API token is masked)."""
+    data = _settings().model_dump(mode="json")
+    if data.get("api_token"):
+        data["api_token"] = "***"
+    typer.echo(json.dumps(data, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Database: typed SQLAlchemy models and the engine/session factory.
+
+The database is the truth of the node: every instance, study, job and outgoing object has a
+row with a state. Schema changes go through Alembic (``cxrnode/migrations``); ``create_all``
+is never used outside tests of the migrations themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+UID = String(64)
+AET = String(16)
+
+
+def utcnow() -> datetime:
+    """Naive UTC: stored the same way by SQLite and PostgreSQL."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(), dict[str, Any]: JSON}
+
+
+class InstanceState(enum.StrEnum):
+    stored = "stored"  # on disk and recorded; eligible for study grouping
+    skipped = "skipped"  # on disk and recorded, but not fed to the model (reason given)
+
+
+class StudyState(enum.StrEnum):
+    receiving = "receiving"  # instances arriving; quiet period not over
+    settled = "settled"  # quiet period over and a job was created
+    skipped = "skipped"  # nothing the model can read (reason given)
+
+
+class JobState(enum.StrEnum):
+    pending = "pending"  # created, not yet handed to the queue
+    queued = "queued"  # prepare task enqueued
+    prepared = "prepared"  # 8-bit image ready, infer task enqueued
+    waiting_model = "waiting_model"  # no usable model on the inference side; retried
+    inferred = "inferred"  # model answered; deliver task enqueued
+    done = "done"  # results stored (and outputs recorded in the outbox)
+    failed = "failed"  # cannot succeed without a person (reason given)
+    superseded = "superseded"  # a newer job for the same study replaced this one
+
+
+FINAL_JOB_STATES = frozenset({JobState.done, JobState.failed, JobState.superseded})
+
+
+class OutputState(enum.StrEnum):
+    pending = "pending"  # waiting for its next try
+    delivered = "delivered"
+    delivered_warning = "delivered_warning"  # peer answered with a warning status
+    dead = "dead"  # permanent failure or out of tries; `cxrnode resend` revives it
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view: Mapped[str | None] = mapped_column(String(16))  # PA, AP, LATERAL or None
+    path: Mapped[str] = mapped_column(String(512))  # relative to DATA_DIR/instances
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_aet: Mapped[str] = mapped_column(AET)
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16))
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16))
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    first_arrival: Mapped[datetime] = mapped_column(default=utcnow)
+    last_arrival: Mapped[datetime] = mapped_column(default=utcnow)
+    settle_at: Mapped[datetime] = mapped_column(index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    chosen_instance_id: Mapped[int | None] = mapped_column(Integer)  # instances.id (no FK: cycle)
+    version: Mapped[int] = mapped_column(Integer, default=0)  # number of jobs made so far
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_updated", "state", "updated_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    error: Mapped[str | None] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(String(512))
+    model_hash: Mapped[str | None] = mapped_column(String(64))
+    report: Mapped[str | None] = mapped_column(Text)
+    differential: Mapped[str | None] = mapped_column(Text)
+    recommendation: Mapped[str | None] = mapped_column(Text)
+    findings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the full ReportResult dict
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    batch_size: Mapped[int | None] = mapped_column(Integer)  # studies in its inference batch
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class Output(Base):
+    """An object we send (SR or SC) to one destination: the outbox."""
+
+    __tablename__ = "outputs"
+    __table_args__ = (Index("ix_outputs_state_next", "state", "next_try_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # "sr" or "sc"
+    destination: Mapped[str] = mapped_column(String(300))
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(512))  # relative to DATA_DIR/outputs
+    state: Mapped[OutputState] = mapped_column(Enum(OutputState, native_enum=False, length=24))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class AssociationLog(Base):
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_aet: Mapped[str] = mapped_column(String(64))
+    called_aet: Mapped[str] = mapped_column(String(64))
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    accepted: Mapped[bool]
+    reason: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None]
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # a commit we acknowledge survives power loss
+    cursor.execute("PRAGMA busy_timeout=30000")  # several listener processes share the file
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets WAL, full fsync on commit and a generous busy timeout."""
+    if url.startswith("sqlite"):
+        # Driver-level autocommit plus an explicit BEGIN IMMEDIATE: concurrent writers then wait
+        # on busy_timeout instead of failing with "database is locked" on lock upgrade.
+        engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

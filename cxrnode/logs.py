@@ -1,0 +1,26 @@
+"""Logging setup shared by every cxrnode process.
+
+Log lines carry UIDs, AE titles, statuses and reasons; never patient names, IDs or dates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Configure the root logger once per process (idempotent)."""
+    root = logging.getLogger()
+    if getattr(root, "_cxrnode_configured", False):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s")
+    )
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pynetdicom logs every PDU at INFO/DEBUG; keep it quiet unless asked for.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    root._cxrnode_configured = True  # type: ignore[attr-defined]

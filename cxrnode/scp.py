@@ -1,0 +1,248 @@
+"""The DICOM listener: C-ECHO and C-STORE for CR and DX, as a thin adapter over ``ingest``.
+
+Several listener processes share the port with SO_REUSEPORT, so associations spread over
+cores (one Python process does not scale past one core). Each process runs pynetdicom's
+threaded server; access control happens in the EVT_REQUESTED handler, before negotiation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from math import ceil
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import update
+
+from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
+from cxrnode.ingest import SUCCESS, Ingest
+from cxrnode.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STORAGE_CLASSES = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+
+# A-ASSOCIATE-RJ parameters (PS3.8 7.1.1.9)
+REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
+SOURCE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
+DIAG_CALLING_AET_NOT_RECOGNISED = 0x03
+DIAG_TEMPORARY_CONGESTION = 0x01
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT, so several processes share a port."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def build_ae(settings: Settings, processes: int) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    for sop_class in STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.maximum_associations = max(1, ceil(settings.max_associations / processes))
+    ae.require_called_aet = settings.require_called_aet
+    ae.network_timeout = settings.network_timeout
+    ae.acse_timeout = 30
+    ae.dimse_timeout = settings.network_timeout
+    return ae
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Server-side TLS; with a client CA the caller must present a certificate (mutual TLS)."""
+    if not (settings.tls_cert and settings.tls_key):
+        raise ValueError("DICOM TLS needs both TLS_CERT and TLS_KEY")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.tls_client_ca:
+        context.load_verify_locations(cafile=str(settings.tls_client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class Handlers:
+    """Event handlers of one listener process."""
+
+    def __init__(self, settings: Settings, ingest: Ingest, sessions: Any) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.sessions = sessions
+        self._stats: dict[int, list[int]] = {}  # association log id -> [instances, bytes]
+        self._lock = threading.Lock()
+
+    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+        ]
+
+    def _log_association(self, assoc: Any, accepted: bool, reason: str | None) -> int:
+        requestor = assoc.requestor
+        with self.sessions() as session:
+            row = AssociationLog(
+                calling_aet=str(requestor.ae_title).strip(),
+                called_aet=str(assoc.acceptor.ae_title).strip(),
+                peer_host=requestor.address,
+                accepted=accepted,
+                reason=reason,
+            )
+            session.add(row)
+            session.commit()
+            return row.id
+
+    def on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        host = assoc.requestor.address
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        if not self.settings.calling_aet_allowed(calling, host):
+            log.warning("association from %s@%s refused: calling AE not allowed", calling, host)
+            self._log_association(assoc, False, "calling AE title not allowed")
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
+            return
+        if self.ingest.disk_low():
+            log.warning("association from %s refused: free disk below reserve", calling)
+            self._log_association(assoc, False, "free disk space below the reserve")
+            assoc.acse.send_reject(
+                REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_TEMPORARY_CONGESTION
+            )
+            return
+        reason = None
+        if self.settings.require_called_aet and called != self.settings.ae_title:
+            reason = f"called AE title {called!r} is not ours"  # pynetdicom rejects it next
+        row_id = self._log_association(assoc, reason is None, reason)
+        assoc.cxrnode_log_id = row_id  # type: ignore[attr-defined]
+        with self._lock:
+            self._stats[row_id] = [0, 0]
+
+    def on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def on_store(self, event: Any) -> int | Dataset:
+        request = event.request
+        outcome = self.ingest.receive(
+            stream=request.DataSet,
+            file_meta=_encoded_meta(event),
+            transfer_syntax=str(event.context.transfer_syntax),
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            calling_aet=str(event.assoc.requestor.ae_title).strip(),
+            peer_host=event.assoc.requestor.address,
+        )
+        row_id = getattr(event.assoc, "cxrnode_log_id", None)
+        if row_id is not None and outcome.status == SUCCESS:
+            with self._lock:
+                stats = self._stats.setdefault(row_id, [0, 0])
+                stats[0] += 1
+                stats[1] += outcome.size_bytes
+        if outcome.status == SUCCESS or outcome.reason is None:
+            return outcome.status
+        status = Dataset()
+        status.Status = outcome.status
+        status.ErrorComment = outcome.reason[:64]
+        return status
+
+    def on_closed(self, event: Any) -> None:
+        row_id = getattr(event.assoc, "cxrnode_log_id", None)
+        if row_id is None:
+            return
+        with self._lock:
+            instances, nbytes = self._stats.pop(row_id, [0, 0])
+        try:
+            with self.sessions() as session:
+                session.execute(
+                    update(AssociationLog)
+                    .where(AssociationLog.id == row_id)
+                    .values(ended_at=utcnow(), instances=instances, bytes_received=nbytes)
+                )
+                session.commit()
+        except Exception:  # bookkeeping must never break the association
+            log.exception("cannot update association log %s", row_id)
+
+
+def _encoded_meta(event: Any) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _die_with_parent() -> None:
+    """Linux: make the kernel kill this process when its parent dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def run_listener(settings: Settings, processes: int) -> None:
+    """Body of one listener process: serve until SIGTERM."""
+    _die_with_parent()
+    from cxrnode.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    engine = make_engine(settings.effective_database_url)
+    sessions = make_sessionmaker(engine)
+    ingest = Ingest(settings, sessions)
+    handlers = Handlers(settings, ingest, sessions)
+    ae = build_ae(settings, processes)
+    servers = [
+        ae.make_server(
+            (settings.dicom_host, settings.dicom_port),
+            evt_handlers=handlers.bindings(),
+            server_class=ReusePortServer,
+        )
+    ]
+    if settings.tls_port:
+        servers.append(
+            ae.make_server(
+                (settings.dicom_host, settings.tls_port),
+                evt_handlers=handlers.bindings(),
+                ssl_context=tls_context(settings),
+                server_class=ReusePortServer,
+            )
+        )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    log.info(
+        "listener %d serving %s on port %d", os.getpid(), settings.ae_title, settings.dicom_port
+    )
+    stop.wait()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    engine.dispose()

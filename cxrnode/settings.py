@@ -1,0 +1,316 @@
+"""One settings object for the whole node.
+
+Every option has a default, a description and an environment variable (prefix ``CXRNODE_``).
+Options may also come from a TOML file named by ``CXRNODE_CONFIG``; the environment wins
+over the file. ``config/cxrnode.example.toml`` is generated from this class
+(``cxrnode config example``) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "CXRNODE_"
+CONFIG_ENV = "CXRNODE_CONFIG"
+
+_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cxrnode"
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _check_aet(value: str, what: str) -> str:
+    value = value.strip()
+    if not _AET_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid AE title: expected 1-16 printable characters "
+            "without a backslash"
+        )
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration of a cxrnode installation (node, workers and CLI share it)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, populate_by_name=True
+    )
+
+    # --- identity and network -------------------------------------------------------------
+    ae_title: str = Field("CXRNODE", description="Our AE title; callers must address it.")
+    dicom_host: str = Field("0.0.0.0", description="Address the DICOM listener binds to.")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="DICOM (C-ECHO/C-STORE) port.")
+    http_host: str = Field("127.0.0.1", description="Address the admin web app binds to.")
+    http_port: int = Field(8080, ge=1, le=65535, description="Admin web app port.")
+    require_called_aet: bool = Field(
+        True, description="Refuse associations whose called AE title is not ours."
+    )
+    allowed_calling_aets: CommaList = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated allow-list of calling AE titles, each optionally pinned to a host "
+            "as AET@host (IP address or name). Empty: any caller is accepted."
+        ),
+    )
+    max_associations: int = Field(
+        32, ge=1, description="Most concurrent associations the node accepts (all processes)."
+    )
+    scp_processes: int = Field(
+        0,
+        ge=0,
+        description=(
+            "DICOM listener processes sharing the port (SO_REUSEPORT). 0: one per CPU core, "
+            "at most 4."
+        ),
+    )
+    max_pdu_size: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        description="Largest P-DATA PDU we accept, in bytes (0 = unlimited).",
+    )
+    network_timeout: float = Field(
+        60.0, gt=0, description="Seconds of silence before an association is aborted."
+    )
+
+    # --- DICOM TLS ----------------------------------------------------------------------------
+    tls_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of an extra DICOM TLS listener (2762 is usual); needs cert and key.",
+    )
+    tls_cert: Path | None = Field(None, description="PEM server certificate for DICOM TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key for DICOM TLS.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, callers must present a certificate (mTLS)."
+    )
+
+    # --- storage and state --------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where instances, outputs and the embedded database and broker live.",
+    )
+    database_url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL. Default: SQLite at DATA_DIR/cxrnode.db. PostgreSQL: "
+            "postgresql+psycopg://user@host/db."
+        ),
+    )
+    broker_url: str | None = Field(
+        None,
+        description=(
+            "Celery broker. Default: serverless, an SQLite file under DATA_DIR. Distributed: "
+            "redis://host:6379/0."
+        ),
+    )
+    duplicates: Literal["keep_first", "replace"] = Field(
+        "keep_first",
+        description="What to do when an SOP Instance UID arrives again: keep the first copy or replace it.",
+    )
+    min_free_disk_mb: int = Field(
+        1024,
+        ge=0,
+        description=(
+            "Free-space reserve of DATA_DIR in MiB. Below it C-STOREs get 0xA700 and new "
+            "associations are refused until space returns."
+        ),
+    )
+
+    # --- study grouping and jobs --------------------------------------------------------------
+    settle_seconds: float = Field(
+        5.0, ge=0, description="Quiet period after the last arrival before a study is processed."
+    )
+    job_deadline_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="A job in a non-final state longer than this is re-enqueued by the reconciler.",
+    )
+    reconcile_interval: float = Field(
+        10.0, gt=0, description="Seconds between reconciler and grouping passes."
+    )
+
+    # --- model ---------------------------------------------------------------------------------
+    model: str | None = Field(
+        None, description="Directory or hub id of a CXR-LLaVA v2 checkpoint (None: not loaded)."
+    )
+    device: str | None = Field(
+        None, description="torch device for inference; None picks cuda if present."
+    )
+    temperature: float = Field(0.2, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(512, ge=1, le=512, description="Most tokens generated per answer.")
+    batch_size: int = Field(8, ge=1, description="Most studies inferred together in one batch.")
+    batch_wait: float = Field(
+        0.5, ge=0, description="Seconds an inference worker waits to fill a batch."
+    )
+
+    # --- outputs ------------------------------------------------------------------------------
+    destinations: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated AET@host:port destinations for the SR and SC; empty: none.",
+    )
+
+    # --- admin --------------------------------------------------------------------------------
+    api_token: str | None = Field(
+        None, description="Bearer token for the admin API and dashboard (None: loopback only)."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    # --- validation ---------------------------------------------------------------------------
+    @field_validator("allowed_calling_aets", "destinations", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_aet(value, "AE_TITLE")
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _valid_callers(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            _check_aet(entry.split("@", 1)[0], "ALLOWED_CALLING_AETS entry")
+        return value
+
+    @field_validator("destinations")
+    @classmethod
+    def _valid_destinations(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_destination(entry)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{CONFIG_ENV} names {path}, which is not a file; point it at a TOML file "
+                    "such as config/cxrnode.example.toml or unset it"
+                )
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'cxrnode.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def effective_scp_processes(self) -> int:
+        return self.scp_processes or max(1, min(4, os.cpu_count() or 1))
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    def calling_aet_allowed(self, calling_aet: str, host: str) -> bool:
+        """Whether a caller passes the allow-list (an empty list admits everyone)."""
+        if not self.allowed_calling_aets:
+            return True
+        calling_aet = calling_aet.strip()
+        for entry in self.allowed_calling_aets:
+            aet, _, pinned_host = entry.partition("@")
+            if aet.strip() == calling_aet and (not pinned_host or pinned_host == host):
+                return True
+        return False
+
+
+def parse_destination(text: str) -> tuple[str, str, int]:
+    """Split ``AET@host:port`` into its parts, saying what is wrong when it does not parse."""
+    aet, sep, address = text.strip().partition("@")
+    host, colon, port = address.rpartition(":")
+    if not sep or not colon or not host or not port.isdigit():
+        raise ValueError(
+            f"destination {text!r} is not of the form AET@host:port (e.g. ORTHANC@pacs:4242)"
+        )
+    port_number = int(port)
+    if not 1 <= port_number <= 65535:
+        raise ValueError(f"destination {text!r}: port {port_number} is outside 1-65535")
+    return _check_aet(aet, "destination AE title"), host.strip("[]"), port_number
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment and CXRNODE_CONFIG."""
+    return Settings()
+
+
+def example_toml() -> str:
+    """Render every option with its description and default as a commented TOML file."""
+    lines = [
+        "# cxrnode settings. Every option is shown with its default.",
+        f"# Point {CONFIG_ENV} at a copy of this file; {ENV_PREFIX}<NAME> environment variables win.",
+        "# Generated by `cxrnode config example`; tests/node/test_settings.py keeps it in sync.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        lines.append(f"# {field.description} (env {env})")
+        if field.default_factory is not None:
+            default = "(computed)" if name == "data_dir" else field.default_factory()
+        else:
+            default = field.default
+        lines.append(f"# {name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""  # unset'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value == "(computed)":
+        return '"~/.local/share/cxrnode"  # $XDG_DATA_HOME/cxrnode'
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,54 @@
+"""Shared fixtures: real databases (SQLite and PostgreSQL), Redis, and `cxrnode serve` nodes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from services import Node, fresh_database, node_env, postgres_server, redis_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test using this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    admin = request.getfixturevalue("pg_admin_url")
+    with fresh_database(admin) as url:
+        yield url
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Factory of `cxrnode serve` subprocesses; all are stopped after the test."""
+    nodes: list[Node] = []
+
+    def factory(
+        *args: str, start: bool = True, data_dir: Path | None = None, **settings: str
+    ) -> Node:
+        directory = data_dir or tmp_path / f"node{len(nodes)}"
+        node = Node(directory, node_env(directory, **settings), list(args))
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield factory
+    for node in nodes:
+        node.stop()

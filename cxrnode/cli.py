@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from cxrnode.cli_label import eval_command, label_command
 from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
 
 app = typer.Typer(
@@ -20,6 +21,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.command("label")(label_command)
+app.command("eval")(eval_command)
 
 
 def _settings() -> Settings:
@@ -42,7 +45,7 @@ def serve(
 
     settings = _settings()
     setup_logging(settings.log_level)
-    Supervisor(settings).run()
+    Supervisor(settings, workers=workers).run()
 
 
 @app.command()
@@ -85,6 +88,33 @@ def status(
 
     report = collect_status(_settings())
     typer.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues: prepare, infer, deliver, send.")
+    ] = "prepare,infer,deliver,send",
+    concurrency: Annotated[
+        int | None, typer.Option(help="Threads; default: BATCH_SIZE for infer, else 4.")
+    ] = None,
+) -> None:
+    """Run a Celery worker (e.g. `--queues infer` on a GPU host)."""
+    from cxrnode.logs import setup_logging
+    from cxrnode.queue import QUEUES
+
+    settings = _settings()
+    chosen = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(chosen) - set(QUEUES))
+    if unknown or not chosen:
+        typer.echo(f"cxrnode worker: unknown queue(s) {unknown}; choose from {QUEUES}", err=True)
+        raise typer.Exit(2)
+    setup_logging(settings.log_level)
+    # The composition root may import the worker package; cxrnode's library code never does.
+    from worker.app import run_worker
+
+    threads = concurrency or (max(settings.batch_size, 4) if "infer" in chosen else 4)
+    run_worker(chosen, threads, settings.log_level)
 
 
 @db_app.command("upgrade")

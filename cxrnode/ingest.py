@@ -98,7 +98,7 @@ def read_header(stream: BinaryIO, transfer_syntax: str) -> tuple[Dataset, int]:
 
 
 def _check_pixels(ds: Dataset, total: int) -> None:
-    raw = ds.get_item(PIXEL_DATA)
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
     if raw is None:
         raise Refused(DOES_NOT_MATCH_SOP_CLASS, "image instance without Pixel Data")
     length = getattr(raw, "length", None)
@@ -134,6 +134,8 @@ def inspect(
     sop_class = str(ds.get("SOPClassUID", "") or "")
     study = str(ds.get("StudyInstanceUID", "") or "")
     series = str(ds.get("SeriesInstanceUID", "") or "")
+    if not sop_instance or not sop_class:
+        raise Refused(CANNOT_UNDERSTAND, "no SOP Class/Instance UID: not a readable dataset")
     for name, value in (
         ("SOP Instance UID", sop_instance),
         ("Study Instance UID", study),

@@ -8,17 +8,23 @@ exit unexpectedly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
+from sqlalchemy.orm import sessionmaker
+
+from cxrnode import jobs
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.migrate import upgrade
-from cxrnode.scp import run_listener
+from cxrnode.queue import celery_app
+from cxrnode.scp import die_with_parent, run_listener
 from cxrnode.settings import Settings
 from cxrnode.storage import clean_tmp
 from cxrnode.study import settle_due_studies
@@ -26,6 +32,8 @@ from cxrnode.study import settle_due_studies
 log = logging.getLogger(__name__)
 
 SCHEDULER_TICK = 0.5  # seconds; settle precision is about this
+#: embedded mode: one node-side worker and one inference worker
+WORKER_QUEUES = ("prepare,deliver,send", "infer")
 
 
 def prepare_data_dir(settings: Settings) -> None:
@@ -36,24 +44,78 @@ def prepare_data_dir(settings: Settings) -> None:
         log.info("removed %d partial files left by an earlier crash", removed)
 
 
+class WorkerProcess:
+    """A `cxrnode worker` subprocess, with the same interface as multiprocessing's."""
+
+    def __init__(self, queues: str) -> None:
+        self.queues = queues
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("cxrnode")), "worker", "--queues", queues],
+            preexec_fn=die_with_parent,
+        )
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def join(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+
+class Scheduler:
+    """The node's periodic work: settle studies, queue new jobs, re-queue lost ones."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.celery = celery_app(settings)
+        self._last_reconcile = 0.0
+
+    def send(self, stage: str, job_id: int) -> None:
+        self.celery.send_task(f"cxrnode.{stage}", args=(job_id,))
+
+    def tick(self) -> None:
+        with self.sessions() as session:
+            settle_due_studies(session)
+        with self.sessions() as session:
+            for job_id in jobs.take_pending(session):
+                self.send("prepare", job_id)
+        now = time.monotonic()
+        if now - self._last_reconcile >= self.settings.reconcile_interval:
+            self._last_reconcile = now
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        """The database is the truth: re-send work whose messages the broker lost."""
+        with self.sessions() as session:
+            stale = jobs.stale_jobs(session, self.settings.job_deadline_seconds)
+        for job_id, stage in stale:
+            log.warning("job %d stuck past its deadline: re-enqueuing %s", job_id, stage)
+            self.send(stage, job_id)
+
+
 class Supervisor:
     """Owns the child processes and the scheduler loop of a node."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        extra_children: list[tuple[str, Callable[[], Any]]] | None = None,
-        on_tick: list[Callable[[], None]] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, workers: bool = True) -> None:
         self.settings = settings
+        self.workers = workers
         self.stop = threading.Event()
         self.context = multiprocessing.get_context("spawn")
-        self.children: dict[str, multiprocessing.process.BaseProcess] = {}
-        self.extra_children = extra_children or []
-        self.on_tick = on_tick or []
+        self.children: dict[str, multiprocessing.process.BaseProcess | WorkerProcess] = {}
         self.engine = make_engine(settings.effective_database_url)
         self.sessions = make_sessionmaker(self.engine)
+        self.scheduler = Scheduler(settings, self.sessions)
 
     def _start_listener(self, index: int, processes: int) -> None:
         name = f"listener-{index}"
@@ -69,8 +131,9 @@ class Supervisor:
         processes = self.settings.effective_scp_processes
         for index in range(processes):
             self._start_listener(index, processes)
-        for name, factory in self.extra_children:
-            self.children[name] = factory()
+        if self.workers:
+            for queues in WORKER_QUEUES:
+                self.children[f"worker-{queues}"] = WorkerProcess(queues)
         log.info(
             "cxrnode %s listening on %s:%d with %d processes",
             self.settings.ae_title,
@@ -78,12 +141,6 @@ class Supervisor:
             self.settings.dicom_port,
             processes,
         )
-
-    def tick(self) -> None:
-        with self.sessions() as session:
-            settle_due_studies(session)
-        for callback in self.on_tick:
-            callback()
 
     def _watch_children(self) -> None:
         processes = self.settings.effective_scp_processes
@@ -93,10 +150,8 @@ class Supervisor:
             log.error("%s exited with %s; restarting it", name, process.exitcode)
             if name.startswith("listener-"):
                 self._start_listener(int(name.split("-")[1]), processes)
-            else:
-                for extra_name, factory in self.extra_children:
-                    if extra_name == name:
-                        self.children[name] = factory()
+            elif isinstance(process, WorkerProcess):
+                self.children[name] = WorkerProcess(process.queues)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
@@ -105,7 +160,7 @@ class Supervisor:
         try:
             while not self.stop.wait(SCHEDULER_TICK):
                 try:
-                    self.tick()
+                    self.scheduler.tick()
                 except Exception:  # the scheduler must outlive a bad moment of the database
                     log.exception("scheduler pass failed; retrying")
                 self._watch_children()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import socketserver
 import ssl
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from math import ceil
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -41,6 +42,30 @@ STORAGE_CLASSES = (
     DigitalXRayImageStorageForProcessing,
 )
 
+#: Image transfer syntaxes we accept, in order of preference. pynetdicom's acceptor takes the
+#: first of OUR list that the caller proposes, so lossless compressed syntaxes come first (a
+#: caller proposing its file's own syntax beside uncompressed ones then sends the file as it
+#: is, without transcoding), uncompressed next, lossy last. Only syntaxes the prepare step can
+#: decode are offered (no JPEG XL, no video), so a PACS falls back to one we can read.
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.1",  # Explicit VR little endian
+    "1.2.840.10008.1.2",  # Implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # Deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # Explicit VR big endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+)
+
 # A-ASSOCIATE-RJ parameters (PS3.8 7.1.1.9)
 REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
 SOURCE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
@@ -60,8 +85,8 @@ class ReusePortServer(ThreadedAssociationServer):
 def build_ae(settings: Settings, processes: int) -> AE:
     ae = AE(ae_title=settings.ae_title)
     for sop_class in STORAGE_CLASSES:
-        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.maximum_associations = max(1, ceil(settings.max_associations / processes))
     ae.require_called_aet = settings.require_called_aet
@@ -107,7 +132,7 @@ class Handlers:
         requestor = assoc.requestor
         with self.sessions() as session:
             row = AssociationLog(
-                calling_aet=str(requestor.ae_title).strip(),
+                calling_aet=str(requestor.primitive.calling_ae_title).strip(),
                 called_aet=str(assoc.acceptor.ae_title).strip(),
                 peer_host=requestor.address,
                 accepted=accepted,
@@ -119,19 +144,20 @@ class Handlers:
 
     def on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
         host = assoc.requestor.address
-        called = str(assoc.requestor.primitive.called_ae_title).strip()
         if not self.settings.calling_aet_allowed(calling, host):
             log.warning("association from %s@%s refused: calling AE not allowed", calling, host)
             self._log_association(assoc, False, "calling AE title not allowed")
-            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
+            _reject(assoc, REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
             return
         if self.ingest.disk_low():
             log.warning("association from %s refused: free disk below reserve", calling)
             self._log_association(assoc, False, "free disk space below the reserve")
-            assoc.acse.send_reject(
-                REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_TEMPORARY_CONGESTION
+            _reject(
+                assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_TEMPORARY_CONGESTION
             )
             return
         reason = None
@@ -187,6 +213,14 @@ class Handlers:
             log.exception("cannot update association log %s", row_id)
 
 
+def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    """Send A-ASSOCIATE-RJ and let the DUL flush it before the socket closes (as pynetdicom
+    does for its own rejections)."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()  # returns once the peer closed the connection (or ARTIM expired)
+
+
 def _encoded_meta(event: Any) -> bytes:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
@@ -196,7 +230,7 @@ def _encoded_meta(event: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: make the kernel kill this process when its parent dies (even by SIGKILL)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -207,7 +241,7 @@ def _die_with_parent() -> None:
 
 def run_listener(settings: Settings, processes: int) -> None:
     """Body of one listener process: serve until SIGTERM."""
-    _die_with_parent()
+    die_with_parent()
     from cxrnode.logs import setup_logging
 
     setup_logging(settings.log_level)
@@ -243,6 +277,8 @@ def run_listener(settings: Settings, processes: int) -> None:
     )
     stop.wait()
     for server in servers:
-        server.shutdown()
+        # socketserver's own shutdown: pynetdicom's would look for the server in the AE's
+        # list, which make_server does not add it to
+        socketserver.BaseServer.shutdown(server)
         server.server_close()
     engine.dispose()

@@ -188,9 +188,11 @@ class Node:
         def ready() -> bool:
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(f"cxrnode serve exited early:\n{self.log()}")
-            return echoscu(self.port, self.ae_title).returncode == 0
+            answer = echoscu(self.port, self.ae_title)
+            # accepted, or rejected by access control: either way the listener answers
+            return answer.returncode == 0 or "Association Rejected" in answer.stderr
 
-        wait_for(ready, timeout, "cxrnode serve to answer C-ECHO", interval=0.3)
+        wait_for(ready, timeout, "cxrnode serve to answer an association", interval=0.3)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

@@ -57,7 +57,7 @@ def test_every_acknowledged_instance_survives_kill9_of_the_node(make_node, tmp_p
 
 
 def test_below_the_disk_reserve_associations_are_refused(make_node) -> None:
-    node = make_node(min_free_disk_mb=str(1 << 40))  # a reserve no disk can meet
+    node = make_node(min_free_disk_mb=str(1 << 40))  # a reserve no disk meets
     refused = echoscu(node.port)
     assert refused.returncode != 0
     assert "rejected" in (refused.stdout + refused.stderr).lower()

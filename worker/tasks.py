@@ -1,0 +1,170 @@
+"""The pipeline's Celery tasks.
+
+prepare (node: DB + disk)  → infer (GPU: broker only) → deliver (node) → send (node).
+
+Tasks carry ids and small payloads; the database holds the state, so every task is
+idempotent: it checks the job's state before acting and its effects are recorded once.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import socket
+from functools import cache
+from typing import Any
+
+import numpy as np
+from celery import Task
+
+from cxrnode.db import JobState, make_engine, make_sessionmaker
+from cxrnode.settings import get_settings
+from worker.app import app
+
+log = logging.getLogger(__name__)
+
+MODEL_RETRY_SECONDS = 15.0
+
+
+@cache
+def node_sessions() -> Any:
+    """Database sessions for node-side tasks (one engine per worker process)."""
+    return make_sessionmaker(make_engine(get_settings().effective_database_url))
+
+
+def encode_image(image: np.ndarray) -> str:
+    """PNG (lossless, ~100-200 KB for 512 x 512) in base64, for a JSON message."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_image(payload: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
+        return np.asarray(image.convert("L"))
+
+
+# --------------------------------------------------------------------------------- prepare
+
+
+@app.task(name="cxrnode.prepare", bind=True, max_retries=5, default_retry_delay=10)
+def prepare(self: Task, job_id: int) -> str:
+    """Read the chosen image, make the 512 × 512 8-bit model input, hand it to inference."""
+    from pydicom import dcmread
+
+    from cxrnode import jobs
+    from cxrnode.imaging import ImagingError, display_image, study_context
+    from model.preprocess import resize_and_crop
+
+    settings = get_settings()
+    with node_sessions()() as session:
+        work = jobs.start_prepare(session, job_id)
+    if work is None:
+        return "nothing to do"
+    path = settings.instances_dir / work.instance_path
+    try:
+        header = dcmread(path, stop_before_pixels=True)
+        image = resize_and_crop(display_image(path), 512)
+        context = study_context(header)
+    except (ImagingError, OSError, ValueError) as exc:
+        log.warning("job %d: image cannot be prepared: %s", job_id, exc)
+        with node_sessions()() as session:
+            jobs.set_state(session, job_id, JobState.failed, f"image cannot be read: {exc}")
+        return "failed"
+    params = {
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_new_tokens": settings.max_new_tokens,
+    }
+    infer.apply_async((job_id, work.version, encode_image(image), context, params))
+    with node_sessions()() as session:
+        jobs.set_state(session, job_id, JobState.prepared)
+    return "prepared"
+
+
+# ----------------------------------------------------------------------------------- infer
+
+
+@cache
+def batcher() -> Any:
+    """The process's micro-batcher and (lazily loaded) model."""
+    from worker.batcher import MicroBatcher
+
+    settings = get_settings()
+
+    def load() -> Any:
+        if not settings.model:
+            raise RuntimeError("no model configured (set CXRNODE_MODEL to a checkpoint directory)")
+        from model.pipeline import ReportEngine
+
+        log.info("loading model %s", settings.model)
+        return ReportEngine.load(settings.model, device=settings.device)
+
+    return MicroBatcher(load, max_batch=settings.batch_size, max_wait=settings.batch_wait)
+
+
+@app.task(name="cxrnode.infer", bind=True, max_retries=None)
+def infer(
+    self: Task,
+    job_id: int,
+    version: int,
+    image_png: str,
+    context: dict[str, Any] | None,
+    params: dict[str, Any],
+) -> str:
+    """Run the model (micro-batched with concurrent tasks); needs only the broker."""
+    from worker.batcher import ModelUnavailable
+
+    try:
+        result, batch = batcher().submit(decode_image(image_png), context, params).result()
+    except ModelUnavailable as exc:
+        note.apply_async((job_id, JobState.waiting_model.value, str(exc)))
+        raise self.retry(countdown=MODEL_RETRY_SECONDS) from exc
+    except Exception as exc:
+        if self.request.retries >= 3:
+            note.apply_async((job_id, JobState.failed.value, f"inference failed: {exc}"))
+            return "failed"
+        raise self.retry(countdown=10 * (self.request.retries + 1)) from exc
+    batch["worker"] = f"{self.request.hostname or socket.gethostname()}"
+    deliver.apply_async((job_id, result, batch))
+    return "inferred"
+
+
+# ------------------------------------------------------------------------ deliver and notes
+
+
+@app.task(name="cxrnode.note")
+def note(job_id: int, state: str, error: str | None) -> None:
+    """A state change reported by a worker that has no database (e.g. waiting for a model)."""
+    from cxrnode import jobs
+
+    with node_sessions()() as session:
+        jobs.set_state(session, job_id, JobState(state), error)
+
+
+@app.task(name="cxrnode.deliver")
+def deliver(job_id: int, result: dict[str, Any], batch: dict[str, Any] | None = None) -> str:
+    """Store the model's answer on the job, then finish it (outputs)."""
+    from cxrnode import jobs
+
+    with node_sessions()() as session:
+        stored = jobs.record_result(session, job_id, result, batch)
+    if not stored:
+        return "already stored"
+    finish.apply_async((job_id,))
+    return "stored"
+
+
+@app.task(name="cxrnode.finish")
+def finish(job_id: int) -> str:
+    """Build and record the outputs of an inferred job, then mark it done."""
+    from cxrnode import jobs
+
+    with node_sessions()() as session:
+        done = jobs.finish(session, job_id)
+    return "done" if done else "nothing to do"

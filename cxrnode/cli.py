@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cxrnode.cli_label import eval_command, label_command
+from cxrnode.cli_model import model_app
 from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
 app.command("label")(label_command)
 app.command("eval")(eval_command)
 

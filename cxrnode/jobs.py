@@ -88,7 +88,7 @@ def record_result(
     job.timings = result.get("timings")
     job.model_id = (result.get("model") or {}).get("id")
     job.model_hash = (result.get("model") or {}).get("hash")
-    job.result = result
+    job.result = {**result, "batch": batch} if batch else result
     if batch:
         job.batch_id = batch.get("id")
         job.batch_size = batch.get("size")

@@ -166,6 +166,11 @@ class Settings(BaseSettings):
     batch_wait: float = Field(
         0.5, ge=0, description="Seconds an inference worker waits to fill a batch."
     )
+    model_retry_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="While no model can be loaded, seconds between retries of a waiting job.",
+    )
 
     # --- outputs ------------------------------------------------------------------------------
     destinations: CommaList = Field(

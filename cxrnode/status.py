@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -17,7 +18,9 @@ from cxrnode.db import (
     StudyState,
     make_engine,
     make_sessionmaker,
+    utcnow,
 )
+from cxrnode.queue import queue_depths
 from cxrnode.settings import Settings
 
 
@@ -28,8 +31,8 @@ def _counts(session: Any, column: Any, states: type) -> dict[str, int]:
     return counts
 
 
-def collect_status(settings: Settings) -> dict[str, Any]:
-    """Counts of instances, studies, jobs and outputs by state, from the database."""
+def collect_status(settings: Settings, *, ping_workers: bool = True) -> dict[str, Any]:
+    """Counts by state from the database, queue depths from the broker, workers seen."""
     engine = make_engine(settings.effective_database_url)
     try:
         with make_sessionmaker(engine)() as session:
@@ -39,9 +42,40 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "jobs": _counts(session, Job.state, JobState),
                 "outputs": _counts(session, Output.state, OutputState),
             }
+            workers = _workers_from_jobs(session)
     finally:
         engine.dispose()
+    report["queues"] = queue_depths(settings)
+    if ping_workers:
+        workers |= _ping_workers(settings)
+    report["workers"] = sorted(workers)
     return report
+
+
+def _workers_from_jobs(session: Any, since: timedelta = timedelta(hours=1)) -> set[str]:
+    """Inference workers that answered a job recently (works with every broker)."""
+    recent = session.scalars(
+        select(Job.result).where(Job.result.is_not(None), Job.updated_at >= utcnow() - since)
+    )
+    names = set()
+    for result in recent:
+        worker = ((result or {}).get("batch") or {}).get("worker")
+        if worker:
+            names.add(str(worker))
+    return names
+
+
+def _ping_workers(settings: Settings) -> set[str]:
+    """Workers answering a broadcast ping (Redis only: the embedded broker has no broadcast)."""
+    if not settings.effective_broker_url.startswith(("redis://", "rediss://")):
+        return set()
+    try:
+        from cxrnode.queue import celery_app
+
+        replies = celery_app(settings).control.inspect(timeout=1.0).ping() or {}
+        return set(replies)
+    except Exception:
+        return set()
 
 
 def render_status(report: dict[str, Any]) -> str:

@@ -128,12 +128,13 @@ def fresh_database(admin_url: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """Yield a Redis URL; uses 6379 when a server answers there, else starts one."""
-    if port_open(6379):
-        yield "redis://127.0.0.1:6379"
-        return
+    """Yield the URL of a Redis of the suite's own (tests FLUSHALL it), started on a free port;
+    without the redis-server binary, the server already answering on 6379."""
     binary = shutil.which("redis-server")
     if not binary:
+        if port_open(6379):
+            yield "redis://127.0.0.1:6379"
+            return
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     proc = subprocess.Popen(

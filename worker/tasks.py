@@ -24,8 +24,6 @@ from worker.app import app
 
 log = logging.getLogger(__name__)
 
-MODEL_RETRY_SECONDS = 15.0
-
 
 @cache
 def node_sessions() -> Any:
@@ -105,7 +103,12 @@ def batcher() -> Any:
         log.info("loading model %s", settings.model)
         return ReportEngine.load(settings.model, device=settings.device)
 
-    return MicroBatcher(load, max_batch=settings.batch_size, max_wait=settings.batch_wait)
+    return MicroBatcher(
+        load,
+        max_batch=settings.batch_size,
+        max_wait=settings.batch_wait,
+        retry_load_after=min(10.0, settings.model_retry_seconds),
+    )
 
 
 @app.task(name="cxrnode.infer", bind=True, max_retries=None)
@@ -124,7 +127,7 @@ def infer(
         result, batch = batcher().submit(decode_image(image_png), context, params).result()
     except ModelUnavailable as exc:
         note.apply_async((job_id, JobState.waiting_model.value, str(exc)))
-        raise self.retry(countdown=MODEL_RETRY_SECONDS) from exc
+        raise self.retry(countdown=get_settings().model_retry_seconds) from exc
     except Exception as exc:
         if self.request.retries >= 3:
             note.apply_async((job_id, JobState.failed.value, f"inference failed: {exc}"))

@@ -1,0 +1,173 @@
+"""The queue and workers end to end: a study sent with dcmtk ends as a stored report.
+
+Real `cxrnode serve` processes with real Celery workers, the tiny checkpoint, the embedded
+broker (SQLite) or Redis + PostgreSQL. Failures are real too: SIGKILL of the inference worker,
+FLUSHALL of Redis, a model that is missing at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import dicomgen
+import pydicom
+import pytest
+import redis
+from services import storescu, wait_for
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from cxrnode.db import Job
+from model.labeler import FINDINGS
+
+FAST = dict(temperature="0", max_new_tokens="8", settle_seconds="1", reconcile_interval="1")
+
+
+def jobs_of(database_url: str) -> list[Job]:
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(select(Job).order_by(Job.id)).all())
+    finally:
+        engine.dispose()
+
+
+def send_studies(node, tmp_path: Path, count: int) -> list[str]:
+    files = [
+        dicomgen.make_chest(tmp_path / f"study{i}.dcm", seed=i, patient_age=f"{30 + i:03}Y")
+        for i in range(count)
+    ]
+    result = storescu(node.port, *files)
+    assert result.returncode == 0, result.stderr
+    return [pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in files]
+
+
+def wait_done(database_url: str, count: int, timeout: float = 120) -> list[Job]:
+    def finished() -> list[Job]:
+        jobs = jobs_of(database_url)
+        return jobs if len(jobs) == count and all(j.state == "done" for j in jobs) else []
+
+    return wait_for(finished, timeout, f"{count} jobs to be done", interval=0.5)
+
+
+def worker_pids(node, queues: str) -> list[int]:
+    """PIDs of the node's `cxrnode worker --queues <queues>` children."""
+    out = subprocess.run(
+        ["pgrep", "-f", f"cxrnode worker --queues {queues}"], capture_output=True, text=True
+    ).stdout.split()
+    group = os.getpgid(node.proc.pid)
+    return [int(p) for p in out if os.getpgid(int(p)) == group]
+
+
+@pytest.fixture(params=["embedded", "redis+postgresql"])
+def mode(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """Settings of one deployment mode; the database URL is under key database_url."""
+    if request.param == "embedded":
+        return {"database_url": f"sqlite:///{tmp_path / 'node0' / 'cxrnode.db'}"}
+    from services import fresh_database
+
+    admin = request.getfixturevalue("pg_admin_url")
+    broker = request.getfixturevalue("redis_url")
+    redis.Redis.from_url(broker).flushall()
+    context = fresh_database(admin)
+    url = context.__enter__()
+    request.addfinalizer(lambda: context.__exit__(None, None, None))
+    return {"database_url": url, "broker_url": broker + "/0"}
+
+
+def test_a_study_ends_with_a_report_and_findings_stored(
+    make_node, mode: dict[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    node = make_node(model=str(tiny_model), **FAST, **mode)
+    (study,) = send_studies(node, tmp_path, 1)
+    (job,) = wait_done(mode["database_url"], 1)
+    assert job.state == "done" and job.error is None
+    assert isinstance(job.report, str) and isinstance(job.differential, str)
+    assert set(job.findings) == set(FINDINGS)
+    assert set(job.findings.values()) <= {"present", "absent", "uncertain", "not_mentioned"}
+    assert job.model_hash and len(job.model_hash) == 64
+    assert job.timings["total"] > 0
+    status = json.loads(node.cli("status", "--json").stdout)
+    assert status["jobs"]["done"] == 1
+    assert set(status["queues"]) == {"prepare", "infer", "deliver", "send"}
+    assert status["workers"], "the inference worker that answered is listed"
+
+
+def test_eight_studies_arriving_together_are_inferred_in_fewer_batches(
+    make_node, tiny_model: Path, tmp_path: Path
+) -> None:
+    node = make_node(model=str(tiny_model), batch_size="8", batch_wait="2", **FAST)
+    send_studies(node, tmp_path, 8)
+    jobs = wait_done(f"sqlite:///{node.data_dir / 'cxrnode.db'}", 8, timeout=180)
+    batches = {job.batch_id for job in jobs}
+    assert len(batches) < 8
+    assert max(job.batch_size for job in jobs) > 1
+
+
+def test_a_node_started_without_a_model_keeps_jobs_waiting_until_one_appears(
+    make_node, tiny_model: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "model-arrives-later"
+    node = make_node(model=str(model_dir), model_retry_seconds="2", **FAST)
+    send_studies(node, tmp_path, 2)
+    database = f"sqlite:///{node.data_dir / 'cxrnode.db'}"
+
+    def waiting() -> list[Job]:
+        jobs = jobs_of(database)
+        return jobs if len(jobs) == 2 and all(j.state == "waiting_model" for j in jobs) else []
+
+    jobs = wait_for(waiting, 60, "jobs to wait for the model")
+    assert "model cannot be loaded" in jobs[0].error
+    shutil.copytree(tiny_model, model_dir)
+    done = wait_done(database, 2, timeout=120)
+    assert all(job.error is None for job in done)
+
+
+def test_a_worker_killed_during_inference_still_completes_the_job_once(
+    make_node, tiny_model: Path, tmp_path: Path
+) -> None:
+    # The batcher holds the delivered message for batch_wait seconds: the kill lands while
+    # the infer task is in flight (received, not acknowledged).
+    node = make_node(model=str(tiny_model), batch_wait="4", job_deadline_seconds="6", **FAST)
+    database = f"sqlite:///{node.data_dir / 'cxrnode.db'}"
+    wait_for(lambda: worker_pids(node, "infer"), 30, "the inference worker")
+    send_studies(node, tmp_path, 1)
+    wait_for(lambda: [j for j in jobs_of(database) if j.state == "prepared"], 60, "prepare")
+    for pid in worker_pids(node, "infer"):
+        os.kill(pid, signal.SIGKILL)
+    (job,) = wait_done(database, 1, timeout=120)
+    assert job.attempts >= 1, "the reconciler re-enqueued the lost work"
+    assert len(jobs_of(database)) == 1
+
+
+def test_flushall_mid_flight_is_healed_by_the_reconciler(
+    make_node, tiny_model: Path, tmp_path: Path, pg_admin_url: str, redis_url: str
+) -> None:
+    from services import fresh_database
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    with fresh_database(pg_admin_url) as database:
+        node = make_node(
+            model=str(tiny_model),
+            database_url=database,
+            broker_url=redis_url + "/0",
+            batch_wait="3",
+            job_deadline_seconds="5",
+            **FAST,
+        )
+        send_studies(node, tmp_path, 3)
+        wait_for(
+            lambda: len([j for j in jobs_of(database) if j.state != "pending"]) == 3,
+            60,
+            "jobs to be queued",
+        )
+        client.flushall()  # every queued message and unacked bookkeeping is gone
+        jobs = wait_done(database, 3, timeout=150)
+        assert sum(job.attempts for job in jobs) >= 1
+        node.stop()

@@ -31,7 +31,7 @@ from cxrnode.study import settle_due_studies
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_TICK = 0.5  # seconds; settle precision is about this
+SCHEDULER_TICK = 0.1  # seconds; a study settles at most this late
 #: embedded mode: one node-side worker and one inference worker
 WORKER_QUEUES = ("prepare,deliver,send", "infer")
 

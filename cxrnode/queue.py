@@ -53,7 +53,7 @@ def celery_app(settings: Settings) -> Celery:
 
         # The transport hands every transport option to create_engine, so its polling
         # interval (seconds between empty polls) is set on the class.
-        sqla_transport.Transport.polling_interval = 0.2
+        sqla_transport.Transport.polling_interval = 0.05
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     else:
         conf.update(

@@ -44,11 +44,13 @@ class MicroBatcher:
         max_batch: int = 8,
         max_wait: float = 0.5,
         retry_load_after: float = 10.0,
+        gap: float = 0.15,
     ) -> None:
         self._load_engine = load_engine
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.retry_load_after = retry_load_after
+        self.gap = gap
         self._engine: Any = None
         self._load_error: tuple[float, str] | None = None
         self._queue: queue.Queue[Request] = queue.Queue()
@@ -79,11 +81,14 @@ class MicroBatcher:
         return self._engine
 
     def _collect(self) -> list[Request]:
+        """Wait for a first request, then gather more until the batch is full, ``max_wait``
+        has passed, or the stream has paused for ``gap`` (no point waiting for studies that
+        are not coming: a lone study is not delayed by the full ``max_wait``)."""
         first = self._queue.get()
         batch = [first]
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline - time.monotonic(), self.gap)
             if remaining <= 0:
                 break
             try:

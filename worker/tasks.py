@@ -56,8 +56,7 @@ def prepare(self: Task, job_id: int) -> str:
     from pydicom import dcmread
 
     from cxrnode import jobs
-    from cxrnode.imaging import ImagingError, display_image, study_context
-    from model.preprocess import resize_and_crop
+    from cxrnode.imaging import ImagingError, prepared_image, study_context
 
     settings = get_settings()
     with node_sessions()() as session:
@@ -67,7 +66,7 @@ def prepare(self: Task, job_id: int) -> str:
     path = settings.instances_dir / work.instance_path
     try:
         header = dcmread(path, stop_before_pixels=True)
-        image = resize_and_crop(display_image(path), 512)
+        image = prepared_image(path, 512, exact=settings.exact_resize)
         context = study_context(header)
     except (ImagingError, OSError, ValueError) as exc:
         log.warning("job %d: image cannot be prepared: %s", job_id, exc)
@@ -107,6 +106,7 @@ def batcher() -> Any:
         load,
         max_batch=settings.batch_size,
         max_wait=settings.batch_wait,
+        gap=settings.batch_gap,
         retry_load_after=min(10.0, settings.model_retry_seconds),
     )
 

@@ -101,7 +101,7 @@ def test_a_study_ends_with_a_report_and_findings_stored(
 def test_eight_studies_arriving_together_are_inferred_in_fewer_batches(
     make_node, tiny_model: Path, tmp_path: Path
 ) -> None:
-    node = make_node(model=str(tiny_model), batch_size="8", batch_wait="2", **FAST)
+    node = make_node(model=str(tiny_model), batch_size="8", batch_wait="2", batch_gap="1", **FAST)
     send_studies(node, tmp_path, 8)
     jobs = wait_done(f"sqlite:///{node.data_dir / 'cxrnode.db'}", 8, timeout=180)
     batches = {job.batch_id for job in jobs}
@@ -133,7 +133,9 @@ def test_a_worker_killed_during_inference_still_completes_the_job_once(
 ) -> None:
     # The batcher holds the delivered message for batch_wait seconds: the kill lands while
     # the infer task is in flight (received, not acknowledged).
-    node = make_node(model=str(tiny_model), batch_wait="4", job_deadline_seconds="6", **FAST)
+    node = make_node(
+        model=str(tiny_model), batch_wait="4", batch_gap="4", job_deadline_seconds="6", **FAST
+    )
     database = f"sqlite:///{node.data_dir / 'cxrnode.db'}"
     wait_for(lambda: worker_pids(node, "infer"), 30, "the inference worker")
     send_studies(node, tmp_path, 1)
@@ -158,6 +160,7 @@ def test_flushall_mid_flight_is_healed_by_the_reconciler(
             database_url=database,
             broker_url=redis_url + "/0",
             batch_wait="3",
+            batch_gap="3",
             job_deadline_seconds="5",
             **FAST,
         )

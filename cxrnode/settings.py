@@ -167,7 +167,7 @@ class Settings(BaseSettings):
         0.5, ge=0, description="Most seconds an inference worker waits to fill a batch."
     )
     batch_gap: float = Field(
-        0.15,
+        0.05,
         ge=0,
         description="A partial batch starts once no new study arrived for this many seconds.",
     )

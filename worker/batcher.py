@@ -44,7 +44,7 @@ class MicroBatcher:
         max_batch: int = 8,
         max_wait: float = 0.5,
         retry_load_after: float = 10.0,
-        gap: float = 0.15,
+        gap: float = 0.05,
     ) -> None:
         self._load_engine = load_engine
         self.max_batch = max_batch

@@ -1,0 +1,156 @@
+"""End-to-end pipeline benchmark: studies/min and node overhead per study, embedded vs Redis.
+
+    .venv/bin/python bench/pipeline.py [--studies 16] [--latency-studies 10] [--no-pixel]
+
+Starts real `cxrnode serve` nodes (tiny checkpoint, greedy, few tokens so the model is not
+what is measured), sends studies with dcmtk `storescu`, and reads the timeline from the
+database:
+
+* node overhead of a study = (job done) - (quiet period over) - (model time reported by the
+  engine): scheduling, broker hops, DICOM decode and prepare, result storage;
+* throughput = studies / (last job done - first quiet period over), all sent at once.
+
+Then runs bench/pixel.py (the pixel path against the plain approach and bare decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# bench/model.py would shadow the model package: import from the repository root instead
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import dicomgen  # noqa: E402
+from services import Node, fresh_database, node_env, postgres_server, redis_server  # noqa: E402
+from sqlalchemy import create_engine, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from cxrnode.db import Job, Study  # noqa: E402
+
+
+def timeline(database_url: str) -> list[tuple[float, float, float]]:
+    """(quiet period over, done, model seconds) of every done job, epoch seconds."""
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            rows = session.execute(
+                select(Study.settle_at, Job.updated_at, Job.timings)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.state == "done")
+            ).all()
+    finally:
+        engine.dispose()
+    return [
+        (settle.timestamp(), done.timestamp(), float((timings or {}).get("total", 0.0)))
+        for settle, done, timings in rows
+    ]
+
+
+def wait_done(database_url: str, count: int, timeout: float = 600) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = timeline(database_url)
+        if len(rows) >= count:
+            return rows
+        time.sleep(0.2)
+    raise TimeoutError(f"only {len(timeline(database_url))} of {count} jobs done")
+
+
+def send(node: Node, files: list[Path]) -> None:
+    result = subprocess.run(
+        ["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_mode(name: str, settings: dict[str, str], model: Path, work: Path, args) -> dict:
+    data = work / name
+    env = node_env(
+        data, model=str(model), temperature="0", max_new_tokens="16", settle_seconds="1", **settings
+    )
+    node = Node(data, env).start()
+    database = settings.get("database_url") or f"sqlite:///{data / 'cxrnode.db'}"
+    try:
+        files = [
+            dicomgen.make_chest(work / f"{name}-{i}.dcm", rows=1024, cols=1024, seed=i)
+            for i in range(args.latency_studies + args.studies)
+        ]
+        # warm-up (the model loads on first use), then latency: one study at a time
+        warm_up = dicomgen.make_chest(work / f"{name}-warm.dcm", rows=1024, cols=1024)
+        send(node, [warm_up])
+        wait_done(database, 1)
+        for index, path in enumerate(files[: args.latency_studies]):
+            send(node, [path])
+            wait_done(database, index + 2)
+        overheads = [done - settle - model for settle, done, model in timeline(database)[1:]]
+        # throughput: everything at once
+        before = len(timeline(database))
+        send(node, files[args.latency_studies :])
+        rows = sorted(wait_done(database, before + args.studies))[before:]
+        span = max(done for _, done, _ in rows) - min(settle for settle, _, _ in rows)
+        return {
+            "mode": name,
+            "studies_per_min": args.studies / span * 60,
+            "overhead_p50_ms": statistics.median(overheads) * 1000,
+            "overhead_p95_ms": percentile(overheads, 95) * 1000,
+            "model_s_median": statistics.median(m for _, _, m in rows),
+        }
+    finally:
+        node.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=16)
+    parser.add_argument("--latency-studies", type=int, default=10)
+    parser.add_argument("--no-pixel", action="store_true")
+    args = parser.parse_args()
+
+    from model.tiny import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cxrnode-bench-") as tmp:
+        work = Path(tmp)
+        model = make_tiny_checkpoint(work / "tiny")
+        results = [run_mode("embedded", {}, model, work, args)]
+        with postgres_server() as admin, redis_server() as broker, fresh_database(admin) as db:
+            results.append(
+                run_mode(
+                    "redis+postgresql",
+                    {"database_url": db, "broker_url": broker + "/0"},
+                    model,
+                    work,
+                    args,
+                )
+            )
+    print(f"\n{'mode':<18} {'studies/min':>11} {'overhead p50':>13} {'p95':>8} {'model s':>8}")
+    for r in results:
+        print(
+            f"{r['mode']:<18} {r['studies_per_min']:>11.1f} {r['overhead_p50_ms']:>10.0f} ms"
+            f" {r['overhead_p95_ms']:>5.0f} ms {r['model_s_median']:>8.2f}"
+        )
+    ratio = results[1]["studies_per_min"] / results[0]["studies_per_min"]
+    print(f"redis / embedded throughput: {ratio:.2f}x (goal for overhead p95: <= 300 ms)")
+    if not args.no_pixel:
+        print("\n# pixel path (bench/pixel.py)")
+        subprocess.run([sys.executable, str(REPO / "bench" / "pixel.py")], check=True)
+
+
+if __name__ == "__main__":
+    main()

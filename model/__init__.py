@@ -1,0 +1,21 @@
+"""CXR-LLaVA v2, re-implemented natively on top of transformers' LLaMA.
+
+The package reads top to bottom like the architecture (see ``specs/cxr-llava-v2.md``):
+
+``config``      the published ``config.json``, parsed and validated
+``preprocess``  8-bit grayscale image -> LANCZOS shortest edge -> centre crop -> normalise (no torch)
+``vision``      the grayscale open_clip ViT (``vision_tower.*``)
+``modeling``    vision tower -> linear projector -> ``LlamaModel`` -> untied ``lm_head``
+``loader``      directory or hub id -> checked, sharded safetensors -> model on a device
+``tokenizer``   the checkpoint's SentencePiece tokenizer, behaving like the reference's slow tokenizer
+``chat``        the LLaMA-2 chat template and the ``<image>`` splice (double BOS, sentinel -200)
+``prompts``     the report / differential / recommendation prompts and their variants
+``generate``    a batched, left-padded decode loop over one KV cache shared by all turns
+``labeler``     report text -> present / absent / uncertain / not mentioned per finding
+``pipeline``    ``ReportEngine``: images in, report + differential + recommendation + findings out
+``evaluate``    per-finding F1 of generated reports, as in the paper
+``tiny``        a tiny checkpoint in exactly the published format, for tests and benchmarks
+
+Importing ``model`` (or ``model.preprocess``, ``model.config``) does not import torch; the node
+process relies on that.
+"""

@@ -10,6 +10,7 @@ import typer
 
 from cxrnode.cli_label import eval_command, label_command
 from cxrnode.cli_model import model_app
+from cxrnode.cli_resend import resend_command
 from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.command("label")(label_command)
 app.command("eval")(eval_command)
+app.command("resend")(resend_command)
 
 
 def _settings() -> Settings:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
 
-from cxrnode import jobs
+from cxrnode import jobs, sender
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.migrate import upgrade
 from cxrnode.queue import celery_app
@@ -90,10 +90,19 @@ class Scheduler:
         with self.sessions() as session:
             for job_id in jobs.take_pending(session):
                 self.send("prepare", job_id)
+        self.send_due_outputs()
         now = time.monotonic()
         if now - self._last_reconcile >= self.settings.reconcile_interval:
             self._last_reconcile = now
             self.reconcile()
+
+    def send_due_outputs(self) -> None:
+        """The outbox: hand outputs whose next try is due to the send queue, one task per
+        study and destination. Claimed rows are leased, so the next tick skips them."""
+        with self.sessions() as session:
+            batches = sender.due_outputs(session, lease_seconds=sender.lease_seconds(self.settings))
+        for batch in batches:
+            self.celery.send_task("cxrnode.send", args=(batch.destination, batch.output_ids))
 
     def reconcile(self) -> None:
         """The database is the truth: re-send work whose messages the broker lost."""

@@ -188,7 +188,39 @@ class Settings(BaseSettings):
     # --- outputs ------------------------------------------------------------------------------
     destinations: CommaList = Field(
         default_factory=list,
-        description="Comma-separated AET@host:port destinations for the SR and SC; empty: none.",
+        description=(
+            "Comma-separated destinations for the SR and SC: AET@host:port (DICOM), "
+            "dicom-tls://AET@host:port (DICOM TLS) or an http(s):// DICOMweb base URL "
+            "(STOW-RS); empty: none."
+        ),
+    )
+    send_retry_base_seconds: float = Field(
+        30.0, gt=0, description="Delay before retrying a failed send; doubles with every try."
+    )
+    send_retry_max_seconds: float = Field(
+        600.0, gt=0, description="Longest delay between two tries of a send."
+    )
+    send_max_attempts: int = Field(
+        10, ge=1, description="Tries before an output becomes a dead letter (`cxrnode resend`)."
+    )
+    send_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds to wait for a destination to connect, accept or answer; a claimed output "
+            "is re-sent after 10x this if its task is lost."
+        ),
+    )
+    send_tls_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle for dicom-tls:// and https:// destinations (None: system CAs).",
+    )
+    send_tls_cert: Path | None = Field(
+        None, description="PEM client certificate offered to destinations (mutual TLS)."
+    )
+    send_tls_key: Path | None = Field(None, description="PEM private key of SEND_TLS_CERT.")
+    institution_name: str | None = Field(
+        None, description="Institution Name written into the SR and SC (None: left out)."
     )
 
     # --- admin --------------------------------------------------------------------------------
@@ -218,8 +250,10 @@ class Settings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _valid_destinations(cls, value: list[str]) -> list[str]:
+        from cxrnode.sender import Destination  # imported here: sender imports settings
+
         for entry in value:
-            parse_destination(entry)
+            Destination.parse(entry)
         return value
 
     @classmethod

@@ -17,12 +17,23 @@ from typing import Any
 
 import numpy as np
 from celery import Task
+from sqlalchemy.exc import OperationalError
 
 from cxrnode.db import JobState, make_engine, make_sessionmaker
 from cxrnode.settings import get_settings
 from worker.app import app
 
 log = logging.getLogger(__name__)
+
+
+#: node-side tasks retry while the database is unreachable (a PostgreSQL restart, say);
+#: the reconciler covers anything that outlives these retries.
+NODE_RETRIES: dict[str, Any] = dict(
+    autoretry_for=(OperationalError,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=10,
+)
 
 
 @cache
@@ -50,7 +61,7 @@ def decode_image(payload: str) -> np.ndarray:
 # --------------------------------------------------------------------------------- prepare
 
 
-@app.task(name="cxrnode.prepare", bind=True, max_retries=5, default_retry_delay=10)
+@app.task(name="cxrnode.prepare", bind=True, **NODE_RETRIES)
 def prepare(self: Task, job_id: int) -> str:
     """Read the chosen image, make the 512 × 512 8-bit model input, hand it to inference."""
     from pydicom import dcmread
@@ -141,7 +152,7 @@ def infer(
 # ------------------------------------------------------------------------ deliver and notes
 
 
-@app.task(name="cxrnode.note")
+@app.task(name="cxrnode.note", **NODE_RETRIES)
 def note(job_id: int, state: str, error: str | None) -> None:
     """A state change reported by a worker that has no database (e.g. waiting for a model)."""
     from cxrnode import jobs
@@ -150,7 +161,7 @@ def note(job_id: int, state: str, error: str | None) -> None:
         jobs.set_state(session, job_id, JobState(state), error)
 
 
-@app.task(name="cxrnode.deliver")
+@app.task(name="cxrnode.deliver", **NODE_RETRIES)
 def deliver(job_id: int, result: dict[str, Any], batch: dict[str, Any] | None = None) -> str:
     """Store the model's answer on the job, then finish it (outputs)."""
     from cxrnode import jobs
@@ -163,11 +174,37 @@ def deliver(job_id: int, result: dict[str, Any], batch: dict[str, Any] | None = 
     return "stored"
 
 
-@app.task(name="cxrnode.finish")
+@app.task(name="cxrnode.finish", **NODE_RETRIES)
 def finish(job_id: int) -> str:
-    """Build and record the outputs of an inferred job, then mark it done."""
-    from cxrnode import jobs
+    """Build the SR and SC of an inferred job, record them in the outbox (the job is then
+    done) and hand them to the send queue at once. Rows this task does not claim (it died
+    first, or the scheduler was quicker) are sent by the scheduler's outbox pass."""
+    from cxrnode import sender
+    from cxrnode.outputs import build_outputs
 
+    settings = get_settings()
     with node_sessions()() as session:
-        done = jobs.finish(session, job_id)
-    return "done" if done else "nothing to do"
+        output_ids = build_outputs(session, settings, job_id)
+    if not output_ids:
+        return "no outputs to send"
+    with node_sessions()() as session:
+        batches = sender.due_outputs(
+            session, lease_seconds=sender.lease_seconds(settings), only=output_ids
+        )
+    for batch in batches:
+        send.apply_async((batch.destination, batch.output_ids))
+    return f"{len(output_ids)} outputs recorded"
+
+
+# ------------------------------------------------------------------------------------- send
+
+
+@app.task(name="cxrnode.send", **NODE_RETRIES)
+def send(destination: str, output_ids: list[int]) -> str:
+    """Send one study's due outputs to one destination (one association) and record each
+    outcome on its outbox row. Delivery retries are not Celery's: the row's next try is in
+    the database, where the scheduler finds it (Celery retries only a database outage)."""
+    from cxrnode.sender import send_batch
+
+    outcomes = send_batch(node_sessions(), get_settings(), destination, output_ids)
+    return ", ".join(f"{output_id}: {o.verdict}" for output_id, o in outcomes.items()) or "nothing"

@@ -1,0 +1,236 @@
+"""The outputs of a finished job: the SR and SC files, and their rows in the outbox.
+
+When the model has answered (job state ``inferred``), the node turns the answer into the two
+DICOM objects the radiologist will see (``cxrnode.sr.build_sr``, ``cxrnode.sc.build_sc``),
+writes them durably under DATA_DIR/outputs, and records one :class:`~cxrnode.db.Output` row
+per object and destination. Recording the rows and marking the job ``done`` happen in one
+transaction, so an output is either fully recorded with its file on disk or not at all; the
+sender (``cxrnode.sender``) works only from those rows.
+
+Why it is safe to run twice: the UIDs of both objects are a pure function of the source
+image, the model hash, :data:`PIPELINE_VERSION` and the job's version (``cxrnode.uids``), so
+a redelivered task writes byte-for-byte the same files, and it finds the rows of the first
+run and returns them instead of adding more.
+
+No destinations configured: the files are still written (an admin may fetch them, and a
+later ``cxrnode resend --study`` after adding a destination sends them), but no rows are
+recorded, because a row means "to be sent somewhere".
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cxrnode import jobs
+from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
+from cxrnode.draft import DraftReport
+from cxrnode.imaging import ImagingError, display_image
+from cxrnode.sc import build_sc
+from cxrnode.settings import Settings
+from cxrnode.sr import PriorDocument, build_sr
+from cxrnode.storage import instance_relpath, write_durably
+
+__all__ = [
+    "PIPELINE_VERSION",
+    "BuiltOutput",
+    "build_outputs",
+    "output_path",
+    "previous_sr",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _pipeline_version() -> str:
+    try:
+        return version("cxrnode")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+#: Version of the node's pipeline (prompting, labelling, rendering): the package version.
+#: It goes into every output UID, so a new release makes new instances instead of silently
+#: replacing drafts that an older release made.
+PIPELINE_VERSION: str = _pipeline_version()
+
+
+@dataclass(frozen=True)
+class BuiltOutput:
+    """One written object: what the outbox row needs to know about it."""
+
+    kind: str  # "sr" or "sc"
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str  # relative to DATA_DIR/outputs
+
+
+def output_path(settings: Settings, relpath: str) -> Path:
+    """Absolute path of an output file recorded as ``relpath``."""
+    return settings.outputs_dir / relpath
+
+
+def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int]:
+    """Build, write and record the SR and SC of an inferred job; return the outbox row ids.
+
+    The job moves to ``done`` in the same transaction that records the rows. A job whose
+    outputs cannot be built (unreadable source, a result that breaks the draft contract)
+    moves to ``failed`` with the reason, and nothing is recorded.
+
+    Parameters
+    ----------
+    session
+        A session of the node's database; this function commits it.
+    settings
+        Where DATA_DIR is and which destinations exist.
+    job_id
+        The job to finish.
+
+    Returns
+    -------
+    list[int]
+        Ids of the job's outbox rows (one per object and destination) in the order they
+        were made; the rows of an earlier run when there was one; ``[]`` when the job
+        does not want outputs (not inferred, failed, superseded) or no destination is
+        configured.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        session.rollback()
+        return []
+    existing = _row_ids(session, job_id)
+    if existing or job.state != JobState.inferred:
+        session.rollback()
+        return existing
+    instance = session.get(Instance, job.instance_id)
+    source_path = None if instance is None else settings.instances_dir / instance.path
+    result, job_version = job.result, job.version
+    predecessor = previous_sr(session, settings, job)
+    # End the read transaction before the slow part: on SQLite every transaction holds the
+    # write lock, and the listener must be able to commit arrivals meanwhile.
+    session.rollback()
+
+    if source_path is None:
+        return _fail(session, job_id, "the job's source instance row is missing")
+    try:
+        draft = DraftReport.from_result(result or {}, PIPELINE_VERSION)
+        source = pydicom.dcmread(source_path)
+        institution = getattr(settings, "institution_name", None)
+        sr = build_sr(
+            source,
+            draft,
+            version=job_version,
+            predecessor=predecessor,
+            institution_name=institution,
+        )
+        sc = build_sc(
+            source, display_image(source), draft, version=job_version, institution_name=institution
+        )
+    except (ImagingError, InvalidDicomError, OSError, TypeError, ValueError) as exc:
+        log.warning("job %d: outputs cannot be built: %s", job_id, exc)
+        return _fail(session, job_id, f"outputs cannot be built: {exc}")
+    built = [_write(settings, sr, "sr"), _write(settings, sc, "sc")]
+
+    job = session.get(Job, job_id, with_for_update=True)
+    existing = _row_ids(session, job_id)
+    if job is None or existing or job.state != JobState.inferred:
+        session.rollback()  # another run recorded them first (same files, same UIDs)
+        return existing
+    now = utcnow()
+    rows = [
+        Output(
+            job_id=job_id,
+            kind=item.kind,
+            destination=destination,
+            sop_class_uid=item.sop_class_uid,
+            sop_instance_uid=item.sop_instance_uid,
+            path=item.path,
+            state=OutputState.pending,
+            attempts=0,
+            next_try_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        for destination in settings.destinations
+        for item in built
+    ]
+    session.add_all(rows)
+    session.flush()
+    ids = [row.id for row in rows]
+    jobs.finish(session, job_id)  # commits the rows and the state change together
+    log.info(
+        "job %d: SR %s and SC %s written; %d outbox rows",
+        job_id,
+        built[0].sop_instance_uid,
+        built[1].sop_instance_uid,
+        len(ids),
+    )
+    return ids
+
+
+def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument | None:
+    """The SR that a new version of a study's draft replaces, if one was sent or is on its way.
+
+    That is the SR of the highest earlier version of the same study that has an outbox row
+    not in the dead-letter state (delivered, or pending: it then travels in the same
+    association, before this one). A dead one never reached the PACS, so a viewer could not
+    follow the reference. Its UIDs are read from its file: the model or pipeline of the
+    earlier version may differ, so they cannot be recomputed.
+    """
+    row = session.scalars(
+        select(Output)
+        .join(Job, Output.job_id == Job.id)
+        .where(
+            Job.study_id == job.study_id,
+            Job.version < job.version,
+            Output.kind == "sr",
+            Output.state != OutputState.dead,
+        )
+        .order_by(Job.version.desc(), Output.id)
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    try:
+        prior = pydicom.dcmread(output_path(settings, row.path), stop_before_pixels=True)
+        return PriorDocument.from_dataset(prior)
+    except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+        log.warning(
+            "job %d: the previous SR %s cannot be read (%s); the new version will not reference it",
+            job.id,
+            row.sop_instance_uid,
+            exc,
+        )
+        return None
+
+
+def _row_ids(session: Session, job_id: int) -> list[int]:
+    return list(
+        session.scalars(select(Output.id).where(Output.job_id == job_id).order_by(Output.id))
+    )
+
+
+def _fail(session: Session, job_id: int, reason: str) -> list[int]:
+    jobs.set_state(session, job_id, JobState.failed, reason)
+    return []
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _write(settings: Settings, ds: Dataset, kind: str) -> BuiltOutput:
+    relpath = instance_relpath(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    write_durably(output_path(settings, relpath), [_encode(ds)], settings.tmp_dir)
+    return BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), relpath)

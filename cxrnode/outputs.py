@@ -124,7 +124,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
     try:
         draft = DraftReport.from_result(result or {}, PIPELINE_VERSION)
         source = pydicom.dcmread(source_path)
-        institution = getattr(settings, "institution_name", None)
+        institution = settings.institution_name
         sr = build_sr(
             source,
             draft,

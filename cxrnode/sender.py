@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Job, Output, OutputState, Study, utcnow
-from cxrnode.settings import ENV_PREFIX, Settings, parse_destination
+from cxrnode.settings import Settings, parse_destination
 
 __all__ = [
     "IN_FLIGHT",
@@ -64,7 +63,6 @@ __all__ = [
     "association_outcome",
     "due_outputs",
     "lease_seconds",
-    "option",
     "resend",
     "retarget",
     "send_batch",
@@ -84,39 +82,6 @@ PERMANENT_STATUSES = {
     0x0124: "not authorised",
 }
 TLS_SCHEME = "dicom-tls"
-
-# Defaults of the sender's settings. Settings declares them (send_retry_base_seconds, ...);
-# until a deployment's Settings class has a field, `option` reads CXRNODE_<NAME> directly.
-OPTION_DEFAULTS: dict[str, Any] = {
-    "send_retry_base_seconds": 30.0,
-    "send_retry_max_seconds": 600.0,
-    "send_max_attempts": 10,
-    "send_timeout": 30.0,
-    "send_tls_ca": None,
-    "send_tls_cert": None,
-    "send_tls_key": None,
-}
-
-
-def option(settings: Settings, name: str) -> Any:
-    """A sender setting: the Settings field when declared, else ``CXRNODE_<NAME>``, else
-    the default in :data:`OPTION_DEFAULTS`."""
-    if name in type(settings).model_fields:
-        return getattr(settings, name)
-    default = OPTION_DEFAULTS[name]
-    raw = os.environ.get(ENV_PREFIX + name.upper(), "").strip()
-    if not raw:
-        return default
-    if default is None:
-        return Path(raw)
-    try:
-        return type(default)(raw)
-    except ValueError:
-        raise ValueError(
-            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a {type(default).__name__}; "
-            f"expected e.g. {default!r}"
-        ) from None
-
 
 # ------------------------------------------------------------------------------ destinations
 
@@ -226,9 +191,9 @@ class RetryPolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
         return cls(
-            float(option(settings, "send_retry_base_seconds")),
-            float(option(settings, "send_retry_max_seconds")),
-            int(option(settings, "send_max_attempts")),
+            settings.send_retry_base_seconds,
+            settings.send_retry_max_seconds,
+            settings.send_max_attempts,
         )
 
     def delay(self, tries: int) -> float:
@@ -246,7 +211,7 @@ def lease_seconds(settings: Settings) -> float:
     bounded by one, with room for the task to wait in the queue. Only a lost task makes
     anyone wait for it.
     """
-    return 10.0 * float(option(settings, "send_timeout"))
+    return 10.0 * settings.send_timeout
 
 
 class Verdict(enum.StrEnum):
@@ -527,9 +492,9 @@ def _read(items: Sequence[_Item]) -> tuple[list[tuple[_Item, Dataset]], dict[int
 def client_ssl_context(settings: Settings) -> ssl.SSLContext:
     """TLS client context for ``dicom-tls://`` destinations: verifies the peer against
     ``send_tls_ca`` (or the system CAs) and offers ``send_tls_cert`` when set."""
-    ca = option(settings, "send_tls_ca")
-    cert = option(settings, "send_tls_cert")
-    key = option(settings, "send_tls_key")
+    ca = settings.send_tls_ca
+    cert = settings.send_tls_cert
+    key = settings.send_tls_key
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
     if cert:
         context.load_cert_chain(str(cert), str(key) if key else None)
@@ -551,7 +516,7 @@ def _send_dimse(
     readable, outcomes = _read(items)
     if not readable:
         return outcomes
-    timeout = float(option(settings, "send_timeout"))
+    timeout = settings.send_timeout
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     contexts: dict[str, list[str]] = {}
@@ -617,15 +582,13 @@ def _send_stow(
         return outcomes
     session = requests.Session()
     ca, cert, key = (
-        option(settings, name) for name in ("send_tls_ca", "send_tls_cert", "send_tls_key")
+        getattr(settings, name) for name in ("send_tls_ca", "send_tls_cert", "send_tls_key")
     )
     if ca:
         session.verify = str(ca)
     if cert:
         session.cert = (str(cert), str(key)) if key else str(cert)
-    client = DICOMwebClient(
-        url=target.url, session=session, timeout=float(option(settings, "send_timeout"))
-    )
+    client = DICOMwebClient(url=target.url, session=session, timeout=settings.send_timeout)
     client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
     try:
         response = client.store_instances([ds for _, ds in readable])

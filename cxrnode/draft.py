@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.labeler import FINDINGS  # pure Python (no torch): the one list of findings
+
 __all__ = [
     "FINDINGS",
     "FINDING_STATES",
@@ -24,19 +26,6 @@ __all__ = [
     "split_impression",
 ]
 
-# Must equal model.labeler.FINDINGS (a test checks it). Kept here so that cxrnode does not
-# import the model package.
-FINDINGS: tuple[str, ...] = (
-    "atelectasis",
-    "cardiomegaly",
-    "consolidation",
-    "edema",
-    "pleural_effusion",
-    "pneumothorax",
-    "pneumonia",
-    "lung_opacity",
-    "no_finding",
-)
 FINDING_STATES: tuple[str, ...] = ("present", "absent", "uncertain", "not_mentioned")
 
 _PAEDIATRIC_PROMPTS = frozenset({"paediatric", "pediatric"})

@@ -2,32 +2,43 @@
 
 This is the plain-function core of the C-STORE SCP (``cxrnode.scp`` is a thin adapter over it),
 so tests can call it without a network. The order is the node's first invariant:
-temporary file → fsync → rename → row committed → only then 0x0000.
+temporary file → fsync → rename (or hard link) into place → row committed → only then 0x0000.
 
 Only the header is parsed (pixel data is skipped, never decoded); the bytes written are the
-bytes the peer sent.
+bytes the peer sent. The listener receives each dataset straight into a file in DATA_DIR/tmp
+(:meth:`Ingest.receive_file`), so a 10 MB image is written once and only fsynced and linked
+into place here; :meth:`Ingest.receive` takes the dataset from memory instead.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
+from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from cxrnode.db import Instance, InstanceState, Study, StudyState, utcnow
 from cxrnode.settings import Settings
-from cxrnode.storage import free_bytes, instance_relpath, is_valid_uid, write_durably
+from cxrnode.storage import (
+    adopt_durably,
+    free_bytes,
+    instance_relpath,
+    is_valid_uid,
+    write_durably,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +47,41 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+# The statements of the per-instance transaction, built once: constructing SQLAlchemy
+# statements anew for every image cost more CPU than executing them.
+_INSTANCES, _STUDIES = Instance.__table__, Study.__table__
+_FIND_INSTANCE = select(_INSTANCES.c.id, _INSTANCES.c.study_id).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("uid")
+)
+_FIND_STUDY = select(_STUDIES.c.id, _STUDIES.c.settle_at)
+_FIND_STUDY_BY_UID = _FIND_STUDY.where(
+    _STUDIES.c.study_instance_uid == bindparam("uid")
+).with_for_update()
+_FIND_STUDY_BY_ID = _FIND_STUDY.where(_STUDIES.c.id == bindparam("b_id"))
+_INSERT_INSTANCE = insert(_INSTANCES)
+_INSERT_STUDY = insert(_STUDIES)
+_REPLACE_INSTANCE = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("b_id"))
+    .values(
+        path=bindparam("b_path"),
+        size_bytes=bindparam("b_size"),
+        received_at=bindparam("b_now"),
+    )
+)
+_COUNT_IN_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("b_id"))
+    .values(instance_count=_STUDIES.c.instance_count + 1, last_arrival=bindparam("b_now"))
+)
+_REARM = {  # a readable image arrived: (re)start the quiet period, also after a report
+    "state": bindparam("b_state"),
+    "skip_reason": None,
+    "settle_at": bindparam("b_settle_at"),
+}
+_REARM_STUDY = update(_STUDIES).where(_STUDIES.c.id == bindparam("b_id")).values(_REARM)
+_COUNT_AND_REARM = _COUNT_IN_STUDY.values(_REARM)
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -74,15 +120,15 @@ class Outcome:
     size_bytes: int = 0
 
 
-def read_header(stream: BinaryIO, transfer_syntax: str) -> tuple[Dataset, int]:
-    """Parse the dataset without loading pixel data; return it and the stream length.
+def read_header(stream: BinaryIO, transfer_syntax: str, start: int = 0) -> tuple[Dataset, int]:
+    """Parse the dataset that begins at offset ``start`` without loading pixel data; return it
+    and the stream length (offsets in the dataset, like ``value_tell``, are stream offsets).
 
     Raises :class:`Refused` (0xC000) when the bytes are not a readable dataset.
     """
     ts = UID(transfer_syntax)
-    stream.seek(0, 2)
-    total = stream.tell()
-    stream.seek(0)
+    total = stream.seek(0, 2)
+    stream.seek(start)
     if ts == DeflatedExplicitVRLittleEndian:
         stream = BytesIO(zlib.decompress(stream.read(), -zlib.MAX_WBITS))
         total = len(stream.getbuffer())
@@ -125,11 +171,33 @@ def _check_pixels(ds: Dataset, total: int) -> None:
         raise Refused(CANNOT_UNDERSTAND, f"Pixel Data holds {length} bytes, expected {expected}")
 
 
+def dataset_offset(part10: BinaryIO) -> int:
+    """Where the dataset starts in a DICOM Part-10 file: after the 128-byte preamble, "DICM"
+    and the File Meta group, whose length is its first element (PS3.10 7.1).
+
+    Raises :class:`Refused` (0xC000) when the file does not start that way.
+    """
+    part10.seek(0)
+    head = part10.read(144)
+    if (
+        len(head) < 144
+        or head[128:132] != b"DICM"
+        or head[132:140] != b"\x02\x00\x00\x00UL\x04\x00"
+    ):
+        raise Refused(CANNOT_UNDERSTAND, "received file has no File Meta group length")
+    return 144 + struct.unpack("<I", head[140:144])[0]
+
+
 def inspect(
-    stream: BinaryIO, transfer_syntax: str, affected_sop_class: str, affected_sop_instance: str
+    stream: BinaryIO,
+    transfer_syntax: str,
+    affected_sop_class: str,
+    affected_sop_instance: str,
+    start: int = 0,
 ) -> Header:
-    """Check a received dataset and extract the header the node records."""
-    ds, total = read_header(stream, transfer_syntax)
+    """Check a received dataset (beginning at offset ``start``) and extract the header the
+    node records."""
+    ds, total = read_header(stream, transfer_syntax, start)
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     study = str(ds.get("StudyInstanceUID", "") or "")
@@ -177,6 +245,7 @@ class Ingest:
     def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
         self.settings = settings
         self.sessions = sessions
+        self.engine = sessions.kw["bind"]
         self.reserve_bytes = settings.min_free_disk_mb * 1024 * 1024
 
     def disk_low(self) -> bool:
@@ -192,12 +261,65 @@ class Ingest:
         calling_aet: str,
         peer_host: str | None,
     ) -> Outcome:
-        """Handle one C-STORE; never raises for bad input, always returns a status."""
+        """Handle one C-STORE whose dataset is in memory (``stream``, starting at offset 0)
+        and whose encoded File Meta group is ``file_meta``; never raises for bad input, always
+        returns a status."""
+
+        def place(header: Header, final: Path) -> int:
+            buffer = stream.getbuffer() if isinstance(stream, BytesIO) else stream.read()
+            try:
+                return write_durably(
+                    final, (b"\x00" * 128, b"DICM", file_meta, buffer), self.settings.tmp_dir
+                )
+            finally:
+                del buffer
+
+        def header() -> Header:
+            return inspect(stream, transfer_syntax, sop_class_uid, sop_instance_uid)
+
+        return self._accept(header, place, sop_instance_uid, calling_aet, peer_host)
+
+    def receive_file(
+        self,
+        path: Path,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_aet: str,
+        peer_host: str | None,
+    ) -> Outcome:
+        """Handle one C-STORE already received into the Part-10 file ``path`` in DATA_DIR/tmp
+        (pynetdicom's chunked receive); never raises for bad input, always returns a status.
+
+        The file is fsynced and linked into place, not copied; ``path`` itself is left for
+        its owner to remove.
+        """
+        with open(path, "rb") as part10:
+
+            def header() -> Header:
+                start = dataset_offset(part10)
+                return inspect(part10, transfer_syntax, sop_class_uid, sop_instance_uid, start)
+
+            def place(header: Header, final: Path) -> int:
+                return adopt_durably(path, final, self.settings.tmp_dir)
+
+            return self._accept(header, place, sop_instance_uid, calling_aet, peer_host)
+
+    def _accept(
+        self,
+        parse: Callable[[], Header],
+        place: Callable[[Header, Path], int],
+        sop_instance_uid: str,
+        calling_aet: str,
+        peer_host: str | None,
+    ) -> Outcome:
+        """The order of the first invariant, whatever holds the bytes: check, store durably,
+        commit the row, and only then say success."""
         if self.disk_low():
             log.warning("free space below the reserve: answering 0xA700 (sop=%s)", sop_instance_uid)
             return Outcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")
         try:
-            header = inspect(stream, transfer_syntax, sop_class_uid, sop_instance_uid)
+            header = parse()
         except Refused as refused:
             log.warning(
                 "refused instance from %s: 0x%04X %s", calling_aet, refused.status, refused.reason
@@ -209,18 +331,11 @@ class Ingest:
             return Outcome(SUCCESS, "duplicate: first copy kept", duplicate=True)
 
         relpath = instance_relpath(header.study_instance_uid, header.sop_instance_uid)
-        buffer = stream.getbuffer() if isinstance(stream, BytesIO) else stream.read()
         try:
-            size = write_durably(
-                self.settings.instances_dir / relpath,
-                (b"\x00" * 128, b"DICM", file_meta, buffer),
-                self.settings.tmp_dir,
-            )
+            size = place(header, self.settings.instances_dir / relpath)
         except OSError as exc:
             log.error("cannot write %s: %s", header.sop_instance_uid, exc)
             return Outcome(OUT_OF_RESOURCES, f"cannot write to storage: {exc.strerror}")
-        finally:
-            del buffer
         try:
             instance_id, duplicate = self._record(header, relpath, size, calling_aet, peer_host)
         except Exception as exc:
@@ -229,91 +344,107 @@ class Ingest:
         return Outcome(SUCCESS, None, instance_id, duplicate, size)
 
     def _known(self, sop_instance_uid: str) -> bool:
-        with self.sessions() as session:
-            found = session.scalar(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
-            return found is not None
+        with self.engine.connect() as conn:
+            return conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first() is not None
 
     def _record(
         self, header: Header, relpath: str, size: int, calling_aet: str, peer_host: str | None
     ) -> tuple[int, bool]:
+        """Insert the instance row and count it in its study, in one transaction.
+
+        SQLAlchemy Core with prepared statements rather than the ORM: this runs once per
+        received image while the caller waits for the answer (bench/ingest.py).
+        """
         now = utcnow()
         settle_at = now + timedelta(seconds=self.settings.settle_seconds)
-        with self.sessions() as session:
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-            )
+        readable = header.skip_reason is None
+        with self.engine.connect() as conn:
+            existing = conn.execute(_FIND_INSTANCE, {"uid": header.sop_instance_uid}).first()
             if existing is not None:
                 if self.settings.duplicates == "keep_first":
                     return existing.id, True
-                existing.path, existing.size_bytes, existing.received_at = relpath, size, now
-                study = session.get(Study, existing.study_id) if existing.study_id else None
-                if study is not None and header.skip_reason is None:
-                    _rearm(study, now, settle_at)
-                session.commit()
+                conn.execute(
+                    _REPLACE_INSTANCE,
+                    {"b_id": existing.id, "b_path": relpath, "b_size": size, "b_now": now},
+                )
+                if existing.study_id is not None and readable:
+                    study = conn.execute(_FIND_STUDY_BY_ID, {"b_id": existing.study_id}).first()
+                    if study is not None:
+                        conn.execute(
+                            _REARM_STUDY, {"b_id": study.id, **_rearmed(study.settle_at, settle_at)}
+                        )
+                conn.commit()
                 return existing.id, True
-            study = _study_for_update(session, header.study_instance_uid, now, settle_at)
-            study.instance_count += 1
-            study.last_arrival = now
-            if header.skip_reason is None:
-                _rearm(study, now, settle_at)
-            instance = Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                modality=header.modality,
-                body_part=header.body_part,
-                view=header.view,
-                path=relpath,
-                size_bytes=size,
-                calling_aet=calling_aet,
-                peer_host=peer_host,
-                state=InstanceState.skipped if header.skip_reason else InstanceState.stored,
-                skip_reason=header.skip_reason,
-                received_at=now,
-                study_id=study.id,
-            )
-            session.add(instance)
+            study_id = _count_in_study(conn, header.study_instance_uid, now, settle_at, readable)
             try:
-                session.commit()
+                inserted = conn.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "sop_instance_uid": header.sop_instance_uid,
+                        "sop_class_uid": header.sop_class_uid,
+                        "study_instance_uid": header.study_instance_uid,
+                        "series_instance_uid": header.series_instance_uid,
+                        "transfer_syntax_uid": header.transfer_syntax_uid,
+                        "modality": header.modality,
+                        "body_part": header.body_part,
+                        "view": header.view,
+                        "path": relpath,
+                        "size_bytes": size,
+                        "calling_aet": calling_aet,
+                        "peer_host": peer_host,
+                        "state": InstanceState.stored if readable else InstanceState.skipped,
+                        "skip_reason": header.skip_reason,
+                        "received_at": now,
+                        "study_id": study_id,
+                    },
+                )
+                conn.commit()
             except IntegrityError:  # the same instance raced in on another association
-                session.rollback()
+                conn.rollback()
                 return -1, True
-            return instance.id, False
+            return inserted.inserted_primary_key[0], False
 
 
-def _rearm(study: Study, now: datetime, settle_at: datetime) -> None:
-    """A readable image arrived: (re)start the quiet period, also after an earlier report."""
-    study.state = StudyState.receiving
-    study.skip_reason = None
-    study.settle_at = max(settle_at, study.settle_at) if study.settle_at else settle_at
+def _rearmed(current: datetime | None, settle_at: datetime) -> dict[str, object]:
+    """Parameters of ``_REARM``: the quiet period ends at ``settle_at`` or later."""
+    return {
+        "b_state": StudyState.receiving,
+        "b_settle_at": max(settle_at, current) if current else settle_at,
+    }
 
 
-def _study_for_update(
-    session: Session, study_uid: str, now: datetime, settle_at: datetime
-) -> Study:
-    study = session.scalar(
-        select(Study).where(Study.study_instance_uid == study_uid).with_for_update()
-    )
-    if study is not None:
-        return study
-    study = Study(
-        study_instance_uid=study_uid,
-        state=StudyState.receiving,
-        first_arrival=now,
-        last_arrival=now,
-        settle_at=settle_at,
-        instance_count=0,
-        version=0,
-    )
-    try:
-        with session.begin_nested():
-            session.add(study)
-    except IntegrityError:  # created concurrently by another association (PostgreSQL)
-        study = session.scalars(
-            select(Study).where(Study.study_instance_uid == study_uid).with_for_update()
-        ).one()
-    return study
+def _count_in_study(
+    conn: Connection, study_uid: str, now: datetime, settle_at: datetime, readable: bool
+) -> int:
+    """Count one more instance in its study (creating the study row); return the study id.
+
+    The study row is locked (FOR UPDATE; SQLite's BEGIN IMMEDIATE already serialises
+    writers) so concurrent associations of one study count correctly.
+    """
+    study = conn.execute(_FIND_STUDY_BY_UID, {"uid": study_uid}).first()
+    if study is None:
+        try:
+            with conn.begin_nested():
+                created = conn.execute(
+                    _INSERT_STUDY,
+                    {
+                        "study_instance_uid": study_uid,
+                        "state": StudyState.receiving,
+                        "first_arrival": now,
+                        "last_arrival": now,
+                        "settle_at": settle_at,
+                        "instance_count": 1,
+                        "version": 0,
+                    },
+                )
+            return created.inserted_primary_key[0]
+        except IntegrityError:  # created concurrently by another association (PostgreSQL)
+            study = conn.execute(_FIND_STUDY_BY_UID, {"uid": study_uid}).one()
+    if readable:
+        conn.execute(
+            _COUNT_AND_REARM,
+            {"b_id": study.id, "b_now": now, **_rearmed(study.settle_at, settle_at)},
+        )
+    else:
+        conn.execute(_COUNT_IN_STUDY, {"b_id": study.id, "b_now": now})
+    return study.id

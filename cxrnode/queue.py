@@ -10,6 +10,7 @@ distributed mode uses Redis. Messages are JSON.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery import Celery
@@ -53,8 +54,9 @@ def celery_app(settings: Settings) -> Celery:
 
         # The transport hands every transport option to create_engine, so its polling
         # interval (seconds between empty polls) is set on the class.
-        sqla_transport.Transport.polling_interval = 0.05
+        sqla_transport.Transport.polling_interval = 0.02
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _use_wal(broker.removeprefix("sqla+"))
     else:
         conf.update(
             broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
@@ -63,6 +65,18 @@ def celery_app(settings: Settings) -> Celery:
         )
     app.conf.update(conf)
     return app
+
+
+def _use_wal(url: str) -> None:
+    """Put the embedded broker's SQLite file in WAL mode (the mode is stored in the file, so
+    kombu's own connections use it too): one fsync per commit instead of a rollback journal's
+    several, for every message published, fetched and acknowledged."""
+    if not url.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
 
 
 def queue_depths(settings: Settings) -> dict[str, int | None]:

@@ -43,6 +43,7 @@ def collect_status(settings: Settings, *, ping_workers: bool = True) -> dict[str
                 "outputs": _counts(session, Output.state, OutputState),
             }
             workers = _workers_from_jobs(session)
+            report["dead_letters"] = _dead_letters(session)
     finally:
         engine.dispose()
     report["queues"] = queue_depths(settings)
@@ -50,6 +51,27 @@ def collect_status(settings: Settings, *, ping_workers: bool = True) -> dict[str
         workers |= _ping_workers(settings)
     report["workers"] = sorted(workers)
     return report
+
+
+def _dead_letters(session: Any, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest outputs that gave up, with what `cxrnode resend --output ID` needs."""
+    rows = session.scalars(
+        select(Output)
+        .where(Output.state == OutputState.dead)
+        .order_by(Output.updated_at.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "id": row.id,
+            "kind": row.kind,
+            "destination": row.destination,
+            "attempts": row.attempts,
+            "last_status": row.last_status,
+            "last_error": row.last_error,
+        }
+        for row in rows
+    ]
 
 
 def _workers_from_jobs(session: Any, since: timedelta = timedelta(hours=1)) -> set[str]:
@@ -86,6 +108,11 @@ def render_status(report: dict[str, Any]) -> str:
         values = report[section]
         parts = ", ".join(f"{k} {v}" for k, v in values.items())
         lines.append(f"{section:<10} {parts or '-'}")
+    for dead in report.get("dead_letters", []):
+        lines.append(
+            f"{'dead':<10} output {dead['id']} ({dead['kind']}) to {dead['destination']}: "
+            f"{dead['last_error'] or dead['last_status']} - `cxrnode resend --output {dead['id']}`"
+        )
     if "workers" in report:
         lines.append(f"{'workers':<10} {', '.join(report['workers']) or 'none seen'}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ subprocesses, and Orthanc's REST API as the viewer that checks what arrived.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -271,6 +272,9 @@ def test_a_wrong_called_ae_title_is_a_dead_letter_until_resend_after_the_fix(
     }
     assert all("resend" in o.last_error for o in rows)
     assert orthanc.log().count("bad called AET") == 1  # one association, never repeated
+    status = json.loads(node.cli("status", "--json").stdout)
+    assert sorted(d["id"] for d in status["dead_letters"]) == sorted(o.id for o in rows)
+    assert "resend --output" in node.cli("status").stdout  # the admin is told what to run
 
     # The admin corrects DESTINATIONS, restarts the node and resends the dead letters.
     node.stop()

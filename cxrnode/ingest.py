@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
@@ -37,7 +36,6 @@ from cxrnode.storage import (
     free_bytes,
     instance_relpath,
     is_valid_uid,
-    write_durably,
 )
 
 log = logging.getLogger(__name__)
@@ -251,34 +249,6 @@ class Ingest:
     def disk_low(self) -> bool:
         return free_bytes(self.settings.data_dir) < self.reserve_bytes
 
-    def receive(
-        self,
-        stream: BinaryIO,
-        file_meta: bytes,
-        transfer_syntax: str,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        calling_aet: str,
-        peer_host: str | None,
-    ) -> Outcome:
-        """Handle one C-STORE whose dataset is in memory (``stream``, starting at offset 0)
-        and whose encoded File Meta group is ``file_meta``; never raises for bad input, always
-        returns a status."""
-
-        def place(header: Header, final: Path) -> int:
-            buffer = stream.getbuffer() if isinstance(stream, BytesIO) else stream.read()
-            try:
-                return write_durably(
-                    final, (b"\x00" * 128, b"DICM", file_meta, buffer), self.settings.tmp_dir
-                )
-            finally:
-                del buffer
-
-        def header() -> Header:
-            return inspect(stream, transfer_syntax, sop_class_uid, sop_instance_uid)
-
-        return self._accept(header, place, sop_instance_uid, calling_aet, peer_host)
-
     def receive_file(
         self,
         path: Path,
@@ -291,35 +261,17 @@ class Ingest:
         """Handle one C-STORE already received into the Part-10 file ``path`` in DATA_DIR/tmp
         (pynetdicom's chunked receive); never raises for bad input, always returns a status.
 
-        The file is fsynced and linked into place, not copied; ``path`` itself is left for
-        its owner to remove.
+        The order is the first invariant: check, store durably, commit the row, and only then
+        say success. The file is fsynced and linked into place, not copied; ``path`` itself
+        is left for its owner to remove.
         """
-        with open(path, "rb") as part10:
-
-            def header() -> Header:
-                start = dataset_offset(part10)
-                return inspect(part10, transfer_syntax, sop_class_uid, sop_instance_uid, start)
-
-            def place(header: Header, final: Path) -> int:
-                return adopt_durably(path, final, self.settings.tmp_dir)
-
-            return self._accept(header, place, sop_instance_uid, calling_aet, peer_host)
-
-    def _accept(
-        self,
-        parse: Callable[[], Header],
-        place: Callable[[Header, Path], int],
-        sop_instance_uid: str,
-        calling_aet: str,
-        peer_host: str | None,
-    ) -> Outcome:
-        """The order of the first invariant, whatever holds the bytes: check, store durably,
-        commit the row, and only then say success."""
         if self.disk_low():
             log.warning("free space below the reserve: answering 0xA700 (sop=%s)", sop_instance_uid)
             return Outcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")
         try:
-            header = parse()
+            with open(path, "rb") as part10:
+                start = dataset_offset(part10)
+                header = inspect(part10, transfer_syntax, sop_class_uid, sop_instance_uid, start)
         except Refused as refused:
             log.warning(
                 "refused instance from %s: 0x%04X %s", calling_aet, refused.status, refused.reason
@@ -332,7 +284,7 @@ class Ingest:
 
         relpath = instance_relpath(header.study_instance_uid, header.sop_instance_uid)
         try:
-            size = place(header, self.settings.instances_dir / relpath)
+            size = adopt_durably(path, self.settings.instances_dir / relpath, self.settings.tmp_dir)
         except OSError as exc:
             log.error("cannot write %s: %s", header.sop_instance_uid, exc)
             return Outcome(OUT_OF_RESOURCES, f"cannot write to storage: {exc.strerror}")

@@ -261,13 +261,8 @@ class Handlers:
             calling_aet=str(event.assoc.requestor.ae_title).strip(),
             peer_host=event.assoc.requestor.address,
         )
-        path = event.dataset_path  # None unless pynetdicom's chunked receive is on
-        if path is not None:
-            outcome = self.ingest.receive_file(Path(path), **received)
-        else:
-            outcome = self.ingest.receive(
-                stream=request.DataSet, file_meta=_encoded_meta(event), **received
-            )
+        # run_listener turns on pynetdicom's chunked receive: the dataset is already a file
+        outcome = self.ingest.receive_file(Path(event.dataset_path), **received)
         row_id = getattr(event.assoc, "cxrnode_log_id", None)
         if row_id is not None and outcome.status == SUCCESS:
             with self._lock:
@@ -308,15 +303,6 @@ def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
     assoc.acse.send_reject(result, source, diagnostic)
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()  # returns once the peer closed the connection (or ARTIM expired)
-
-
-def _encoded_meta(event: Any) -> bytes:
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-
-    buffer = DicomBytesIO()
-    write_file_meta_info(buffer, event.file_meta, enforce_standard=True)
-    return buffer.getvalue()
 
 
 def die_with_parent() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
-from io import BytesIO
 from pathlib import Path
 
 import dicomgen
@@ -28,19 +28,23 @@ def ingest(tmp_path: Path, database_url: str) -> Ingest:
 
 
 def receive(ingest: Ingest, path: Path):
-    """Split a Part-10 file into what pynetdicom hands the handler: meta bytes and dataset."""
-    raw = path.read_bytes()
+    """Hand the ingest a file as pynetdicom's chunked receive does: a Part-10 copy in
+    DATA_DIR/tmp, with the C-STORE request's UIDs and transfer syntax."""
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    end = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    return ingest.receive(
-        stream=BytesIO(raw[end:]),
-        file_meta=raw[132:end],
-        transfer_syntax=str(meta.TransferSyntaxUID),
-        sop_class_uid=str(meta.MediaStorageSOPClassUID),
-        sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
-        calling_aet="UNIT",
-        peer_host="127.0.0.1",
-    )
+    ingest.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    received = ingest.settings.tmp_dir / f"tmp{path.stem}.dcm"
+    shutil.copyfile(path, received)
+    try:
+        return ingest.receive_file(
+            received,
+            transfer_syntax=str(meta.TransferSyntaxUID),
+            sop_class_uid=str(meta.MediaStorageSOPClassUID),
+            sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+            calling_aet="UNIT",
+            peer_host="127.0.0.1",
+        )
+    finally:
+        received.unlink()  # pynetdicom removes its own file after the handler returns
 
 
 def test_a_stored_instance_is_a_valid_part10_file_and_a_row(ingest: Ingest, tmp_path: Path) -> None:
@@ -86,15 +90,9 @@ def test_garbage_after_a_valid_meta_header_cannot_be_understood(
     path = dicomgen.make_chest(tmp_path / "a.dcm")
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
     end = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    outcome = ingest.receive(
-        BytesIO(b"\xff" * 3000),
-        path.read_bytes()[132:end],
-        str(meta.TransferSyntaxUID),
-        str(meta.MediaStorageSOPClassUID),
-        str(meta.MediaStorageSOPInstanceUID),
-        "UNIT",
-        None,
-    )
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(path.read_bytes()[:end] + b"\xff" * 3000)  # valid meta, then garbage
+    outcome = receive(ingest, garbage)
     assert outcome.status == CANNOT_UNDERSTAND
 
 

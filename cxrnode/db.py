@@ -159,6 +159,33 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
+    @classmethod
+    def pending(
+        cls,
+        *,
+        job_id: int,
+        kind: str,
+        destination: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: str,
+        now: datetime,
+    ) -> Output:
+        """A new outbox row, due at once."""
+        return cls(
+            job_id=job_id,
+            kind=kind,
+            destination=destination,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            path=path,
+            state=OutputState.pending,
+            attempts=0,
+            next_try_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+
 
 class AssociationLog(Base):
     __tablename__ = "associations"

@@ -147,18 +147,14 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         return existing
     now = utcnow()
     rows = [
-        Output(
+        Output.pending(
             job_id=job_id,
             kind=item.kind,
             destination=destination,
             sop_class_uid=item.sop_class_uid,
             sop_instance_uid=item.sop_instance_uid,
             path=item.path,
-            state=OutputState.pending,
-            attempts=0,
-            next_try_at=now,
-            created_at=now,
-            updated_at=now,
+            now=now,
         )
         for destination in settings.destinations
         for item in built

@@ -760,18 +760,14 @@ def _missing_destinations(
         for destination in configured:
             if destination in have:
                 continue
-            row = Output(
+            row = Output.pending(
                 job_id=job_id,
                 kind=kind,
                 destination=destination,
                 sop_class_uid=template.sop_class_uid,
                 sop_instance_uid=template.sop_instance_uid,
                 path=template.path,
-                state=OutputState.pending,
-                attempts=0,
-                next_try_at=now,
-                created_at=now,
-                updated_at=now,
+                now=now,
             )
             session.add(row)
             added.append(row)

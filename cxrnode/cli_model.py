@@ -118,7 +118,7 @@ def report(
     for name, state in result.findings.items():
         source = result.finding_sources.get(name, "report")
         typer.echo(f"  {name:<18} {state:<14} ({source})")
-    typer.echo(f"\nmodel: {result.model['id']} (sha256 {result.model['hash'][:16]})")
+    typer.echo(f"\nmodel: {result.model_id} (sha256 {result.model_hash[:16]})")
 
 
 def _read_image(file: Path) -> tuple[np.ndarray, dict[str, Any]]:

@@ -110,6 +110,8 @@ class DraftReport:
             raise TypeError(
                 f"from_result expects the dict of ReportResult.to_dict(); got {type(d).__name__}"
             )
+        if "model" not in d and "model_id" in d:  # ModelResult.to_dict()
+            d = {**d, "model": {"id": d["model_id"], "hash": d.get("model_hash")}}
         missing = [key for key in ("report", "findings", "model") if key not in d]
         if missing:
             raise ValueError(

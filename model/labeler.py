@@ -69,6 +69,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from model.contracts import FINDINGS  # the one list of findings
+
 __all__ = [
     "FINDINGS",
     "PATHOLOGIES",
@@ -82,17 +84,6 @@ __all__ = [
     "to_states",
 ]
 
-FINDINGS: tuple[str, ...] = (
-    "atelectasis",
-    "cardiomegaly",
-    "consolidation",
-    "edema",
-    "pleural_effusion",
-    "pneumothorax",
-    "pneumonia",
-    "lung_opacity",
-    "no_finding",
-)
 PATHOLOGIES: tuple[str, ...] = FINDINGS[:-1]
 
 # CheXpert observations that we do not return but that decide "no finding" the way CheXpert does.

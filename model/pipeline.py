@@ -18,15 +18,15 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from model.chat import Message, render_llama2, tokenize_with_image
+from model.contracts import FINDINGS, ModelResult, StudyContext
 from model.generate import ChatBatch, SamplingParams, generate_turn, make_generators
-from model.labeler import FINDINGS, label_report
+from model.labeler import label_report
 from model.loader import choose_device, inspect_checkpoint, load_model
 from model.modeling import CXRLLaVAModel
 from model.preprocess import pixel_values
@@ -35,32 +35,6 @@ from model.tokenizer import LlamaTokenizer
 
 STATES = {1: "present", 0: "absent", -1: "uncertain", None: "not_mentioned"}
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-
-
-@dataclass
-class StudyContext:
-    """What the node knows about the study; no identifiers."""
-
-    age_years: float | None = None
-    sex: str | None = None  # "M", "F", "O" or None
-    view: str | None = None  # "PA", "AP", ...
-
-
-@dataclass
-class ReportResult:
-    """The model's answers for one study, and enough provenance to reproduce them."""
-
-    report: str
-    differential: str
-    recommendation: str
-    findings: dict[str, str]
-    finding_sources: dict[str, str]
-    prompts: dict[str, str]
-    model: dict[str, str]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ReportEngine:
@@ -139,7 +113,7 @@ class ReportEngine:
         seed: int | None = None,
         ignore_eos: bool = False,
         report_only: bool = False,
-    ) -> list[ReportResult]:
+    ) -> list[ModelResult]:
         """Draft a report for each 8-bit grayscale image (uint8 HxW, any size).
 
         ``temperature`` 0 is greedy. ``seed`` makes sampling reproducible (row i of the request
@@ -152,7 +126,7 @@ class ReportEngine:
         if len(contexts) != len(images):
             raise ValueError(f"{len(images)} images but {len(contexts)} contexts.")
         params = SamplingParams(temperature, top_p, top_k, max_new_tokens, ignore_eos)
-        results: list[ReportResult] = []
+        results: list[ModelResult] = []
         for start in range(0, len(images), self.max_batch_size):
             stop = start + self.max_batch_size
             chunk_seed = None if seed is None else seed + start
@@ -180,7 +154,7 @@ class ReportEngine:
         params: SamplingParams,
         seed: int | None,
         report_only: bool = False,
-    ) -> list[ReportResult]:
+    ) -> list[ModelResult]:
         t0 = time.perf_counter()
         features = self.encode(images)
         _sync(self.device)
@@ -240,19 +214,19 @@ class ReportEngine:
             "decode": batch.timings["decode"],
             "total": time.perf_counter() - t0,
         }
-        model_info = {"id": self.model_id, "hash": self.model_hash}
         variants = p.variants()
         if report_only:
             variants |= {"differential": "skipped", "recommendation": "skipped"}
         return [
-            ReportResult(
+            ModelResult(
                 report=answers["report"][i].strip(),
                 differential=answers["differential"][i].strip(),
                 recommendation=answers["recommendation"][i].strip(),
                 findings=findings[i],
                 finding_sources=sources[i],
                 prompts={"report": report_variants[i], **variants},
-                model=dict(model_info),
+                model_id=self.model_id,
+                model_hash=self.model_hash,
                 timings=dict(timings),
             )
             for i in range(len(images))

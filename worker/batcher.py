@@ -113,18 +113,9 @@ class MicroBatcher:
             for request in requests:
                 request.future.set_exception(exc)
             return
-        from model.pipeline import StudyContext
+        from model.contracts import StudyContext
 
-        contexts = [
-            StudyContext(
-                **{
-                    k: v
-                    for k, v in (r.context or {}).items()
-                    if k in StudyContext.__dataclass_fields__
-                }
-            )
-            for r in requests
-        ]
+        contexts = [StudyContext.from_dict(r.context) for r in requests]
         batch = {"id": uuid.uuid4().hex, "size": len(requests)}
         try:
             results = engine.generate([r.image for r in requests], contexts, **params)

@@ -41,8 +41,8 @@ def test_report_on_a_png_prints_one_json_object(png, tiny_dir) -> None:
     result = report(*args, "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     d = json.loads(result.output)
-    assert {"report", "differential", "recommendation", "findings", "model"} <= set(d)
-    assert d["model"]["id"] == str(tiny_dir.resolve()) and len(d["model"]["hash"]) == 64
+    assert {"report", "differential", "recommendation", "findings", "model_id"} <= set(d)
+    assert d["model_id"] == str(tiny_dir.resolve()) and len(d["model_hash"]) == 64
 
 
 def test_report_takes_the_model_from_cxrnode_model_and_prints_sections(png, tiny_dir) -> None:

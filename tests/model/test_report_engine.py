@@ -22,13 +22,17 @@ def test_a_result_carries_answers_findings_prompts_model_and_timings(engine, ima
         "findings",
         "finding_sources",
         "prompts",
-        "model",
+        "model_id",
+        "model_hash",
         "timings",
+        "batch_id",
+        "batch_size",
+        "worker",
     }
     assert all(isinstance(d[k], str) and d[k] == d[k].strip() for k in ("report", "differential"))
     assert list(d["findings"]) == list(FINDINGS)
     assert set(d["finding_sources"].values()) == {"report"}
-    assert d["model"] == {"id": engine.model_id, "hash": engine.model_hash}
+    assert (d["model_id"], d["model_hash"]) == (engine.model_id, engine.model_hash)
     assert set(d["timings"]) == {"encode", "prefill", "decode", "total"}
     assert d["prompts"]["report"] == "default" and d["prompts"]["confirmation"] == "off"
 

@@ -7,7 +7,7 @@ Compares, on the same files and in the same run:
   ``model.preprocess.resize_and_crop``;
 - **bare decode**: read the file and get its stored values, nothing else (``np.frombuffer``
   for native syntaxes, pydicom ``pixel_array`` with its default plugin for compressed ones);
-- **ours**: ``cxrnode.imaging.prepared_image`` (exact: ``display_image`` + ``resize_and_crop``),
+- **ours**: ``cxrnode.prepare.display.prepared_image`` (exact: ``display_image`` + ``resize_and_crop``),
   and its ``exact=False`` variant.
 
 Files: a synthetic 2500 x 2048 12-bit MONOCHROME1 CR (with noise, so it compresses like a
@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dicomgen  # noqa: E402
 
-from cxrnode.imaging import display_image, prepared_image  # noqa: E402
+from cxrnode.prepare.display import display_image, prepared_image  # noqa: E402
 from model.preprocess import resize_and_crop  # noqa: E402
 
 

@@ -20,14 +20,15 @@ from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
 
-from cxrnode import jobs, sender
 from cxrnode.db import make_engine, make_sessionmaker
-from cxrnode.migrate import upgrade
-from cxrnode.queue import celery_app
-from cxrnode.scp import die_with_parent, run_listener
+from cxrnode.db.migrate import upgrade
+from cxrnode.ingest.storage import clean_tmp
+from cxrnode.jobs import states as jobs
+from cxrnode.jobs.broker import celery_app
+from cxrnode.jobs.grouping import settle_due_studies
+from cxrnode.net.listener import die_with_parent, run_listener
+from cxrnode.outputs import outbox as sender
 from cxrnode.settings import Settings
-from cxrnode.storage import clean_tmp
-from cxrnode.study import settle_due_studies
 
 log = logging.getLogger(__name__)
 

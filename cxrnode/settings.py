@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     network_timeout: float = Field(
         60.0, gt=0, description="Seconds of silence before an association is aborted."
     )
+    receive_tuning: bool = Field(
+        True,
+        description=(
+            "Whole-PDU socket reads and a waiting DUL loop for pynetdicom (cxrnode.net.receive); "
+            "false runs stock pynetdicom. Turned off by itself when pynetdicom is not a tested "
+            "release."
+        ),
+    )
 
     # --- DICOM TLS ----------------------------------------------------------------------------
     tls_port: int | None = Field(
@@ -250,7 +258,7 @@ class Settings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _valid_destinations(cls, value: list[str]) -> list[str]:
-        from cxrnode.sender import Destination  # imported here: sender imports settings
+        from cxrnode.outputs.outbox import Destination  # imported here: sender imports settings
 
         for entry in value:
             Destination.parse(entry)

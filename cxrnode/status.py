@@ -20,7 +20,7 @@ from cxrnode.db import (
     make_sessionmaker,
     utcnow,
 )
-from cxrnode.queue import queue_depths
+from cxrnode.jobs.broker import queue_depths
 from cxrnode.settings import Settings
 
 
@@ -92,7 +92,7 @@ def _ping_workers(settings: Settings) -> set[str]:
     if not settings.effective_broker_url.startswith(("redis://", "rediss://")):
         return set()
     try:
-        from cxrnode.queue import celery_app
+        from cxrnode.jobs.broker import celery_app
 
         replies = celery_app(settings).control.inspect(timeout=1.0).ping() or {}
         return set(replies)

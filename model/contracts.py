@@ -47,7 +47,9 @@ _SEXES = frozenset({"M", "F", "O"})
 
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a mapping (the to_dict() form); got {type(value).__name__}")
+        raise TypeError(
+            f"{what} must be a mapping (the to_dict() form); got {type(value).__name__}"
+        )
     return value
 
 
@@ -73,7 +75,9 @@ class StudyContext:
         if self.age_years is not None and not (0 <= float(self.age_years) < 200):
             raise ValueError(f"StudyContext.age_years must be in [0, 200); got {self.age_years}")
         if self.sex is not None and self.sex not in _SEXES:
-            raise ValueError(f"StudyContext.sex must be one of {sorted(_SEXES)} or None; got {self.sex!r}")
+            raise ValueError(
+                f"StudyContext.sex must be one of {sorted(_SEXES)} or None; got {self.sex!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,7 +217,9 @@ class ModelResult:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"ModelResult has unknown fields {unknown}")
-        missing = sorted(n for n in ("report", "findings", "model_id", "model_hash") if n not in data)
+        missing = sorted(
+            n for n in ("report", "findings", "model_id", "model_hash") if n not in data
+        )
         if missing:
             raise ValueError(f"ModelResult lacks {missing}")
         values = dict(data)

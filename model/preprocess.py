@@ -31,7 +31,7 @@ def check_grayscale_u8(image: np.ndarray) -> np.ndarray:
 
     Accepts HxW or HxWx1 uint8. Anything else (RGB, 16-bit, float) is refused rather than
     guessed at: windowing and MONOCHROME1 inversion belong to the DICOM side
-    (``cxrnode.imaging.display_image``), and colour images must be converted with PIL's
+    (``cxrnode.prepare.display.display_image``), and colour images must be converted with PIL's
     ``.convert("L")`` as the reference does.
     """
     if not isinstance(image, np.ndarray):
@@ -49,7 +49,7 @@ def check_grayscale_u8(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         raise UnsupportedImageError(
             f"expected 8-bit pixels (uint8), found {image.dtype}; apply the modality/VOI LUT and "
-            "scale to 0..255 first (cxrnode.imaging.display_image does this for DICOM)."
+            "scale to 0..255 first (cxrnode.prepare.display.display_image does this for DICOM)."
         )
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise UnsupportedImageError(f"image is empty (shape {image.shape}).")

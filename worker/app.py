@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cxrnode.queue import celery_app
+from cxrnode.jobs.broker import celery_app
 from cxrnode.settings import get_settings
 
 app = celery_app(get_settings())

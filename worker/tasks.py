@@ -66,8 +66,9 @@ def prepare(self: Task, job_id: int) -> str:
     """Read the chosen image, make the 512 × 512 8-bit model input, hand it to inference."""
     from pydicom import dcmread
 
-    from cxrnode import jobs
-    from cxrnode.imaging import ImagingError, prepared_image, study_context
+    from cxrnode.ingest.header import study_context
+    from cxrnode.jobs import states as jobs
+    from cxrnode.prepare.display import ImagingError, prepared_image
 
     settings = get_settings()
     with node_sessions()() as session:
@@ -89,7 +90,7 @@ def prepare(self: Task, job_id: int) -> str:
         "top_p": settings.top_p,
         "max_new_tokens": settings.max_new_tokens,
     }
-    infer.apply_async((job_id, work.version, encode_image(image), context, params))
+    infer.apply_async((job_id, work.version, encode_image(image), context.to_dict(), params))
     with node_sessions()() as session:
         jobs.set_state(session, job_id, JobState.prepared)
     return "prepared"
@@ -155,7 +156,7 @@ def infer(
 @app.task(name="cxrnode.note", **NODE_RETRIES)
 def note(job_id: int, state: str, error: str | None) -> None:
     """A state change reported by a worker that has no database (e.g. waiting for a model)."""
-    from cxrnode import jobs
+    from cxrnode.jobs import states as jobs
 
     with node_sessions()() as session:
         jobs.set_state(session, job_id, JobState(state), error)
@@ -164,7 +165,7 @@ def note(job_id: int, state: str, error: str | None) -> None:
 @app.task(name="cxrnode.deliver", **NODE_RETRIES)
 def deliver(job_id: int, result: dict[str, Any], batch: dict[str, Any] | None = None) -> str:
     """Store the model's answer on the job, then finish it (outputs) in the same task."""
-    from cxrnode import jobs
+    from cxrnode.jobs import states as jobs
 
     with node_sessions()() as session:
         stored = jobs.record_result(session, job_id, result, batch)
@@ -180,8 +181,8 @@ def finish(job_id: int) -> str:
     """Build the SR and SC of an inferred job, record them in the outbox (the job is then
     done) and hand them to the send queue at once. Rows this task does not claim (it died
     first, or the scheduler was quicker) are sent by the scheduler's outbox pass."""
-    from cxrnode import sender
-    from cxrnode.outputs import build_outputs
+    from cxrnode.outputs import outbox as sender
+    from cxrnode.outputs.build import build_outputs
 
     settings = get_settings()
     with node_sessions()() as session:
@@ -205,7 +206,7 @@ def send(destination: str, output_ids: list[int]) -> str:
     """Send one study's due outputs to one destination (one association) and record each
     outcome on its outbox row. Delivery retries are not Celery's: the row's next try is in
     the database, where the scheduler finds it (Celery retries only a database outage)."""
-    from cxrnode.sender import send_batch
+    from cxrnode.outputs.outbox import send_batch
 
     outcomes = send_batch(node_sessions(), get_settings(), destination, output_ids)
     return ", ".join(f"{output_id}: {o.verdict}" for output_id, o in outcomes.items()) or "nothing"

@@ -23,10 +23,16 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from services import Node, storescu
 
-from cxrnode.draft import DraftReport
-from cxrnode.outputs import PIPELINE_VERSION
-from cxrnode.sender import IN_FLIGHT
-from cxrnode.sr import DRAFT_NOTICE, FINDING_CONCEPTS, STATE_VALUES, clean_text, series_description
+from cxrnode.outputs.build import PIPELINE_VERSION
+from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.findings_sr import (
+    DRAFT_NOTICE,
+    FINDING_CONCEPTS,
+    STATE_VALUES,
+    clean_text,
+    series_description,
+)
+from cxrnode.outputs.outbox import IN_FLIGHT
 
 pytestmark = pytest.mark.slow
 

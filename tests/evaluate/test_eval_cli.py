@@ -40,7 +40,7 @@ def _csv(tmp_path: Path) -> Path:
 
 def _eval(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cxrnode.cli_label", "eval", *args],
+        [sys.executable, "-m", "cxrnode", "eval", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -147,8 +147,8 @@ def test_images_load_as_uint8_grayscale_like_the_node_prepares_them(tmp_path: Pa
     import numpy as np
     from PIL import Image
 
-    from cxrnode.cli_label import load_image
-    from cxrnode.imaging import display_image
+    from cxrnode.cli.label import load_image
+    from cxrnode.prepare.display import display_image
 
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "x.png")
@@ -159,5 +159,5 @@ def test_images_load_as_uint8_grayscale_like_the_node_prepares_them(tmp_path: Pa
     path = dicomgen.make_chest(tmp_path / "c.dcm", photometric="MONOCHROME1", view="AP")
     image, context = load_image(path)
     assert np.array_equal(image, display_image(path))
-    assert context is not None and context["view"] == "AP"
-    assert set(context) == {"age_years", "sex", "view"}
+    assert context is not None and context.view == "AP"
+    assert set(context.to_dict()) == {"age_years", "sex", "view"}

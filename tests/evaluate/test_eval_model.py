@@ -20,7 +20,7 @@ from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxrnode.cli_label import eval_command, label_command
+from cxrnode.cli.label import eval_command, label_command
 from model.evaluate import evaluate, parse_label
 from model.labeler import FINDINGS, label_report
 

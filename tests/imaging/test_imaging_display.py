@@ -10,7 +10,7 @@ from data_store import DataStore
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence
 
-from cxrnode.imaging import ImagingError, display_image, prepared_image
+from cxrnode.prepare.display import ImagingError, display_image, prepared_image
 from model.preprocess import resize_and_crop
 
 ROWS, COLS = 96, 80

@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from cxrnode.imaging import age_years, classify_view, is_chest, is_radiograph, study_context
+from cxrnode.ingest.header import age_years, classify_view, is_chest, is_radiograph, study_context
 
 # Real senders write invalid values (lower-case CS, free-text AS); the tests do so on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
@@ -62,7 +62,7 @@ def test_study_context_has_age_sex_and_view_and_nothing_that_identifies(tmp_path
     )
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     context = study_context(ds)
-    assert context == {"age_years": 0.5, "sex": "M", "view": "AP"}
+    assert context.to_dict() == {"age_years": 0.5, "sex": "M", "view": "AP"}
     identifiers = {
         str(ds.PatientName),
         ds.PatientID,
@@ -70,12 +70,12 @@ def test_study_context_has_age_sex_and_view_and_nothing_that_identifies(tmp_path
         ds.StudyDate,
         ds.AccessionNumber,
     }
-    assert not identifiers & {str(v) for v in context.values()}
+    assert not identifiers & {str(v) for v in context.to_dict().values()}
 
 
 @pytest.mark.parametrize("sex", ["", "X", None])
 def test_unknown_sex_is_none(sex: str | None) -> None:
-    assert study_context(_ds(PatientSex=sex))["sex"] is None
+    assert study_context(_ds(PatientSex=sex)).sex is None
 
 
 @pytest.mark.parametrize(

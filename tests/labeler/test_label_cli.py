@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from cxrnode.cli_label import eval_command, label_command
+from cxrnode.cli.label import eval_command, label_command
 from model.labeler import label_report
 
 ROOT = Path(__file__).parents[2]
@@ -39,7 +39,7 @@ ROWS = [
 
 def _label(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cxrnode.cli_label", "label", str(path)],
+        [sys.executable, "-m", "cxrnode", "label", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -101,7 +101,7 @@ def test_commands_register_on_a_typer_app_as_the_main_cli_does(tmp_path: Path) -
 
 def test_cli_module_imports_neither_torch_nor_the_model_engine() -> None:
     code = (
-        "import sys, cxrnode.cli_label\n"
+        "import sys, cxrnode.cli.label\n"
         "loaded = [m for m in ('torch', 'transformers', 'model.pipeline') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )

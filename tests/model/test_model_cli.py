@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxrnode.cli_model import model_app
+from cxrnode.cli.model import model_app
 
 runner = CliRunner()
 
@@ -97,5 +97,5 @@ def test_dicom_input_uses_the_node_display_pipeline_and_patient_age(tmp_path, ti
 
 
 def test_the_cli_module_does_not_import_torch() -> None:
-    code = "import sys, cxrnode.cli_model\nassert 'torch' not in sys.modules\n"
+    code = "import sys, cxrnode.cli.model\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from cxrnode.db import Instance, Job, Study, make_engine, make_sessionmaker, utcnow
-from cxrnode.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Ingest
-from cxrnode.migrate import upgrade
+from cxrnode.db.migrate import upgrade
+from cxrnode.ingest.receive import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Ingest
+from cxrnode.ingest.storage import instance_relpath, is_valid_uid
+from cxrnode.jobs.grouping import settle_due_studies
 from cxrnode.settings import Settings
-from cxrnode.storage import instance_relpath, is_valid_uid
-from cxrnode.study import settle_due_studies
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrnode import storage
+from cxrnode.ingest import storage
 
 
 def test_a_received_file_is_linked_into_place_without_a_second_copy(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ if _TESTS not in sys.path:
 
 import dicomgen  # noqa: E402
 
-from cxrnode.draft import DraftReport  # noqa: E402
+from cxrnode.outputs.draft import DraftReport  # noqa: E402
 
 MODEL_HASH = "3f" * 32
 
@@ -64,7 +64,7 @@ def rg1(rg1_path: Path) -> Dataset:
 @pytest.fixture(scope="session")
 def rg1_display(rg1_path: Path) -> np.ndarray:
     """A plain 8-bit display of the real chest (lungs dark): 1/99 percentile window, inverted
-    for MONOCHROME1. Test-only stand-in for cxrnode.imaging.display_image."""
+    for MONOCHROME1. Test-only stand-in for cxrnode.prepare.display.display_image."""
     ds = pydicom.dcmread(rg1_path)
     pixels = ds.pixel_array.astype(np.float32)
     low, high = np.percentile(pixels, [1, 99])

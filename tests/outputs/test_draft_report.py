@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cxrnode.draft import FINDINGS, DraftReport, split_impression
+from cxrnode.outputs.draft import FINDINGS, DraftReport, split_impression
 
 RESULT = {
     "report": "Findings: Heart is enlarged.\nImpression: Cardiomegaly.",
@@ -99,7 +99,9 @@ def test_impression_is_split_only_where_the_report_labels_it(
 
 def test_findings_names_match_the_labeler() -> None:
     if importlib.util.find_spec("model.labeler") is None:
-        pytest.fail("model/labeler.py is missing: cxrnode.draft.FINDINGS must equal its FINDINGS")
+        pytest.fail(
+            "model/labeler.py is missing: cxrnode.outputs.draft.FINDINGS must equal its FINDINGS"
+        )
     from model.labeler import FINDINGS as LABELER_FINDINGS
 
     assert FINDINGS == LABELER_FINDINGS

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
-import cxrnode.sc as sc_module
-from cxrnode.draft import DraftReport
-from cxrnode.sc import (
+import cxrnode.outputs.sc as sc_module
+from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.sc import (
     BANNER_HEIGHT,
     CANVAS_HEIGHT,
     PANEL_WIDTH,

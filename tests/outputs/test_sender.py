@@ -53,9 +53,10 @@ from cxrnode.db import (  # noqa: E402
     make_sessionmaker,
     utcnow,
 )
-from cxrnode.migrate import upgrade  # noqa: E402
-from cxrnode.outputs import PIPELINE_VERSION, build_outputs  # noqa: E402
-from cxrnode.sender import (  # noqa: E402
+from cxrnode.db.migrate import upgrade  # noqa: E402
+from cxrnode.ingest.storage import instance_relpath  # noqa: E402
+from cxrnode.outputs.build import PIPELINE_VERSION, build_outputs  # noqa: E402
+from cxrnode.outputs.outbox import (  # noqa: E402
     IN_FLIGHT,
     Destination,
     RetryPolicy,
@@ -67,7 +68,6 @@ from cxrnode.sender import (  # noqa: E402
     status_outcome,
 )
 from cxrnode.settings import Settings  # noqa: E402
-from cxrnode.storage import instance_relpath  # noqa: E402
 from cxrnode.uids import OutputKind, output_uids  # noqa: E402
 
 MODEL_HASH = "ab" * 32

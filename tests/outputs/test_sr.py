@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from cxrnode.draft import FINDINGS, DraftReport
-from cxrnode.sr import (
+from cxrnode.outputs.draft import FINDINGS, DraftReport
+from cxrnode.outputs.findings_sr import (
     DRAFT_NOTICE,
     EMPTY_REPORT_NOTE,
     FINDING_CONCEPTS,

@@ -178,7 +178,7 @@ def _checked_findings(findings: Mapping[str, str]) -> dict[str, str]:
     if unknown:
         raise ValueError(
             f"DraftReport.findings has unknown finding names {unknown}; expected names from "
-            f"{list(FINDINGS)} (update cxrnode.draft.FINDINGS and the SR codes together if "
+            f"{list(FINDINGS)} (update cxrnode.outputs.draft.FINDINGS and the SR codes together if "
             "the labeler gained a finding)"
         )
     bad = {name: state for name, state in findings.items() if state not in FINDING_STATES}

@@ -86,8 +86,8 @@ def record_result(
     job.recommendation = result.get("recommendation")
     job.findings = result.get("findings")
     job.timings = result.get("timings")
-    job.model_id = (result.get("model") or {}).get("id")
-    job.model_hash = (result.get("model") or {}).get("hash")
+    job.model_id = result.get("model_id")
+    job.model_hash = result.get("model_hash")
     job.result = {**result, "batch": batch} if batch else result
     if batch:
         job.batch_id = batch.get("id")

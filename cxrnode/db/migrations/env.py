@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations on the connection handed over by cxrnode.migrate."""
+"""Alembic environment: runs migrations on the connection handed over by cxrnode.db.migrate."""
 
 from alembic import context
 

@@ -19,7 +19,7 @@ Choices:
   source image referenced in Source Image Sequence, ConversionType WSD (rendered by a
   workstation). Only the patient/study attributes are copied from the source.
 - **Font**: DejaVu Sans from Debian's fonts-dejavu-core, or the copy bundled in
-  ``cxrnode/assets`` (Bitstream Vera licence, see ``LICENSE-DejaVu.txt``) where the
+  ``cxrnode/outputs/assets`` (Bitstream Vera licence, see ``LICENSE-DejaVu.txt``) where the
   package is absent. Text is word-wrapped to the panel; what does not fit is cut with a
   note that the SR holds the full text.
 """
@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from cxrnode.draft import DraftReport
-from cxrnode.sr import (
+from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.findings_sr import (
     ALGORITHM_FAMILY,
     CHARACTER_SET,
     EMPTY_REPORT_NOTE,
@@ -87,7 +87,7 @@ def font_path() -> Path:
     """DejaVu Sans: the Debian package's file if installed, else the bundled copy."""
     if _SYSTEM_FONT.is_file():
         return _SYSTEM_FONT
-    return Path(str(resources.files("cxrnode") / "assets" / "DejaVuSans.ttf"))
+    return Path(str(resources.files("cxrnode.outputs") / "assets" / "DejaVuSans.ttf"))
 
 
 @lru_cache(maxsize=16)
@@ -133,7 +133,7 @@ def render_draft_image(display: np.ndarray, draft: DraftReport) -> np.ndarray:
     ----------
     display
         The radiograph as 8-bit grey (``uint8``, H x W, lungs dark), e.g. from
-        ``cxrnode.imaging.display_image``.
+        ``cxrnode.prepare.display.display_image``.
     draft
         The draft to print.
 
@@ -153,7 +153,7 @@ def render_draft_image(display: np.ndarray, draft: DraftReport) -> np.ndarray:
     if display.dtype != np.uint8 or display.ndim != 2 or min(display.shape) == 0:
         raise ValueError(
             "display must be an 8-bit grey image (numpy uint8, shape H x W, lungs dark), "
-            f"as made by cxrnode.imaging.display_image; got dtype {display.dtype}, "
+            f"as made by cxrnode.prepare.display.display_image; got dtype {display.dtype}, "
             f"shape {display.shape}"
         )
     image_height = CANVAS_HEIGHT - BANNER_HEIGHT

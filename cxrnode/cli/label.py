@@ -2,7 +2,7 @@
 
 Both are plain Typer-ready functions; ``cxrnode.cli`` registers them with
 ``app.command("label")(label_command)`` and ``app.command("eval")(eval_command)``. Run this module
-directly (``python -m cxrnode.cli_label label FILE.csv``) for the same commands without the node's
+directly (``python -m cxrnode.cli.label label FILE.csv``) for the same commands without the node's
 CLI. Nothing here imports torch at import time: ``eval`` imports the model engine only when it
 has to run it (not with ``--reports``).
 """
@@ -14,12 +14,14 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from model.contracts import StudyContext
 
 __all__ = ["eval_command", "label_command", "label_rows", "load_image"]
 
@@ -81,20 +83,22 @@ def _is_dicom(path: Path) -> bool:
         return handle.read(4) == b"DICM"
 
 
-def load_image(path: Path) -> tuple[np.ndarray, dict[str, Any] | None]:
+def load_image(path: Path) -> tuple[np.ndarray, StudyContext | None]:
     """Decode one evaluation image to uint8 grayscale, with its study context if DICOM.
 
-    PNG/JPEG go through PIL ``convert("L")``; DICOM through :func:`cxrnode.imaging.display_image`
+    PNG/JPEG go through PIL ``convert("L")``; DICOM through :func:`cxrnode.prepare.display.display_image`
     (modality/VOI LUT, MONOCHROME1 inversion), exactly as the node prepares studies.
     """
     import numpy as np
+
 
     if path.suffix.lower() in _RASTER_SUFFIXES and not _is_dicom(path):
         from PIL import Image
 
         with Image.open(path) as image:
             return np.asarray(image.convert("L"), dtype=np.uint8), None
-    from cxrnode.imaging import display_image, read_dataset, study_context
+    from cxrnode.ingest.header import study_context
+    from cxrnode.prepare.display import display_image, read_dataset
 
     dataset = read_dataset(path)
     return display_image(dataset), study_context(dataset)
@@ -105,7 +109,7 @@ def _model_reports(
 ) -> tuple[list[str], dict[str, str]]:
     """Run the report engine over the images; returns the reports and the model's id/hash."""
     from model.evaluate import generate_reports
-    from model.pipeline import ReportEngine, StudyContext
+    from model.pipeline import ReportEngine
 
     engine = ReportEngine.load(model)
 
@@ -115,7 +119,7 @@ def _model_reports(
                 image, context = load_image(path)
             except Exception as exc:
                 raise _fail("eval", f"row {number}: cannot read image {path}: {exc}") from exc
-            yield image, StudyContext(**context) if context is not None else None
+            yield image, context
 
     reports = generate_reports(engine, items(), seed=seed, max_new_tokens=max_new_tokens)
     return reports, {"id": engine.model_id, "hash": engine.model_hash}
@@ -215,14 +219,3 @@ def eval_command(
             print(document)
         else:
             json_out.write_text(document + "\n", encoding="utf-8")
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-    app.command("label")(label_command)
-    app.command("eval")(eval_command)
-    return app
-
-
-if __name__ == "__main__":
-    _app()()

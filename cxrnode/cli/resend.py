@@ -30,7 +30,7 @@ def resend_command(
 
     Outputs of a destination entry since corrected follow the entry at the same host and port.
     """
-    from cxrnode.sender import resend
+    from cxrnode.outputs.outbox import resend
 
     if sum((study is not None, output is not None, dead)) != 1:
         typer.echo("cxrnode resend: give exactly one of --study UID, --output ID, --dead", err=True)

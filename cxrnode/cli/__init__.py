@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from cxrnode.cli_label import eval_command, label_command
-from cxrnode.cli_model import model_app
-from cxrnode.cli_resend import resend_command
+from cxrnode.cli.label import eval_command, label_command
+from cxrnode.cli.model import model_app
+from cxrnode.cli.resend import resend_command
 from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
 
 app = typer.Typer(
@@ -104,8 +104,8 @@ def worker(
     ] = None,
 ) -> None:
     """Run a Celery worker (e.g. `--queues infer` on a GPU host)."""
+    from cxrnode.jobs.broker import QUEUES
     from cxrnode.logs import setup_logging
-    from cxrnode.queue import QUEUES
 
     settings = _settings()
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
@@ -125,7 +125,7 @@ def worker(
 def db_upgrade() -> None:
     """Apply database migrations (also done at every `serve` start)."""
     from cxrnode.db import make_engine
-    from cxrnode.migrate import current_revision, upgrade
+    from cxrnode.db.migrate import current_revision, upgrade
 
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Receive one instance: check it, store it durably, record it, say which DICOM status to send.
 
-This is the plain-function core of the C-STORE SCP (``cxrnode.scp`` is a thin adapter over it),
+This is the plain-function core of the C-STORE SCP (``cxrnode.net.listener`` is a thin adapter over it),
 so tests can call it without a network. The order is the node's first invariant:
 temporary file → fsync → rename (or hard link) into place → row committed → only then 0x0000.
 
@@ -30,13 +30,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from cxrnode.db import Instance, InstanceState, Study, StudyState, utcnow
-from cxrnode.settings import Settings
-from cxrnode.storage import (
+from cxrnode.ingest.storage import (
     adopt_durably,
     free_bytes,
     instance_relpath,
     is_valid_uid,
 )
+from cxrnode.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def inspect(
         )
     _check_pixels(ds, total)
 
-    from cxrnode.imaging import classify_view, is_chest
+    from cxrnode.ingest.header import classify_view, is_chest
 
     view = classify_view(ds)
     skip_reason = None

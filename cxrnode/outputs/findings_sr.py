@@ -62,7 +62,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from cxrnode.draft import DraftReport
+from cxrnode.outputs.draft import DraftReport
 from cxrnode.uids import OutputKind, device_uid, is_valid_uid, output_uids, uid_from_key
 
 __all__ = [

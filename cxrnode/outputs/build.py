@@ -1,11 +1,11 @@
 """The outputs of a finished job: the SR and SC files, and their rows in the outbox.
 
 When the model has answered (job state ``inferred``), the node turns the answer into the two
-DICOM objects the radiologist will see (``cxrnode.sr.build_sr``, ``cxrnode.sc.build_sc``),
+DICOM objects the radiologist will see (``cxrnode.outputs.findings_sr.build_sr``, ``cxrnode.outputs.sc.build_sc``),
 writes them durably under DATA_DIR/outputs, and records one :class:`~cxrnode.db.Output` row
 per object and destination. Recording the rows and marking the job ``done`` happen in one
 transaction, so an output is either fully recorded with its file on disk or not at all; the
-sender (``cxrnode.sender``) works only from those rows.
+sender (``cxrnode.outputs.outbox``) works only from those rows.
 
 Why it is safe to run twice: the UIDs of both objects are a pure function of the source
 image, the model hash, :data:`PIPELINE_VERSION` and the job's version (``cxrnode.uids``), so
@@ -31,14 +31,14 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxrnode import jobs
 from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
-from cxrnode.draft import DraftReport
-from cxrnode.imaging import ImagingError, display_image
-from cxrnode.sc import build_sc
+from cxrnode.ingest.storage import instance_relpath, write_durably
+from cxrnode.jobs import states as jobs
+from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.findings_sr import PriorDocument, build_sr
+from cxrnode.outputs.sc import build_sc
+from cxrnode.prepare.display import ImagingError, display_image
 from cxrnode.settings import Settings
-from cxrnode.sr import PriorDocument, build_sr
-from cxrnode.storage import instance_relpath, write_durably
 
 __all__ = [
     "PIPELINE_VERSION",

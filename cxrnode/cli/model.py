@@ -7,12 +7,15 @@ inside the commands that need it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import typer
+
+from model.contracts import StudyContext
 
 model_app = typer.Typer(
     help="CXR-LLaVA v2 model tools (tiny test checkpoint, one-off report).",
@@ -72,12 +75,12 @@ def report(
         )
     image, context = _read_image(file)
     if age is not None:
-        context["age_years"] = age
+        context = dataclasses.replace(context, age_years=age)
 
     from model.config import ConfigError
     from model.generate import SamplingParams
     from model.loader import CheckpointError, ModelNotFoundError
-    from model.pipeline import ReportEngine, StudyContext
+    from model.pipeline import ReportEngine
     from model.preprocess import UnsupportedImageError
     from model.prompts import PromptConfig
     from model.tokenizer import TokenizerError
@@ -95,7 +98,7 @@ def report(
     try:
         (result,) = engine.generate(
             [image],
-            [StudyContext(**context)],
+            [context],
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
@@ -121,7 +124,7 @@ def report(
     typer.echo(f"\nmodel: {result.model_id} (sha256 {result.model_hash[:16]})")
 
 
-def _read_image(file: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_image(file: Path) -> tuple[np.ndarray, StudyContext]:
     """8-bit grayscale pixels and study context (DICOM only) from an image file."""
     if not file.is_file():
         raise _fail(f"{file} not found.")
@@ -142,20 +145,21 @@ def _read_image(file: Path) -> tuple[np.ndarray, dict[str, Any]]:
             gray = img.convert("L")  # PIL luma, as the reference converts
     except (UnidentifiedImageError, OSError) as exc:
         raise _fail(f"{file} is neither DICOM nor an image PIL can read ({exc}).") from None
-    return np.asarray(gray, dtype=np.uint8), {}
+    return np.asarray(gray, dtype=np.uint8), StudyContext()
 
 
-def _read_dicom(file: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_dicom(file: Path) -> tuple[np.ndarray, StudyContext]:
     try:
         import pydicom
 
-        from cxrnode.imaging import display_image, study_context
+        from cxrnode.ingest.header import study_context
+        from cxrnode.prepare.display import display_image
     except ImportError as exc:
-        raise _fail(f"DICOM input needs cxrnode.imaging ({exc}).") from None
+        raise _fail(f"DICOM input needs cxrnode.prepare.display ({exc}).") from None
     try:
         ds = pydicom.dcmread(file)
         image = display_image(ds)
         context = study_context(ds)
     except Exception as exc:  # pydicom and imaging errors both carry a readable message
         raise _fail(f"cannot read DICOM image {file}: {exc}") from None
-    return image, {k: context.get(k) for k in ("age_years", "sex", "view")}
+    return image, context

@@ -8,10 +8,12 @@ The receive path is tuned for 10 MB radiographs (see bench/ingest.py):
 
 - pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``) writes each dataset to a file
   in DATA_DIR/tmp as its fragments arrive; the C-STORE handler fsyncs that file and links it
-  into place (:meth:`cxrnode.ingest.Ingest.receive_file`), so the bytes are never assembled
+  into place (:meth:`cxrnode.ingest.receive.Ingest.receive_file`), so the bytes are never assembled
   in memory nor written twice;
-- :class:`ListenerSocket` reads a PDU with a few ``recv_into`` calls instead of pynetdicom's
-  4 KiB ``recv`` loop, and waits for data in ``select`` instead of sleeping between polls.
+- :mod:`cxrnode.net.receive` reads a PDU with a few ``recv_into`` calls instead of
+  pynetdicom's 4 KiB ``recv`` loop, and waits for data in ``select`` instead of sleeping
+  between polls (the one place that touches pynetdicom internals; ``RECEIVE_TUNING=false``
+  runs stock pynetdicom).
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import select
 import signal
 import socket
 import socketserver
 import ssl
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from math import ceil
 from pathlib import Path
@@ -40,13 +40,14 @@ from pynetdicom.sop_class import (
     DigitalXRayImageStorageForProcessing,
     Verification,
 )
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
 from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
-from cxrnode.ingest import SUCCESS, Ingest
+from cxrnode.ingest.receive import SUCCESS, Ingest
+from cxrnode.ingest.storage import clean_tmp
+from cxrnode.net.receive import request_handler
 from cxrnode.settings import Settings
-from cxrnode.storage import clean_tmp
 
 log = logging.getLogger(__name__)
 
@@ -85,73 +86,6 @@ REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
 SOURCE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
 DIAG_CALLING_AET_NOT_RECOGNISED = 0x03
 DIAG_TEMPORARY_CONGESTION = 0x01
-
-
-#: How long the DUL thread of an association waits for incoming data in one pass of its loop.
-#: pynetdicom polls (``select`` with timeout 0) and sleeps 1 ms when there is nothing; waiting
-#: in ``select`` instead wakes the moment data arrives, at the same idle cost. It also bounds
-#: how long an outgoing PDU (a C-STORE response) waits, as pynetdicom's sleep did.
-DUL_WAIT_SECONDS = 0.001
-
-#: Most memory a PDU read reserves ahead of the bytes that actually arrived; a PDU header can
-#: claim any length up to 4 GiB, and the buffer grows by this much only as data comes in.
-RECV_RESERVE_BYTES = 4 * 1024 * 1024
-
-
-class ListenerSocket(AssociationSocket):
-    """pynetdicom's association socket with a receive path fit for large datasets.
-
-    ``recv`` fills one buffer with ``recv_into`` (pynetdicom reads 4 KiB at a time and
-    appends each piece: about 2,500 calls and copies for a 10 MB image), and ``ready``
-    blocks in ``select`` for up to :data:`DUL_WAIT_SECONDS` instead of returning at once
-    into a 1 ms sleep.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        assert self.socket is not None
-        buffer = bytearray(min(nr_bytes, RECV_RESERVE_BYTES))
-        read = 0
-        while read < nr_bytes:
-            if read == len(buffer):
-                buffer.extend(bytes(min(nr_bytes - read, RECV_RESERVE_BYTES)))
-            with memoryview(buffer) as view:
-                count = self.socket.recv_into(view[read:])
-            if not count:  # connection closed: the caller checks the length
-                del buffer[read:]
-                break
-            read += count
-        return buffer
-
-    @property
-    def ready(self) -> bool:
-        sock = self.socket
-        if sock is None or self._is_connected is False:
-            time.sleep(DUL_WAIT_SECONDS)  # the DUL loop no longer sleeps by itself
-            return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True  # decrypted bytes already buffered, invisible to select
-        try:
-            readable, _, _ = select.select([sock], [], [], DUL_WAIT_SECONDS)
-        except (OSError, ValueError):
-            self.event_queue.put("Evt17")  # transport connection closed
-            return False
-        return bool(readable)
-
-
-class ListenerRequestHandler(RequestHandler):
-    """Gives each accepted association a :class:`ListenerSocket`.
-
-    pynetdicom builds the socket inside ``_create_association`` (its constructor also queues
-    the connection event, so it cannot simply be built twice); the object it made is given
-    our subclass, which adds no state, and the DUL loop no longer sleeps between passes
-    because ``ready`` now does the waiting.
-    """
-
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        assoc.dul.socket.__class__ = ListenerSocket
-        assoc.dul._run_loop_delay = 0
-        return assoc
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -321,7 +255,7 @@ def run_listener(settings: Settings, processes: int) -> None:
 
     setup_logging(settings.log_level)
     # Receive datasets straight into files in DATA_DIR/tmp, on the file system of their final
-    # place, so storing one is fsync + link (cxrnode.ingest.Ingest.receive_file).
+    # place, so storing one is fsync + link (cxrnode.ingest.receive.Ingest.receive_file).
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(settings.tmp_dir)
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -334,12 +268,13 @@ def run_listener(settings: Settings, processes: int) -> None:
     ingest = Ingest(settings, sessions)
     handlers = Handlers(settings, ingest, sessions)
     ae = build_ae(settings, processes)
+    handler_class = request_handler(settings.receive_tuning)
     servers = [
         ae.make_server(
             (settings.dicom_host, settings.dicom_port),
             evt_handlers=handlers.bindings(),
             server_class=ReusePortServer,
-            request_handler=ListenerRequestHandler,
+            request_handler=handler_class,
         )
     ]
     if settings.tls_port:
@@ -349,7 +284,7 @@ def run_listener(settings: Settings, processes: int) -> None:
                 evt_handlers=handlers.bindings(),
                 ssl_context=tls_context(settings),
                 server_class=ReusePortServer,
-                request_handler=ListenerRequestHandler,
+                request_handler=handler_class,
             )
         )
     stop = threading.Event()

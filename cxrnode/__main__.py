@@ -1,0 +1,5 @@
+"""``python -m cxrnode`` runs the command line, like the ``cxrnode`` script."""
+
+from cxrnode.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""Header rules: what the node decides from a radiograph's header alone (no pixels).
+
+Which projection an image is (PA, AP, lateral), whether it shows the chest, and the study
+facts the model may use (age, sex, view; no identifiers). Ingest applies these to every
+arriving instance and records the answers, so later steps never read the header again.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from model.contracts import StudyContext
+
+__all__ = [
+    "RADIOGRAPH_SOP_CLASSES",
+    "age_years",
+    "classify_view",
+    "is_chest",
+    "is_radiograph",
+    "study_context",
+]
+
+#: CR Image Storage, Digital X-Ray Image Storage For Presentation and For Processing.
+RADIOGRAPH_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+    }
+)
+
+# --------------------------------------------------------------------------- study facts
+
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def _parse_date(value: Any) -> date | None:
+    text = str(value or "").strip().replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def age_years(ds: Dataset) -> float | None:
+    """Patient age in years from PatientAge ("045Y", "006M", "002W", "010D"), else from
+    PatientBirthDate and the study (or series, acquisition, content) date; None if unknown
+    or implausible (negative or over 130)."""
+    match = _AGE.match(str(ds.get("PatientAge", "") or ""))
+    if match:
+        years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+    else:
+        born = _parse_date(ds.get("PatientBirthDate"))
+        seen = next(
+            (
+                d
+                for d in (
+                    _parse_date(ds.get(k))
+                    for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+                )
+                if d is not None
+            ),
+            None,
+        )
+        if born is None or seen is None:
+            return None
+        years = (seen - born).days / 365.25
+    return round(years, 3) if 0.0 <= years <= 130.0 else None
+
+
+def study_context(ds: Dataset) -> StudyContext:
+    """What the model may know about the study: age, sex and view.
+
+    No identifiers, names or dates leave this function.
+    """
+    sex = str(ds.get("PatientSex", "") or "").strip().upper()
+    view = classify_view(ds)
+    return StudyContext(
+        age_years=age_years(ds),
+        sex=sex if sex in ("M", "F", "O") else None,
+        view=view if view in ("PA", "AP") else None,
+    )
+
+
+# --------------------------------------------------------------------------- view and anatomy
+
+# DICOM CID 4010 "DX View" (SNOMED CT, with the legacy SNOMED-RT values older modalities send),
+# checked against pydicom.sr's concept dictionary.
+_PA_CODES = frozenset({"272479007", "R-10214", "R-40888"})  # postero-anterior
+_AP_CODES = frozenset({"399348003", "R-10206"})  # antero-posterior
+_LATERAL_CODES = frozenset(
+    {
+        "399067008",  # lateral (R-102CD)
+        "399173006",  # left lateral (R-10236)
+        "399198007",  # right lateral (R-10232)
+        "R-102CD",
+        "R-10236",
+        "R-10232",
+    }
+)
+_VIEW_POSITION = {
+    "PA": "PA",
+    "AP": "AP",
+    "LL": "LATERAL",
+    "RL": "LATERAL",
+    "LAT": "LATERAL",
+    "LATERAL": "LATERAL",
+    "LLAT": "LATERAL",
+    "RLAT": "LATERAL",
+}
+# Whole tokens only ("PA" but not "PATIENT"); lookarounds instead of \b so "P.A." matches.
+_TEXT_PA = re.compile(
+    r"(?<!\w)(PA|P\.A\.?|P/A|P-A|POSTERO[- ]?ANTERIOR|DORSO[- ]?VENTRAL|D/V)(?!\w)"
+)
+_TEXT_AP = re.compile(
+    r"(?<!\w)(AP|A\.P\.?|A/P|A-P|ANTERO[- ]?POSTERIOR|SUPINE|PORTABLE|BEDSIDE|V/D)(?!\w)"
+)
+_TEXT_LAT = re.compile(
+    r"(?<!\w)(LAT|LATERAL|LATERALE|LL|RL|LLAT|RLAT|SEITLICH|PROFIL|PERFIL|LATERAAL)(?!\w)"
+)
+
+
+def _view_from_text(text: str) -> str | None:
+    text = text.upper()
+    found = {
+        view
+        for view, pattern in (("PA", _TEXT_PA), ("AP", _TEXT_AP), ("LATERAL", _TEXT_LAT))
+        if pattern.search(text)
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def classify_view(ds: Dataset) -> str | None:
+    """Projection of one radiograph: "PA", "AP", "LATERAL" or None when unknown.
+
+    Evidence in order of trust: ViewPosition (AP, PA, LL, RL and common vendor spellings),
+    ViewCodeSequence (CID 4010 codes, then the code meaning), the image's own descriptions
+    (SeriesDescription, ProtocolName, AcquisitionDeviceProcessingDescription; a text naming
+    two different views, like "PA + LAT", is ignored), and last PatientOrientation, whose row
+    direction is anterior/posterior only on a lateral.  StudyDescription is not used because
+    it describes the whole study ("CHEST PA AND LATERAL").  Decubitus and oblique positions
+    give None, as does a code that says only "frontal": callers should treat None as "not
+    known to be lateral" and rank it below PA and AP.
+    """
+    position = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if position in _VIEW_POSITION:
+        return _VIEW_POSITION[position]
+    if position and position not in ("", "UNKNOWN", "OTHER"):
+        from_text = _view_from_text(position)
+        if from_text is not None:
+            return from_text
+    for item in ds.get("ViewCodeSequence") or []:
+        code = str(item.get("CodeValue", "") or "").strip().upper()
+        if code in _PA_CODES:
+            return "PA"
+        if code in _AP_CODES:
+            return "AP"
+        if code in _LATERAL_CODES:
+            return "LATERAL"
+        meaning = str(item.get("CodeMeaning", "") or "").replace("-", "")
+        from_meaning = _view_from_text(meaning)
+        if from_meaning is not None:
+            return from_meaning
+    for keyword in ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription"):
+        from_text = _view_from_text(str(ds.get(keyword, "") or ""))
+        if from_text is not None:
+            return from_text
+    orientation = ds.get("PatientOrientation")
+    if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2:
+        row = str(orientation[0]).strip().upper()
+        if row[:1] in ("A", "P"):
+            return "LATERAL"
+    return None
+
+
+_CHEST_BODY_PARTS = frozenset(
+    {
+        "CHEST",
+        "THORAX",
+        "LUNG",
+        "LUNGS",
+        "CHESTABDOMEN",  # neonatal chest + abdomen ("babygram") still shows the chest
+        "CHEST_ABDOMEN",
+        "TORAX",
+        "TÓRAX",
+        "TORACE",
+        "BRUST",
+        "BRUSTKORB",
+        "THORAKS",
+        "POITRINE",
+        "PECHO",
+        "CXR",
+    }
+)
+_UNKNOWN_BODY_PARTS = frozenset({"", "UNKNOWN", "OTHER", "NONE", "N/A", "NA", "-"})
+_CHEST_REGION_CODES = frozenset(
+    {"816094009", "51185008", "43799004", "39607008", "T-D3000", "T-D3200", "T-28000"}
+)
+_CHEST_TEXT = re.compile(
+    r"\b(CHEST|THORAX|TORAX|TÓRAX|TORACE|THORAKS|CXR|LUNGS?|BRUST|BRUSTKORB|POUMONS?|PECHO|RX\s*TX)\b"
+)
+_OTHER_ANATOMY_TEXT = re.compile(
+    r"\b(SPINE|[CTL]-?SPINE|WIRBELS[ÄA]ULE|RIBS?|STERNUM|CLAVICLES?|SHOULDERS?|HUMERUS|ELBOW|"
+    r"FOREARM|WRIST|HANDS?|FINGERS?|THUMB|PELVIS|HIPS?|FEMUR|KNEES?|TIBIA|FIBULA|ANKLES?|FOOT|FEET|"
+    r"TOES?|CALCANEUS|SKULL|SINUS(ES)?|FACE|MANDIBLE|ABDOMEN|ABD|KUB|EXTREMITY|LEG|ARM)\b"
+)
+_DESCRIPTIONS = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+)
+
+
+def is_chest(ds: Dataset, *, default: bool = True) -> bool:
+    """Whether a radiograph shows the chest, from its header alone (no pixels needed).
+
+    BodyPartExamined decides when it holds a real value: CHEST, THORAX, LUNG and local
+    spellings (TORAX, BRUST...) are chest; anything else (HAND, KNEE, EXTREMITY...) is not.
+    Then AnatomicRegionSequence: a chest/thorax/lung SNOMED code is chest, any other code is
+    not.  Then the descriptions (Study, Series, Protocol, Requested and Performed Procedure):
+    one naming the chest ("CHEST PA", "RX TORAX", "CXR") without also naming spine or ribs
+    makes it chest; one naming other anatomy ("THORACIC SPINE", "XR HAND") makes it not.
+
+    When nothing in the header speaks either way the answer is ``default``, True: the PACS
+    routes chest radiographs to this node, and older CR units often leave BodyPartExamined
+    and descriptions empty, so silence is more often a chest than not.  A site that prefers
+    to skip such images passes ``default=False``.  Modality is not checked here (see
+    :func:`is_radiograph`).
+    """
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if part not in _UNKNOWN_BODY_PARTS:
+        return part in _CHEST_BODY_PARTS or part.replace(" ", "") in _CHEST_BODY_PARTS
+    regions = [
+        str(item.get("CodeValue", "") or "").strip().upper()
+        for item in ds.get("AnatomicRegionSequence") or []
+    ]
+    if any(code in _CHEST_REGION_CODES for code in regions):
+        return True
+    if any(regions):
+        return False
+    verdicts = set()
+    for keyword in _DESCRIPTIONS:
+        text = str(ds.get(keyword, "") or "").upper()
+        chest, other = _CHEST_TEXT.search(text), _OTHER_ANATOMY_TEXT.search(text)
+        if chest and not (other and other.group(1) in ("SPINE", "RIB", "RIBS") or "SPINE" in text):
+            verdicts.add(True)
+        elif other:
+            verdicts.add(False)
+    if verdicts:
+        return True in verdicts
+    return default
+
+
+def is_radiograph(ds: Dataset) -> bool:
+    """CR or DX (For Presentation or For Processing) by SOP Class UID."""
+    return str(ds.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES

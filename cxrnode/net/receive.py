@@ -1,0 +1,146 @@
+"""Receive tuning for pynetdicom: whole-PDU socket reads and a DUL loop that waits in ``select``.
+
+This is the only module that reaches into pynetdicom's internals, and it does so only after
+:func:`check` has confirmed that the internals it relies on are there. With
+``RECEIVE_TUNING=false``, or when the check fails (a pynetdicom upgrade moved something), the
+listener runs stock pynetdicom: slower on large images, the same behaviour otherwise.
+
+What changes, and why (bench/ingest.py measures it on 10 MB radiographs):
+
+- **Whole-PDU reads.** Stock ``AssociationSocket.recv`` reads 4 KiB at a time and appends
+  each piece to a ``bytearray``: about 2,500 calls and copies for a 10 MB image.
+  :class:`TunedSocket` fills one preallocated buffer with ``recv_into`` (growing it by at most
+  :data:`RECV_RESERVE_BYTES` as data actually arrives, since a PDU header may claim up to
+  4 GiB).
+- **Waiting, not polling.** The DUL thread of each association polls its socket with a zero
+  ``select`` timeout and sleeps 1 ms (``DULServiceProvider._run_loop_delay``) when there is
+  nothing. :attr:`TunedSocket.ready` waits in ``select`` for up to :data:`DUL_WAIT_SECONDS`
+  instead, so data is seen the moment it arrives, and the loop's own sleep is set to zero.
+
+Upstream-able part: both changes fit pynetdicom itself: ``recv`` could use ``recv_into`` into a
+buffer sized from the PDU length (bounded as here), and ``ready`` could take a timeout so that
+``DULServiceProvider.run_reactor`` blocks in ``select`` instead of sleeping. Neither changes the
+protocol state machine. Until then, this module applies them to the sockets of the listener's
+own associations only, by giving pynetdicom's freshly built socket object this subclass (which
+adds no state): the constructor cannot simply be called twice, as it queues the
+transport-connection event.
+
+Internals used (checked by :func:`check`): ``AssociationSocket.socket``, ``._is_connected``,
+``.event_queue`` and the event name ``"Evt17"`` (transport connection closed, PS3.8 9.2);
+``RequestHandler._create_association``; ``DULServiceProvider._run_loop_delay``.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import ssl
+import time
+from typing import Any
+
+import pynetdicom
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+__all__ = [
+    "DUL_WAIT_SECONDS",
+    "RECV_RESERVE_BYTES",
+    "TESTED_VERSIONS",
+    "TunedRequestHandler",
+    "TunedSocket",
+    "check",
+    "request_handler",
+]
+
+log = logging.getLogger(__name__)
+
+#: pynetdicom releases this tuning was written and tested against.
+TESTED_VERSIONS = frozenset({"3.0.4"})
+
+#: Longest wait of one DUL loop pass for incoming data; it also bounds how long an outgoing
+#: PDU (a C-STORE response) waits, as pynetdicom's 1 ms sleep did.
+DUL_WAIT_SECONDS = 0.001
+
+#: Most memory one PDU read reserves ahead of the bytes that actually arrived.
+RECV_RESERVE_BYTES = 4 * 1024 * 1024
+
+_TRANSPORT_CLOSED = "Evt17"
+
+
+class TunedSocket(AssociationSocket):
+    """pynetdicom's association socket with whole-PDU reads and a waiting ``ready``."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        buffer = bytearray(min(nr_bytes, RECV_RESERVE_BYTES))
+        read = 0
+        while read < nr_bytes:
+            if read == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - read, RECV_RESERVE_BYTES)))
+            with memoryview(buffer) as view:
+                count = self.socket.recv_into(view[read:])
+            if not count:  # connection closed: the caller checks the length
+                del buffer[read:]
+                break
+            read += count
+        return buffer
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            time.sleep(DUL_WAIT_SECONDS)  # the DUL loop no longer sleeps by itself
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes already buffered, invisible to select
+        try:
+            readable, _, _ = select.select([sock], [], [], DUL_WAIT_SECONDS)
+        except (OSError, ValueError):
+            self.event_queue.put(_TRANSPORT_CLOSED)
+            return False
+        return bool(readable)
+
+
+class TunedRequestHandler(RequestHandler):
+    """Gives each accepted association a :class:`TunedSocket` and a loop without sleeps."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = TunedSocket
+        assoc.dul._run_loop_delay = 0
+        return assoc
+
+
+def check() -> str | None:
+    """Why the tuning cannot be applied to the installed pynetdicom, or None when it can."""
+    version = getattr(pynetdicom, "__version__", "?")
+    if version not in TESTED_VERSIONS:
+        return f"pynetdicom {version} is not one of the tested releases {sorted(TESTED_VERSIONS)}"
+    missing = [
+        name
+        for owner, name in (
+            (RequestHandler, "_create_association"),
+            (AssociationSocket, "recv"),
+            (AssociationSocket, "ready"),
+            (AssociationSocket, "socket"),
+        )
+        if not hasattr(owner, name)
+    ]
+    probe = DULServiceProvider.__init__.__code__.co_names
+    if "_run_loop_delay" not in probe:
+        missing.append("DULServiceProvider._run_loop_delay")
+    if missing:
+        return f"pynetdicom {version} lacks {', '.join(missing)}"
+    return None
+
+
+def request_handler(enabled: bool) -> type[RequestHandler]:
+    """The request handler class the listener should use: tuned when ``enabled`` and the
+    installed pynetdicom passes :func:`check`, else pynetdicom's own (with one log line)."""
+    if not enabled:
+        return RequestHandler
+    problem = check()
+    if problem:
+        log.warning("receive tuning off: %s; running stock pynetdicom", problem)
+        return RequestHandler
+    return TunedRequestHandler

@@ -91,7 +91,6 @@ def load_image(path: Path) -> tuple[np.ndarray, StudyContext | None]:
     """
     import numpy as np
 
-
     if path.suffix.lower() in _RASTER_SUFFIXES and not _is_dicom(path):
         from PIL import Image
 

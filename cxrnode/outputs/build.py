@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
@@ -44,6 +45,7 @@ __all__ = [
     "PIPELINE_VERSION",
     "BuiltOutput",
     "build_outputs",
+    "make_objects",
     "output_path",
     "previous_sr",
 ]
@@ -124,21 +126,18 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
     try:
         draft = DraftReport.from_result(result or {}, PIPELINE_VERSION)
         source = pydicom.dcmread(source_path)
-        institution = settings.institution_name
-        sr = build_sr(
+        objects = make_objects(
             source,
+            display_image(source),
             draft,
             version=job_version,
             predecessor=predecessor,
-            institution_name=institution,
-        )
-        sc = build_sc(
-            source, display_image(source), draft, version=job_version, institution_name=institution
+            settings=settings,
         )
     except (ImagingError, InvalidDicomError, OSError, TypeError, ValueError) as exc:
         log.warning("job %d: outputs cannot be built: %s", job_id, exc)
         return _fail(session, job_id, f"outputs cannot be built: {exc}")
-    built = [_write(settings, sr, "sr"), _write(settings, sc, "sc")]
+    built = [_write(settings, ds, kind) for kind, ds in objects]
 
     job = session.get(Job, job_id, with_for_update=True)
     existing = _row_ids(session, job_id)
@@ -171,6 +170,28 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         len(ids),
     )
     return ids
+
+
+def make_objects(
+    header: Dataset,
+    display: np.ndarray,
+    draft: DraftReport,
+    *,
+    version: int,
+    predecessor: PriorDocument | None,
+    settings: Settings,
+) -> list[tuple[str, Dataset]]:
+    """The DICOM objects of one draft, in the order they travel: ``(kind, dataset)`` pairs.
+
+    Pure: no I/O. ``header`` is the source image's header (no pixel data needed),
+    ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it.
+    """
+    institution = settings.institution_name
+    sr = build_sr(
+        header, draft, version=version, predecessor=predecessor, institution_name=institution
+    )
+    sc = build_sc(header, display, draft, version=version, institution_name=institution)
+    return [("sr", sr), ("sc", sc)]
 
 
 def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument | None:

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["split"] = {"fold": args.split, "seed": args.seed, "rest": args.rest}
     print(format_table(result))
     print(f"labelled {len(rows)} reports in {seconds:.2f} s")
-    print(json.dumps(result, sort_keys=True))
+    print(json.dumps(result))
     return 0
 
 

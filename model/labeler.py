@@ -385,10 +385,11 @@ _SIZE_STOP = _words(
 # --------------------------------------------------------------------------------------------
 # Cues
 # --------------------------------------------------------------------------------------------
-# (kind, direction, pattern). Kinds: "pseudo" (looks like a cue, is not one), "neg", "unc",
-# "hist". Directions: "fwd" (covers what follows, to the end of the clause), "back" (covers the
+# (kind, direction, pattern). Kinds: "pseudo" (looks like a cue, is not one), "strong" (a
+# confident hedge: takes its words, leaves the finding present), "neg", "unc", "hist". Directions: "fwd" (covers what follows, to the end of the clause), "back" (covers the
 # noun phrases before it, back to the previous clause), "either" (forward when a mention follows
-# in the clause, else backward if the cue is predicative: "pneumonia is possible"), "adjacent"
+# in the clause, else backward if the cue is predicative: "pneumonia is possible"), "phrase"
+# (only the noun phrase right before it, no list), "adjacent"
 # (only the mention right before or after it: "pneumonia?"). Order matters: tokens taken by an
 # earlier cue (or by a mention) are not available to later ones.
 
@@ -408,7 +409,7 @@ _CUES: tuple[tuple[str, str, str], ...] = (
     ("unc", "back", r"(?:cannot|can not|could not|not well|not|difficult to|hard to|unable to)(?: be)? (?:assessed|evaluated|assess|evaluate)"),
     ("neg", "either", r"(?:is |are |seems |appears |would be )?(?:unlikely|not likely|improbable)"),
     # "... appear within (normal) limits": what precedes is normal.
-    ("neg", "back", r"(?:(?:is|are|was|were|appears?|seems?|remains?) )?(?:grossly |otherwise )?(?:within (?:the )?(?:normal )?(?:limits|range)(?: of normal)?|wnl)"),
+    ("neg", "phrase", r"(?:(?:is|are|was|were|appears?|seems?|remains?) )?(?:grossly |otherwise )?(?:within (?:the )?(?:normal )?(?:limits|range)(?: of normal)?|wnl)"),
     # "to be ruled out": a question, not an answer.
     ("unc", "back", r"(?:(?:is|are) )?(?:to|should|must|needs? to|has to|have to) be (?:excluded|ruled out)"),
     # Post-negation: "not suspected", "pneumothorax is not seen", "the effusion has resolved".
@@ -785,6 +786,13 @@ def _cue_covers(
     """Indices of the spans a cue applies to."""
     if cue.direction == "adjacent":
         return [i for i, s in enumerate(spans) if s.start == cue.end or s.end == cue.start]
+    if cue.direction == "phrase":
+        # Only the noun phrase right before the cue, not a list: in "mild cardiomegaly and
+        # pulmonary vascularity within normal limits" the limits are the vascularity's.
+        lo = cue.start
+        while lo > 0 and not sentence.separator[lo - 1] and sentence.clause_of[lo - 1] != -1:
+            lo -= 1
+        return [i for i, s in enumerate(spans) if lo <= s.start and s.end <= cue.start]
     if cue.direction in ("fwd", "either"):
         lo, hi = sentence.forward_scope(cue, cue_starts)
         forward = [i for i, s in enumerate(spans) if lo <= s.start < hi]

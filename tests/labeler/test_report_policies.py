@@ -105,6 +105,13 @@ def test_within_normal_limits_negates_what_precedes_it(text: str) -> None:
     assert result["cardiomegaly"] in (0, None)
 
 
+def test_within_normal_limits_does_not_reach_back_over_a_list() -> None:
+    text = "Mild cardiomegaly and pulmonary vascularity within normal limits."
+    assert labels(text, "cardiomegaly") == (1,)
+    text = "Small right effusion and hilar contours within normal limits."
+    assert labels(text, "pleural_effusion") == (1,)
+
+
 # --------------------------------------------------------------------------------------------
 # Requests and questions are not findings
 # --------------------------------------------------------------------------------------------

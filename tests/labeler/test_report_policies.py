@@ -278,6 +278,7 @@ def test_upper_limits_of_normal_is_uncertain_but_still_a_normal_study() -> None:
         "Median sternotomy wires. No acute process.",
         "Right internal jugular catheter with tip at the cavoatrial junction.",
         "Surgical clips in the right upper quadrant.",
+        "Lines and tubes are unchanged in position.",
     ],
 )
 def test_no_finding_means_nothing_abnormal_at_all(text: str) -> None:

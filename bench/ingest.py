@@ -76,7 +76,7 @@ def free_port() -> int:
 
 def echo_ok(port: int, aet: str) -> bool:
     answer = subprocess.run(
-        ["echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)],
+        ["/usr/bin/echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)],
         capture_output=True,
         timeout=30,
     )
@@ -170,7 +170,17 @@ def storescp(work: Path, associations: int, processes: int | None) -> Iterator[R
     fork = ["--fork"] if associations > 1 else []
     with (work / "storescp.log").open("ab") as log:
         proc = subprocess.Popen(
-            ["storescp", *fork, "-aet", "STORESCP", "-pdu", str(PDU), "-od", str(out), str(port)],
+            [
+                "/usr/bin/storescp",
+                *fork,
+                "-aet",
+                "STORESCP",
+                "-pdu",
+                str(PDU),
+                "-od",
+                str(out),
+                str(port),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -179,7 +189,7 @@ def storescp(work: Path, associations: int, processes: int | None) -> Iterator[R
         wait_until(
             lambda: _alive(proc, work / "storescp.log") and echo_ok(port, "STORESCP"),
             30,
-            "storescp",
+            "/usr/bin/storescp",
         )
         yield Receiver("STORESCP", port, lambda: sum(1 for p in out.rglob("*") if p.is_file()))
     finally:
@@ -268,7 +278,7 @@ def send(receiver: Receiver, groups: list[list[Path]], log: Path) -> float:
             procs.append(
                 subprocess.Popen(
                     [
-                        "storescu",
+                        "/usr/bin/storescu",
                         "-aet",
                         "BENCHSCU",
                         "-aec",
@@ -365,7 +375,7 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the files")
     args = parser.parse_args()
-    for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
+    for tool in ("/usr/bin/storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None and (tool != "Orthanc" or "orthanc" in args.peers):
             sys.exit(f"{tool} is not on PATH: install dcmtk and orthanc (Debian packages)")
 

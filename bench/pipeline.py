@@ -66,7 +66,7 @@ def wait_done(database_url: str, count: int, timeout: float = 600) -> list:
 
 def send(node: Node, files: list[Path]) -> None:
     result = subprocess.run(
-        ["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
+        ["/usr/bin/storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
         capture_output=True,
         text=True,
     )

@@ -23,4 +23,6 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO/DEBUG; keep it quiet unless asked for.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # highdicom logs each module it copies from the source (at INFO), with its UIDs
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
     root._cxrnode_configured = True  # type: ignore[attr-defined]

@@ -1,9 +1,9 @@
 """`cxrnode serve`: the supervisor of one node.
 
-It applies migrations, starts the DICOM listener processes (sharing the port), optionally the
-Celery workers, and runs the scheduler loop (study grouping, job hand-off, reconciler) in the
-main process. Children die with the supervisor (PR_SET_PDEATHSIG) and are restarted if they
-exit unexpectedly.
+It applies migrations, starts the embedded broker (unless BROKER_URL names one), the DICOM
+listener processes (sharing the port), optionally the Celery workers, and runs the scheduler
+(:mod:`cxrnode.jobs.scheduler`) in the main thread. Children die with the supervisor
+(PR_SET_PDEATHSIG); a watcher thread restarts one that exits unexpectedly.
 """
 
 from __future__ import annotations
@@ -17,28 +17,31 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-from sqlalchemy.orm import sessionmaker
+from typing import Any
 
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.db.migrate import upgrade
 from cxrnode.ingest.storage import clean_tmp
-from cxrnode.jobs import states as jobs
-from cxrnode.jobs.broker import celery_app
-from cxrnode.jobs.grouping import settle_due_studies
+from cxrnode.jobs.broker import EmbeddedBroker, is_embedded
+from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.net.listener import die_with_parent, run_listener
-from cxrnode.outputs import outbox as sender
 from cxrnode.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_TICK = 0.1  # seconds; a study settles at most this late
 #: embedded mode: one node-side worker and one inference worker
-WORKER_QUEUES = ("prepare,deliver,send", "infer")
+WORKER_QUEUES = ("prepare,outputs,send", "infer")
+#: seconds between two looks at the children
+WATCH_SECONDS = 2.0
 
 
 def prepare_data_dir(settings: Settings) -> None:
-    for directory in (settings.instances_dir, settings.outputs_dir, settings.tmp_dir):
+    for directory in (
+        settings.instances_dir,
+        settings.outputs_dir,
+        settings.prepared_dir,
+        settings.tmp_dir,
+    ):
         directory.mkdir(parents=True, exist_ok=True)
     removed = clean_tmp(settings.tmp_dir)
     if removed:
@@ -73,59 +76,18 @@ class WorkerProcess:
             self.proc.wait(timeout)
 
 
-class Scheduler:
-    """The node's periodic work: settle studies, queue new jobs, re-queue lost ones."""
-
-    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self.celery = celery_app(settings)
-        self._last_reconcile = 0.0
-
-    def send(self, stage: str, job_id: int) -> None:
-        self.celery.send_task(f"cxrnode.{stage}", args=(job_id,))
-
-    def tick(self) -> None:
-        with self.sessions() as session:
-            settle_due_studies(session)
-        with self.sessions() as session:
-            for job_id in jobs.take_pending(session):
-                self.send("prepare", job_id)
-        self.send_due_outputs()
-        now = time.monotonic()
-        if now - self._last_reconcile >= self.settings.reconcile_interval:
-            self._last_reconcile = now
-            self.reconcile()
-
-    def send_due_outputs(self) -> None:
-        """The outbox: hand outputs whose next try is due to the send queue, one task per
-        study and destination. Claimed rows are leased, so the next tick skips them."""
-        with self.sessions() as session:
-            batches = sender.due_outputs(session, lease_seconds=sender.lease_seconds(self.settings))
-        for batch in batches:
-            self.celery.send_task("cxrnode.send", args=(batch.destination, batch.output_ids))
-
-    def reconcile(self) -> None:
-        """The database is the truth: re-send work whose messages the broker lost."""
-        with self.sessions() as session:
-            stale = jobs.stale_jobs(session, self.settings.job_deadline_seconds)
-        for job_id, stage in stale:
-            log.warning("job %d stuck past its deadline: re-enqueuing %s", job_id, stage)
-            self.send(stage, job_id)
-
-
 class Supervisor:
-    """Owns the child processes and the scheduler loop of a node."""
+    """Owns the child processes and the scheduler of a node."""
 
     def __init__(self, settings: Settings, *, workers: bool = True) -> None:
         self.settings = settings
         self.workers = workers
         self.stop = threading.Event()
         self.context = multiprocessing.get_context("spawn")
-        self.children: dict[str, multiprocessing.process.BaseProcess | WorkerProcess] = {}
+        self.children: dict[str, Any] = {}
         self.engine = make_engine(settings.effective_database_url)
-        self.sessions = make_sessionmaker(self.engine)
-        self.scheduler = Scheduler(settings, self.sessions)
+        self.reader = make_engine(settings.effective_database_url, read_only=True)
+        self.broker: EmbeddedBroker | None = None
 
     def _start_listener(self, index: int, processes: int) -> None:
         name = f"listener-{index}"
@@ -138,6 +100,8 @@ class Supervisor:
     def start(self) -> None:
         prepare_data_dir(self.settings)
         upgrade(self.engine)
+        if is_embedded(self.settings):
+            self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()
         processes = self.settings.effective_scp_processes
         for index in range(processes):
             self._start_listener(index, processes)
@@ -154,6 +118,9 @@ class Supervisor:
 
     def _watch_children(self) -> None:
         processes = self.settings.effective_scp_processes
+        if self.broker is not None and not self.broker.is_alive():
+            log.error("the embedded broker exited with %s; restarting it", self.broker.exitcode)
+            self.broker.start()
         for name, process in list(self.children.items()):
             if process.is_alive():
                 continue
@@ -163,28 +130,42 @@ class Supervisor:
             elif isinstance(process, WorkerProcess):
                 self.children[name] = WorkerProcess(process.queues)
 
+    def _watch(self) -> None:
+        while not self.stop.wait(WATCH_SECONDS):
+            try:
+                self._watch_children()
+            except Exception:
+                log.exception("restarting a child failed; trying again")
+
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         self.start()
+        watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
+        watcher.start()
         try:
-            while not self.stop.wait(SCHEDULER_TICK):
-                try:
-                    self.scheduler.tick()
-                except Exception:  # the scheduler must outlive a bad moment of the database
-                    log.exception("scheduler pass failed; retrying")
-                self._watch_children()
+            scheduler = Scheduler(
+                self.settings, make_sessionmaker(self.engine), make_sessionmaker(self.reader)
+            )
+            scheduler.run(self.stop)
         finally:
+            self.stop.set()
             self.shutdown()
 
     def shutdown(self) -> None:
-        for process in self.children.values():
+        children = list(self.children.values())
+        for process in children:
             if process.is_alive():
                 process.terminate()
         deadline = time.monotonic() + 10
-        for process in self.children.values():
+        for process in children:
             process.join(max(0.1, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
+        if self.broker is not None:  # last: the workers acknowledge through it
+            self.broker.terminate()
+            self.broker.join(10)
+            self.broker.kill()
         self.engine.dispose()
+        self.reader.dispose()
         log.info("cxrnode stopped")

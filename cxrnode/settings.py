@@ -130,8 +130,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None,
         description=(
-            "Celery broker. Default: serverless, an SQLite file under DATA_DIR. Distributed: "
-            "redis://host:6379/0."
+            "Celery broker (Redis). Default: an embedded redis-server that `serve` starts on a "
+            "unix socket under DATA_DIR. Distributed: redis://host:6379/0."
         ),
     )
     duplicates: Literal["keep_first", "replace"] = Field(
@@ -152,12 +152,20 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Quiet period after the last arrival before a study is processed."
     )
     job_deadline_seconds: float = Field(
-        900.0,
+        1800.0,
         gt=0,
-        description="A job in a non-final state longer than this is re-enqueued by the reconciler.",
+        description=(
+            "Hard limit on one step of a job, even while a live worker holds it (a hung "
+            "worker); lost work is found sooner, from worker heartbeats."
+        ),
     )
     reconcile_interval: float = Field(
-        10.0, gt=0, description="Seconds between reconciler and grouping passes."
+        15.0,
+        gt=0,
+        description=(
+            "Seconds between two searches for lost work (a dead worker's jobs are re-sent "
+            "within about this plus 30 s)."
+        ),
     )
 
     # --- model ---------------------------------------------------------------------------------
@@ -291,10 +299,6 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'cxrnode.db'}"
 
     @property
-    def effective_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
-
-    @property
     def effective_scp_processes(self) -> int:
         return self.scp_processes or max(1, min(4, os.cpu_count() or 1))
 
@@ -305,6 +309,11 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def prepared_dir(self) -> Path:
+        """Display images and model inputs kept by the prepare step."""
+        return self.data_dir / "prepared"
 
     @property
     def tmp_dir(self) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,9 +17,9 @@ from cxrnode.db import (
     StudyState,
     make_engine,
     make_sessionmaker,
-    utcnow,
 )
-from cxrnode.jobs.broker import queue_depths
+from cxrnode.jobs.broker import queue_depths, redis_client
+from cxrnode.jobs.tracking import live_workers
 from cxrnode.settings import Settings
 
 
@@ -31,9 +30,9 @@ def _counts(session: Any, column: Any, states: type) -> dict[str, int]:
     return counts
 
 
-def collect_status(settings: Settings, *, ping_workers: bool = True) -> dict[str, Any]:
-    """Counts by state from the database, queue depths from the broker, workers seen."""
-    engine = make_engine(settings.effective_database_url)
+def collect_status(settings: Settings) -> dict[str, Any]:
+    """Counts by state from the database; queue depths and live workers from the broker."""
+    engine = make_engine(settings.effective_database_url, read_only=True)
     try:
         with make_sessionmaker(engine)() as session:
             report: dict[str, Any] = {
@@ -42,15 +41,35 @@ def collect_status(settings: Settings, *, ping_workers: bool = True) -> dict[str
                 "jobs": _counts(session, Job.state, JobState),
                 "outputs": _counts(session, Output.state, OutputState),
             }
-            workers = _workers_from_jobs(session)
             report["dead_letters"] = _dead_letters(session)
     finally:
         engine.dispose()
     report["queues"] = queue_depths(settings)
-    if ping_workers:
-        workers |= _ping_workers(settings)
-    report["workers"] = sorted(workers)
+    report["workers"] = _live_workers(settings)
     return report
+
+
+def _live_workers(settings: Settings) -> list[dict[str, Any]] | None:
+    """Workers whose heartbeat is alive, in both modes (None: the broker cannot be asked)."""
+    try:
+        client = redis_client(settings, timeout=2)
+        try:
+            workers = live_workers(client)
+        finally:
+            client.close()
+    except Exception:
+        return None
+    return [
+        {
+            "name": w.name,
+            "queues": list(w.queues),
+            "host": w.host,
+            "pid": w.pid,
+            "jobs": len(w.held),
+            **w.state,
+        }
+        for w in workers
+    ]
 
 
 def _dead_letters(session: Any, limit: int = 50) -> list[dict[str, Any]]:
@@ -74,32 +93,6 @@ def _dead_letters(session: Any, limit: int = 50) -> list[dict[str, Any]]:
     ]
 
 
-def _workers_from_jobs(session: Any, since: timedelta = timedelta(hours=1)) -> set[str]:
-    """Inference workers that answered a job recently (works with every broker)."""
-    recent = session.scalars(
-        select(Job.result).where(Job.result.is_not(None), Job.updated_at >= utcnow() - since)
-    )
-    names = set()
-    for result in recent:
-        worker = ((result or {}).get("batch") or {}).get("worker")
-        if worker:
-            names.add(str(worker))
-    return names
-
-
-def _ping_workers(settings: Settings) -> set[str]:
-    """Workers answering a broadcast ping (Redis only: the embedded broker has no broadcast)."""
-    if not settings.effective_broker_url.startswith(("redis://", "rediss://")):
-        return set()
-    try:
-        from cxrnode.jobs.broker import celery_app
-
-        replies = celery_app(settings).control.inspect(timeout=1.0).ping() or {}
-        return set(replies)
-    except Exception:
-        return set()
-
-
 def render_status(report: dict[str, Any]) -> str:
     lines = []
     for section in ("instances", "studies", "jobs", "outputs", "queues"):
@@ -113,6 +106,15 @@ def render_status(report: dict[str, Any]) -> str:
             f"{'dead':<10} output {dead['id']} ({dead['kind']}) to {dead['destination']}: "
             f"{dead['last_error'] or dead['last_status']} - `cxrnode resend --output {dead['id']}`"
         )
-    if "workers" in report:
-        lines.append(f"{'workers':<10} {', '.join(report['workers']) or 'none seen'}")
+    workers = report.get("workers")
+    if workers is None:
+        lines.append(f"{'workers':<10} unknown (the broker does not answer)")
+    elif not workers:
+        lines.append(f"{'workers':<10} none alive")
+    for worker in workers or []:
+        model = f", model {worker['model']}" if worker.get("model") else ""
+        lines.append(
+            f"{'worker':<10} {worker['name']}: {','.join(worker['queues'])}, "
+            f"{worker['jobs']} jobs held{model}"
+        )
     return "\n".join(lines)

@@ -734,7 +734,11 @@ def compress(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -> Path:
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if kind in ("jpeg-lossless", "jpeg-ls"):
-        tool, flag = ("dcmcjpeg", "+e1") if kind == "jpeg-lossless" else ("dcmcjpls", "+el")
+        tool, flag = (
+            ("/usr/bin/dcmcjpeg", "+e1")
+            if kind == "jpeg-lossless"
+            else ("/usr/bin/dcmcjpls", "+el")
+        )
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} (dcmtk) is needed for {kind!r} but is not on PATH")
         proc = subprocess.run([tool, flag, str(src), str(dst)], capture_output=True, text=True)

@@ -247,7 +247,7 @@ def echoscu(
     port: int, called: str = "CXRNODE", calling: str = "ECHOSCU", extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["echoscu", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)],
+        ["/usr/bin/echoscu", "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -265,7 +265,7 @@ def storescu(
     """dcmtk storescu with verbose output, proposing the files' own transfer syntaxes."""
     return subprocess.run(
         [
-            "storescu",
+            "/usr/bin/storescu",
             "-v",
             "-aet",
             calling,

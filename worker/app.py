@@ -1,12 +1,82 @@
-"""The Celery application of the workers (`cxrnode worker`, or `celery -A worker.app`)."""
+"""The Celery application of the workers (`cxrnode worker`, `python -m worker`, or
+`celery -A worker.app`), and the heartbeat each worker process publishes.
+
+The heartbeat (:class:`cxrnode.jobs.tracking.Heartbeat`) names the worker's queues, its
+state (an inference worker: whether its model is loaded, which one, on which device) and the
+jobs it holds: a job counts as held from the moment its message is *received* (prefetched
+messages included) until its task finishes. That is what lets the node tell a slow job from a
+lost one (``cxrnode.jobs.tracking``).
+"""
 
 from __future__ import annotations
 
-from cxrnode.jobs.broker import celery_app
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import signals
+
+from cxrnode.jobs.broker import celery_app, redis_client
+from cxrnode.jobs.tracking import Heartbeat
 from cxrnode.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 app = celery_app(get_settings())
 app.conf.include = ["worker.tasks"]
+
+#: This process's heartbeat (set when the worker is ready).
+heartbeat: Heartbeat | None = None
+
+
+def worker_name(queues: list[str]) -> str:
+    """Unique per process: several workers of the same queues may share a host."""
+    return f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
+
+
+def _job_id(request: Any) -> int | None:
+    """The job a task message is about (tasks of one job take ``(job_id, version, ...)``)."""
+    name = getattr(request, "name", None) or getattr(getattr(request, "task", None), "name", "")
+    if name == "cxrnode.send_outputs":
+        return None
+    args = getattr(request, "args", None) or ()
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    global heartbeat
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    heartbeat = Heartbeat(redis_client(get_settings()), sender.hostname, queues).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if heartbeat is not None:
+        heartbeat.stop()
+
+
+@signals.task_received.connect
+def _hold(request: Any = None, **_: Any) -> None:
+    job_id = _job_id(request)
+    if heartbeat is not None and job_id is not None:
+        heartbeat.hold(job_id)
+
+
+@signals.task_postrun.connect
+def _release(task: Any = None, args: Any = None, **_: Any) -> None:
+    job_id = args[0] if args and task is not None and task.name != "cxrnode.send_outputs" else None
+    if heartbeat is not None and isinstance(job_id, int):
+        heartbeat.release(job_id)
+
+
+@signals.task_revoked.connect
+@signals.task_rejected.connect
+def _release_unrun(request: Any = None, **_: Any) -> None:
+    job_id = _job_id(request)
+    if heartbeat is not None and job_id is not None:
+        heartbeat.release(job_id)
 
 
 def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> None:
@@ -17,16 +87,17 @@ def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> N
     """
     import worker.tasks  # noqa: F401  (registers the tasks)
 
-    name = "-".join(queues)
     app.worker_main(
         [
+            "--quiet",  # no banner: `cxrnode serve` prints its own start-up summary
             "worker",
             f"--queues={','.join(queues)}",
             "--pool=threads",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
-            f"--hostname={name}@%h",
+            f"--hostname={worker_name(queues)}",
             "--without-mingle",
             "--without-gossip",
+            "--heartbeat-interval=10",
         ]
     )

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from model.contracts import GenerationParams, StudyContext
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +34,8 @@ class ModelUnavailable(RuntimeError):
 @dataclass
 class Request:
     image: np.ndarray
-    context: dict[str, Any] | None
-    params: tuple[tuple[str, Any], ...]  # generation parameters; only equal ones are batched
+    context: StudyContext
+    params: GenerationParams  # only requests with equal parameters are batched
     future: Future = field(default_factory=Future)
 
 
@@ -58,10 +60,9 @@ class MicroBatcher:
         self._thread.start()
         self.batches_run = 0
 
-    def submit(
-        self, image: np.ndarray, context: dict[str, Any] | None, params: dict[str, Any]
-    ) -> Future:
-        request = Request(image, context, tuple(sorted(params.items())))
+    def submit(self, image: np.ndarray, context: StudyContext, params: GenerationParams) -> Future:
+        """Queue one study; the future resolves to its :class:`ModelResult`."""
+        request = Request(image, context, params)
         self._queue.put(request)
         return request.future
 
@@ -100,25 +101,24 @@ class MicroBatcher:
     def _run(self) -> None:
         while True:
             batch = self._collect()
-            groups: dict[tuple, list[Request]] = {}
+            groups: dict[GenerationParams, list[Request]] = {}
             for request in batch:
                 groups.setdefault(request.params, []).append(request)
             for params, requests in groups.items():
-                self._generate(dict(params), requests)
+                self._generate(params, requests)
 
-    def _generate(self, params: dict[str, Any], requests: list[Request]) -> None:
+    def _generate(self, params: GenerationParams, requests: list[Request]) -> None:
         try:
             engine = self.engine()
         except ModelUnavailable as exc:
             for request in requests:
                 request.future.set_exception(exc)
             return
-        from model.contracts import StudyContext
-
-        contexts = [StudyContext.from_dict(r.context) for r in requests]
-        batch = {"id": uuid.uuid4().hex, "size": len(requests)}
+        batch_id = uuid.uuid4().hex
         try:
-            results = engine.generate([r.image for r in requests], contexts, **params)
+            results = engine.generate(
+                [r.image for r in requests], [r.context for r in requests], **params.to_dict()
+            )
         except Exception as exc:
             log.exception("batched generation of %d studies failed", len(requests))
             for request in requests:
@@ -126,4 +126,4 @@ class MicroBatcher:
             return
         self.batches_run += 1
         for request, result in zip(requests, results, strict=True):
-            request.future.set_result((result.to_dict(), batch))
+            request.future.set_result(result.with_batch(batch_id, len(requests), None))

@@ -1,30 +1,36 @@
-"""The pipeline's Celery tasks.
+"""The pipeline's Celery tasks: thin glue between the broker and the plain functions.
 
-prepare (node: DB + disk)  → infer (GPU: broker only) → deliver (node) → send (node).
+::
 
-Tasks carry ids and small payloads; the database holds the state, so every task is
-idempotent: it checks the job's state before acting and its effects are recorded once.
+    prepare_image (node: DB + disk) ──► infer_report (GPU: broker only)
+        ──► record_result (node: result, outputs, outbox) ──► send_outputs (node: network)
+
+Each task that moves a job takes ``(job_id, version, ...)``; the job state machine
+(:mod:`cxrnode.jobs.states`) decides whether it may act, so a redelivered or re-sent message
+converges with the original. Every task commits its database change before it publishes the
+next message (:class:`cxrnode.jobs.dispatch.Dispatcher`).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import socket
 from functools import cache
 from typing import Any
 
-import numpy as np
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from cxrnode.db import JobState, make_engine, make_sessionmaker
+from cxrnode.ingest.header import header_dataset, study_context
+from cxrnode.jobs import states
+from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.settings import get_settings
+from model.contracts import GenerationParams, ModelResult, StudyContext
+from worker import app as worker_app
 from worker.app import app
 
 log = logging.getLogger(__name__)
-
 
 #: node-side tasks retry while the database is unreachable (a PostgreSQL restart, say);
 #: the reconciler covers anything that outlives these retries.
@@ -37,62 +43,52 @@ NODE_RETRIES: dict[str, Any] = dict(
 
 
 @cache
-def node_sessions() -> Any:
-    """Database sessions for node-side tasks (one engine per worker process)."""
+def sessions() -> Any:
+    """Sessions of the node's database (one engine per worker process; node side only)."""
     return make_sessionmaker(make_engine(get_settings().effective_database_url))
 
 
-def encode_image(image: np.ndarray) -> str:
-    """PNG (lossless, ~100-200 KB for 512 x 512) in base64, for a JSON message."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_image(payload: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
-        return np.asarray(image.convert("L"))
+@cache
+def dispatcher() -> Dispatcher:
+    return Dispatcher(get_settings(), celery=app)
 
 
 # --------------------------------------------------------------------------------- prepare
 
 
-@app.task(name="cxrnode.prepare", bind=True, **NODE_RETRIES)
-def prepare(self: Task, job_id: int) -> str:
-    """Read the chosen image, make the 512 × 512 8-bit model input, hand it to inference."""
-    from pydicom import dcmread
-
-    from cxrnode.ingest.header import study_context
-    from cxrnode.jobs import states as jobs
-    from cxrnode.prepare.display import ImagingError, prepared_image
+@app.task(name="cxrnode.prepare_image", **NODE_RETRIES)
+def prepare_image(job_id: int, version: int) -> str:
+    """Decode the chosen image once; keep its display image and model input; hand the input
+    to the inference queue."""
+    from cxrnode.prepare.display import ImagingError
+    from cxrnode.prepare.images import prepare_images
 
     settings = get_settings()
-    with node_sessions()() as session:
-        work = jobs.start_prepare(session, job_id)
+    with sessions()() as session:
+        work = states.prepare_work(session, job_id, version)
+        session.rollback()
     if work is None:
         return "nothing to do"
-    path = settings.instances_dir / work.instance_path
+    source = settings.instances_dir / work.instance_path
     try:
-        header = dcmread(path, stop_before_pixels=True)
-        image = prepared_image(path, 512, exact=settings.exact_resize)
-        context = study_context(header)
-    except (ImagingError, OSError, ValueError) as exc:
+        image = prepare_images(settings, source, work.study_instance_uid, work.sop_instance_uid)
+    except (ImagingError, OSError) as exc:
         log.warning("job %d: image cannot be prepared: %s", job_id, exc)
-        with node_sessions()() as session:
-            jobs.set_state(session, job_id, JobState.failed, f"image cannot be read: {exc}")
+        with sessions()() as session:
+            states.transition(
+                session,
+                job_id,
+                JobState.failed,
+                version=version,
+                error=f"image cannot be read: {exc}",
+            )
         return "failed"
-    params = {
-        "temperature": settings.temperature,
-        "top_p": settings.top_p,
-        "max_new_tokens": settings.max_new_tokens,
-    }
-    infer.apply_async((job_id, work.version, encode_image(image), context.to_dict(), params))
-    with node_sessions()() as session:
-        jobs.set_state(session, job_id, JobState.prepared)
+    context = study_context(header_dataset(work.header))
+    with sessions()() as session:
+        moved = states.transition(session, job_id, JobState.prepared, version=version)
+    if not moved:
+        return "superseded or already past prepare"
+    dispatcher().infer_report(job_id, version, image, context)
     return "prepared"
 
 
@@ -100,8 +96,8 @@ def prepare(self: Task, job_id: int) -> str:
 
 
 @cache
-def batcher() -> Any:
-    """The process's micro-batcher and (lazily loaded) model."""
+def report_server() -> Any:
+    """The process's model server (the model is loaded on first use, and loading retried)."""
     from worker.batcher import MicroBatcher
 
     settings = get_settings()
@@ -112,7 +108,15 @@ def batcher() -> Any:
         from model.pipeline import ReportEngine
 
         log.info("loading model %s", settings.model)
-        return ReportEngine.load(settings.model, device=settings.device)
+        engine = ReportEngine.load(settings.model, device=settings.device)
+        if worker_app.heartbeat is not None:
+            worker_app.heartbeat.set_state(
+                model="loaded",
+                model_id=engine.model_id,
+                model_hash=engine.model_hash,
+                device=str(engine.device),
+            )
+        return engine
 
     return MicroBatcher(
         load,
@@ -123,8 +127,8 @@ def batcher() -> Any:
     )
 
 
-@app.task(name="cxrnode.infer", bind=True, max_retries=None)
-def infer(
+@app.task(name="cxrnode.infer_report", bind=True, max_retries=None)
+def infer_report(
     self: Task,
     job_id: int,
     version: int,
@@ -132,81 +136,108 @@ def infer(
     context: dict[str, Any] | None,
     params: dict[str, Any],
 ) -> str:
-    """Run the model (micro-batched with concurrent tasks); needs only the broker."""
+    """Run the model (batched with concurrent tasks). Needs only the broker: results and
+    problems go back to the node side as messages."""
+    from cxrnode.prepare.images import decode_model_input
     from worker.batcher import ModelUnavailable
 
+    settings = get_settings()
     try:
-        result, batch = batcher().submit(decode_image(image_png), context, params).result()
+        request = (
+            decode_model_input(image_png),
+            StudyContext.from_dict(context),
+            GenerationParams.from_dict(params),
+        )
+    except (TypeError, ValueError) as exc:
+        dispatcher().job_task("record_problem", job_id, version, "failed", f"bad message: {exc}")
+        return "failed"
+    try:
+        result: ModelResult = report_server().submit(*request).result()
     except ModelUnavailable as exc:
-        note.apply_async((job_id, JobState.waiting_model.value, str(exc)))
-        raise self.retry(countdown=get_settings().model_retry_seconds) from exc
+        if worker_app.heartbeat is not None:
+            worker_app.heartbeat.set_state(model="unavailable", model_error=str(exc))
+        if self.request.retries == 0:
+            dispatcher().job_task("record_problem", job_id, version, "waiting_model", str(exc))
+        raise self.retry(countdown=settings.model_retry_seconds) from exc
     except Exception as exc:
         if self.request.retries >= 3:
-            note.apply_async((job_id, JobState.failed.value, f"inference failed: {exc}"))
+            message = f"inference failed: {exc}"
+            dispatcher().job_task("record_problem", job_id, version, "failed", message)
             return "failed"
         raise self.retry(countdown=10 * (self.request.retries + 1)) from exc
-    batch["worker"] = f"{self.request.hostname or socket.gethostname()}"
-    deliver.apply_async((job_id, result, batch))
+    worker = self.request.hostname or socket.gethostname()
+    result = result.with_batch(result.batch_id or "", result.batch_size or 1, worker)
+    dispatcher().job_task("record_result", job_id, version, result.to_dict())
     return "inferred"
 
 
-# ------------------------------------------------------------------------ deliver and notes
+# --------------------------------------------------------------------- results and outputs
 
 
-@app.task(name="cxrnode.note", **NODE_RETRIES)
-def note(job_id: int, state: str, error: str | None) -> None:
-    """A state change reported by a worker that has no database (e.g. waiting for a model)."""
-    from cxrnode.jobs import states as jobs
-
-    with node_sessions()() as session:
-        jobs.set_state(session, job_id, JobState(state), error)
-
-
-@app.task(name="cxrnode.deliver", **NODE_RETRIES)
-def deliver(job_id: int, result: dict[str, Any], batch: dict[str, Any] | None = None) -> str:
-    """Store the model's answer on the job, then finish it (outputs) in the same task."""
-    from cxrnode.jobs import states as jobs
-
-    with node_sessions()() as session:
-        stored = jobs.record_result(session, job_id, result, batch)
-    if not stored:
-        return "already stored"
-    # Build the outputs here rather than through another broker hop (one hop less latency);
-    # if this process dies now, the reconciler finds the job `inferred` and sends `finish`.
-    return finish(job_id)
+@app.task(name="cxrnode.record_problem", **NODE_RETRIES)
+def record_problem(job_id: int, version: int, state: str, reason: str) -> str:
+    """A state reported by the inference side, which has no database."""
+    with sessions()() as session:
+        moved = states.transition(session, job_id, JobState(state), version=version, error=reason)
+    return state if moved else "refused"
 
 
-@app.task(name="cxrnode.finish", **NODE_RETRIES)
-def finish(job_id: int) -> str:
-    """Build the SR and SC of an inferred job, record them in the outbox (the job is then
-    done) and hand them to the send queue at once. Rows this task does not claim (it died
-    first, or the scheduler was quicker) are sent by the scheduler's outbox pass."""
-    from cxrnode.outputs import outbox as sender
-    from cxrnode.outputs.build import build_outputs
+@app.task(name="cxrnode.record_result", **NODE_RETRIES)
+def record_result(job_id: int, version: int, result: dict[str, Any]) -> str:
+    """Record the model's answer (once), then build and send the outputs in the same task
+    (one broker hop less); if this process dies in between, the reconciler finds the job
+    ``inferred`` and publishes build_outputs."""
+    try:
+        typed = ModelResult.from_dict(result)
+    except (TypeError, ValueError) as exc:
+        with sessions()() as session:
+            states.transition(
+                session, job_id, JobState.failed, version=version, error=f"bad result: {exc}"
+            )
+        return "failed"
+    with sessions()() as session:
+        moved = states.transition(session, job_id, JobState.inferred, version=version, result=typed)
+    if not moved:
+        return "already recorded, or superseded"
+    return build_and_send(job_id)
+
+
+@app.task(name="cxrnode.build_outputs", **NODE_RETRIES)
+def build_outputs(job_id: int, version: int) -> str:
+    """Build the outputs of a recorded result (recovery after a lost record_result run)."""
+    return build_and_send(job_id)
+
+
+def build_and_send(job_id: int) -> str:
+    """Write the job's outputs and their outbox rows (the job is then done), and hand them
+    to the send queue at once. Rows not claimed here are sent by the scheduler."""
+    from cxrnode.outputs import outbox
+    from cxrnode.outputs.build import build_outputs as build
 
     settings = get_settings()
-    with node_sessions()() as session:
-        output_ids = build_outputs(session, settings, job_id)
+    with sessions()() as session:
+        output_ids = build(session, settings, job_id)
     if not output_ids:
         return "no outputs to send"
-    with node_sessions()() as session:
-        batches = sender.due_outputs(
-            session, lease_seconds=sender.lease_seconds(settings), only=output_ids
+    with sessions()() as session:
+        batches = outbox.due_outputs(
+            session, lease_seconds=outbox.lease_seconds(settings), only=output_ids
         )
-    for batch in batches:
-        send.apply_async((batch.destination, batch.output_ids))
+    dispatcher().send_outputs(batches)
     return f"{len(output_ids)} outputs recorded"
 
 
 # ------------------------------------------------------------------------------------- send
 
 
-@app.task(name="cxrnode.send", **NODE_RETRIES)
-def send(destination: str, output_ids: list[int]) -> str:
-    """Send one study's due outputs to one destination (one association) and record each
-    outcome on its outbox row. Delivery retries are not Celery's: the row's next try is in
-    the database, where the scheduler finds it (Celery retries only a database outage)."""
-    from cxrnode.outputs.outbox import send_batch
+@app.task(name="cxrnode.send_outputs", **NODE_RETRIES)
+def send_outputs(destination: str, output_ids: list[int]) -> str:
+    """Send one study's claimed outputs to one destination (one association) and record
+    each outcome on its row. Delivery retries are the outbox's, not Celery's: a failed try
+    sets the row's next try, and the scheduler is woken to take it up then."""
+    from cxrnode.outputs.outbox import Verdict, send_batch
 
-    outcomes = send_batch(node_sessions(), get_settings(), destination, output_ids)
+    outcomes = send_batch(sessions(), get_settings(), destination, output_ids)
+    if any(o.verdict == Verdict.retry for o in outcomes.values()):
+        dispatcher().wake_scheduler()
     return ", ".join(f"{output_id}: {o.verdict}" for output_id, o in outcomes.items()) or "nothing"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -97,15 +98,14 @@ def status(
 @app.command()
 def worker(
     queues: Annotated[
-        str, typer.Option(help="Comma-separated queues: prepare, infer, deliver, send.")
-    ] = "prepare,infer,deliver,send",
+        str, typer.Option(help="Comma-separated queues: prepare, infer, outputs, send.")
+    ] = "prepare,infer,outputs,send",
     concurrency: Annotated[
         int | None, typer.Option(help="Threads; default: BATCH_SIZE for infer, else 4.")
     ] = None,
 ) -> None:
     """Run a Celery worker (e.g. `--queues infer` on a GPU host)."""
     from cxrnode.jobs.broker import QUEUES
-    from cxrnode.logs import setup_logging
 
     settings = _settings()
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
@@ -113,12 +113,10 @@ def worker(
     if unknown or not chosen:
         typer.echo(f"cxrnode worker: unknown queue(s) {unknown}; choose from {QUEUES}", err=True)
         raise typer.Exit(2)
-    setup_logging(settings.log_level)
-    # The composition root may import the worker package; cxrnode's library code never does.
-    from worker.app import run_worker
-
     threads = concurrency or (max(settings.batch_size, 4) if "infer" in chosen else 4)
-    run_worker(chosen, threads, settings.log_level)
+    # exec the worker package's own entry point: cxrnode never imports worker (or torch)
+    command = [sys.executable, "-m", "worker", "--queues", ",".join(chosen)]
+    os.execv(sys.executable, [*command, "--concurrency", str(threads)])
 
 
 @db_app.command("upgrade")

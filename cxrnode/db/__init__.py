@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
+from model.contracts import ModelResult
+
 UID = String(64)
 AET = String(16)
 
@@ -52,12 +54,14 @@ class StudyState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
-    pending = "pending"  # created, not yet handed to the queue
-    queued = "queued"  # prepare task enqueued
-    prepared = "prepared"  # 8-bit image ready, infer task enqueued
+    """Where a job is; the allowed moves are in :mod:`cxrnode.jobs.states`."""
+
+    pending = "pending"  # created by study grouping, not yet handed to the broker
+    queued = "queued"  # prepare_image enqueued
+    prepared = "prepared"  # display image and model input kept; infer_report enqueued
     waiting_model = "waiting_model"  # no usable model on the inference side; retried
-    inferred = "inferred"  # model answered; deliver task enqueued
-    done = "done"  # results stored (and outputs recorded in the outbox)
+    inferred = "inferred"  # the model's result is recorded; outputs being built
+    done = "done"  # outputs written and recorded in the outbox
     failed = "failed"  # cannot succeed without a person (reason given)
     superseded = "superseded"  # a newer job for the same study replaced this one
 
@@ -70,6 +74,7 @@ class OutputState(enum.StrEnum):
     delivered = "delivered"
     delivered_warning = "delivered_warning"  # peer answered with a warning status
     dead = "dead"  # permanent failure or out of tries; `cxrnode resend` revives it
+    superseded = "superseded"  # a newer version of the draft was built before this was sent
 
 
 class Instance(Base):
@@ -92,6 +97,9 @@ class Instance(Base):
     skip_reason: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    #: The header attributes later steps need (patient and study modules, UIDs, geometry), as
+    #: DICOM JSON, recorded at ingest so no later step parses the file's header again.
+    header: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Study(Base):
@@ -124,18 +132,29 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     error: Mapped[str | None] = mapped_column(Text)
-    model_id: Mapped[str | None] = mapped_column(String(512))
-    model_hash: Mapped[str | None] = mapped_column(String(64))
-    report: Mapped[str | None] = mapped_column(Text)
-    differential: Mapped[str | None] = mapped_column(Text)
-    recommendation: Mapped[str | None] = mapped_column(Text)
-    findings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the full ReportResult dict
-    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    batch_size: Mapped[int | None] = mapped_column(Integer)  # studies in its inference batch
-    batch_id: Mapped[str | None] = mapped_column(String(64))
+    #: The model's answer, stored once: ``ModelResult.to_dict()`` (see :attr:`model_result`).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
+    events: Mapped[list[JobEvent]] = relationship(order_by="JobEvent.id", viewonly=True)
+
+    @property
+    def model_result(self) -> ModelResult | None:
+        """The typed result (None before the model answered)."""
+        return None if self.result is None else ModelResult.from_dict(self.result)
+
+
+class JobEvent(Base):
+    """One accepted state change of a job: its history, and the stage timings."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class Output(Base):
@@ -215,16 +234,40 @@ def _sqlite_begin_immediate(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, full fsync on commit and a generous busy timeout."""
+def _sqlite_begin_deferred(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
+
+
+def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """Create an engine; SQLite gets WAL, full fsync on commit and a generous busy timeout.
+
+    On SQLite, every transaction of a writing engine starts with ``BEGIN IMMEDIATE`` (it takes
+    the write lock at once, so concurrent writers wait on the busy timeout instead of failing
+    when a read lock cannot be upgraded). A ``read_only`` engine starts plain ``BEGIN`` and
+    refuses writes (``PRAGMA query_only``): in WAL mode its readers never wait for a writer nor
+    hold one up, which is what status pages, the scheduler's due-work queries and metrics use.
+    """
     if url.startswith("sqlite"):
-        # Driver-level autocommit plus an explicit BEGIN IMMEDIATE: concurrent writers then wait
-        # on busy_timeout instead of failing with "database is locked" on lock upgrade.
+        # Driver-level autocommit plus an explicit BEGIN: SQLAlchemy's pysqlite default would
+        # issue none and let the driver open transactions implicitly.
         engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        if read_only:
+            event.listen(engine, "connect", _sqlite_query_only)
+            event.listen(engine, "begin", _sqlite_begin_deferred)
+        else:
+            event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if read_only:
+        engine = engine.execution_options(postgresql_readonly=True)
+    return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

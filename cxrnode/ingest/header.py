@@ -11,7 +11,9 @@ import re
 from datetime import date
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from model.contracts import StudyContext
 
@@ -263,3 +265,87 @@ def is_chest(ds: Dataset, *, default: bool = True) -> bool:
 def is_radiograph(ds: Dataset) -> bool:
     """CR or DX (For Presentation or For Processing) by SOP Class UID."""
     return str(ds.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES
+
+
+# --------------------------------------------------------------------------- recorded header
+
+#: The attributes ingest records for every instance, so that no later step reads the header
+#: again: the SOP, patient, study and series identity that the outputs copy into the source
+#: study (the Patient, General Study and Patient Study modules highdicom copies), the facts the
+#: model may use (age, sex, view) and the image geometry. Never logged.
+RECORDED_KEYWORDS: tuple[str, ...] = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    # Patient
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    # General Study and Patient Study
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    # Series and image
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ViewPosition",
+    "Laterality",
+    "ImageLaterality",
+    "InstanceNumber",
+    "PatientOrientation",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "PhotometricInterpretation",
+)
+
+
+_RECORDED_TAGS = tuple((keyword, tag_for_keyword(keyword)) for keyword in RECORDED_KEYWORDS)
+_NUMBER_VRS = {"DS": float, "FL": float, "FD": float, "IS": int, "US": int, "SS": int, "UL": int}
+
+
+def recorded_header(ds: Dataset) -> dict[str, Any]:
+    """The :data:`RECORDED_KEYWORDS` present in ``ds``, as a DICOM JSON object (PS3.18 F.2).
+
+    Written here rather than with ``Dataset.to_json_dict`` (five times slower): it runs in
+    the C-STORE handler for every instance, and these attributes have plain VRs.
+    """
+    out: dict[str, Any] = {}
+    for _keyword, tag in _RECORDED_TAGS:
+        if tag not in ds:
+            continue
+        element = ds[tag]
+        vr = str(element.VR)
+        value = element.value
+        if value is None or value == "" or (isinstance(value, MultiValue) and not len(value)):
+            out[f"{tag:08X}"] = {"vr": vr}
+            continue
+        values = list(value) if isinstance(value, MultiValue | list) else [value]
+        if vr == "PN":
+            encoded: list[Any] = [{"Alphabetic": str(v)} for v in values]
+        elif vr in _NUMBER_VRS:
+            encoded = [_NUMBER_VRS[vr](v) for v in values]
+        else:
+            encoded = [str(v) for v in values]
+        out[f"{tag:08X}"] = {"vr": vr, "Value": encoded}
+    return out
+
+
+def header_dataset(recorded: dict[str, Any] | None) -> Dataset:
+    """The recorded header as a pydicom Dataset again (empty when nothing was recorded)."""
+    if not recorded:
+        return Dataset()
+    return Dataset.from_json(recorded)

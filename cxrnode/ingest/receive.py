@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -29,7 +29,8 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from cxrnode.db import Instance, InstanceState, Study, StudyState, utcnow
+from cxrnode.db import Instance, InstanceState, Study, StudyState, make_engine, utcnow
+from cxrnode.ingest.header import classify_view, is_chest, recorded_header
 from cxrnode.ingest.storage import (
     adopt_durably,
     free_bytes,
@@ -49,9 +50,9 @@ CANNOT_UNDERSTAND = 0xC000
 # The statements of the per-instance transaction, built once: constructing SQLAlchemy
 # statements anew for every image cost more CPU than executing them.
 _INSTANCES, _STUDIES = Instance.__table__, Study.__table__
-_FIND_INSTANCE = select(_INSTANCES.c.id, _INSTANCES.c.study_id).where(
-    _INSTANCES.c.sop_instance_uid == bindparam("uid")
-)
+_FIND_INSTANCE = select(
+    _INSTANCES.c.id, _INSTANCES.c.study_id, _INSTANCES.c.study_instance_uid
+).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 _FIND_STUDY = select(_STUDIES.c.id, _STUDIES.c.settle_at)
 _FIND_STUDY_BY_UID = _FIND_STUDY.where(
     _STUDIES.c.study_instance_uid == bindparam("uid")
@@ -66,6 +67,7 @@ _REPLACE_INSTANCE = (
         path=bindparam("b_path"),
         size_bytes=bindparam("b_size"),
         received_at=bindparam("b_now"),
+        header=bindparam("b_header"),
     )
 )
 _COUNT_IN_STUDY = (
@@ -107,6 +109,7 @@ class Header:
     view: str | None
     transfer_syntax_uid: str
     skip_reason: str | None  # None: a chest image the model may read
+    recorded: dict[str, Any]  # the attributes later steps need, as DICOM JSON
 
 
 @dataclass(frozen=True)
@@ -216,8 +219,6 @@ def inspect(
         )
     _check_pixels(ds, total)
 
-    from cxrnode.ingest.header import classify_view, is_chest
-
     view = classify_view(ds)
     skip_reason = None
     if not is_chest(ds):
@@ -234,6 +235,7 @@ def inspect(
         view=view,
         transfer_syntax_uid=str(transfer_syntax),
         skip_reason=skip_reason,
+        recorded=recorded_header(ds),
     )
 
 
@@ -244,6 +246,7 @@ class Ingest:
         self.settings = settings
         self.sessions = sessions
         self.engine = sessions.kw["bind"]
+        self.reader = make_engine(settings.effective_database_url, read_only=True)
         self.reserve_bytes = settings.min_free_disk_mb * 1024 * 1024
 
     def disk_low(self) -> bool:
@@ -278,9 +281,20 @@ class Ingest:
             )
             return Outcome(refused.status, refused.reason)
 
-        if self.settings.duplicates == "keep_first" and self._known(header.sop_instance_uid):
+        existing = self._find(header.sop_instance_uid)
+        if existing is not None and existing.study_instance_uid != header.study_instance_uid:
+            log.warning(
+                "refused %s from %s: 0xA900 already received in another study",
+                header.sop_instance_uid,
+                calling_aet,
+            )
+            return Outcome(
+                DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance UID already received under another Study Instance UID",
+            )
+        if existing is not None and self.settings.duplicates == "keep_first":
             log.info("duplicate %s kept as first received", header.sop_instance_uid)
-            return Outcome(SUCCESS, "duplicate: first copy kept", duplicate=True)
+            return Outcome(SUCCESS, "duplicate: first copy kept", existing.id, duplicate=True)
 
         relpath = instance_relpath(header.study_instance_uid, header.sop_instance_uid)
         try:
@@ -289,20 +303,36 @@ class Ingest:
             log.error("cannot write %s: %s", header.sop_instance_uid, exc)
             return Outcome(OUT_OF_RESOURCES, f"cannot write to storage: {exc.strerror}")
         try:
-            instance_id, duplicate = self._record(header, relpath, size, calling_aet, peer_host)
+            instance_id, duplicate = self._record(
+                header, relpath, size, calling_aet, peer_host, existing
+            )
         except Exception as exc:
             log.exception("cannot record %s", header.sop_instance_uid)
             return Outcome(OUT_OF_RESOURCES, f"database unavailable: {type(exc).__name__}")
         return Outcome(SUCCESS, None, instance_id, duplicate, size)
 
-    def _known(self, sop_instance_uid: str) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first() is not None
+    def _find(self, sop_instance_uid: str) -> Any:
+        """The row of an instance already received (id, study_id, study_instance_uid) or None.
+
+        One read on the reader engine (no write lock); a concurrent first arrival of the same
+        instance is caught by the unique index when it is inserted.
+        """
+        with self.reader.connect() as conn:
+            row = conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
+            conn.rollback()
+            return row
 
     def _record(
-        self, header: Header, relpath: str, size: int, calling_aet: str, peer_host: str | None
+        self,
+        header: Header,
+        relpath: str,
+        size: int,
+        calling_aet: str,
+        peer_host: str | None,
+        existing: Any,
     ) -> tuple[int, bool]:
-        """Insert the instance row and count it in its study, in one transaction.
+        """Insert the instance row (or replace the known one's file) and count it in its
+        study, in one transaction.
 
         SQLAlchemy Core with prepared statements rather than the ORM: this runs once per
         received image while the caller waits for the answer (bench/ingest.py).
@@ -311,13 +341,16 @@ class Ingest:
         settle_at = now + timedelta(seconds=self.settings.settle_seconds)
         readable = header.skip_reason is None
         with self.engine.connect() as conn:
-            existing = conn.execute(_FIND_INSTANCE, {"uid": header.sop_instance_uid}).first()
-            if existing is not None:
-                if self.settings.duplicates == "keep_first":
-                    return existing.id, True
+            if existing is not None:  # DUPLICATES=replace: the new file takes the old one's place
                 conn.execute(
                     _REPLACE_INSTANCE,
-                    {"b_id": existing.id, "b_path": relpath, "b_size": size, "b_now": now},
+                    {
+                        "b_id": existing.id,
+                        "b_path": relpath,
+                        "b_size": size,
+                        "b_now": now,
+                        "b_header": header.recorded,
+                    },
                 )
                 if existing.study_id is not None and readable:
                     study = conn.execute(_FIND_STUDY_BY_ID, {"b_id": existing.study_id}).first()
@@ -348,6 +381,7 @@ class Ingest:
                         "skip_reason": header.skip_reason,
                         "received_at": now,
                         "study_id": study_id,
+                        "header": header.recorded,
                     },
                 )
                 conn.commit()

@@ -1,44 +1,132 @@
-"""The Celery configuration shared by the node (which sends tasks by name) and the workers.
+"""The broker: one Redis in both modes, and the Celery configuration shared by node and workers.
 
-Queues: ``prepare`` (node side, CPU: DICOM → 8-bit image), ``infer`` (GPU side: the model),
-``deliver`` (node side: store results, build outputs) and ``send`` (node side: C-STORE to the
-PACS). The node never imports the task code (it would pull torch); it sends by task name.
+Queues (tasks in ``worker/tasks.py``; the node sends them by name and never imports them):
 
-Embedded mode uses kombu's SQLAlchemy transport on an SQLite file (no broker server);
-distributed mode uses Redis. Messages are JSON.
+==========  =========================  ==================================================
+queue       task                       what it does
+==========  =========================  ==================================================
+prepare     ``cxrnode.prepare_image``  DICOM pixels → display image (kept) + 512² model input
+infer       ``cxrnode.infer_report``   the model (GPU side: needs only the broker)
+outputs     ``cxrnode.record_result``  record the answer, build and record SR/SC/...
+            ``cxrnode.record_problem`` a DB-less worker reports waiting_model / failed
+            ``cxrnode.build_outputs``  rebuild the outputs of a recorded result (recovery)
+send        ``cxrnode.send_outputs``   deliver one study's outputs to one destination
+==========  =========================  ==================================================
+
+**Embedded mode** (no ``BROKER_URL``): ``cxrnode serve`` starts and owns a ``redis-server``
+child listening only on a unix socket in DATA_DIR (no TCP port), with an append-only file in
+DATA_DIR/broker, and restarts it if it dies. **Distributed mode**: ``BROKER_URL=redis://…``.
+Both run the same kombu transport, whose consumers block in ``BRPOP`` and wake when work
+arrives: no polling. The database stays the truth; the broker is transport (a reconciler
+re-sends what the broker loses, see :mod:`cxrnode.jobs.tracking`).
+
+Besides Celery's queues the node keeps three small things in the same Redis: worker
+heartbeats and held jobs (:mod:`cxrnode.jobs.tracking`) and the scheduler's wake-up channel
+(:data:`WAKE_CHANNEL`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from celery import Celery
 
 from cxrnode.settings import Settings
 
-QUEUES = ("prepare", "infer", "deliver", "send")
+log = logging.getLogger(__name__)
+
+QUEUES = ("prepare", "infer", "outputs", "send")
 
 TASK_QUEUES = {
-    "cxrnode.prepare": "prepare",
-    "cxrnode.infer": "infer",
-    "cxrnode.deliver": "deliver",
-    "cxrnode.note": "deliver",
-    "cxrnode.finish": "deliver",
-    "cxrnode.send": "send",
+    "cxrnode.prepare_image": "prepare",
+    "cxrnode.infer_report": "infer",
+    "cxrnode.record_result": "outputs",
+    "cxrnode.record_problem": "outputs",
+    "cxrnode.build_outputs": "outputs",
+    "cxrnode.send_outputs": "send",
 }
 
-#: above the longest task (a batch of 8 three-turn conversations on a slow GPU)
+#: Pub/sub channel on which anything that creates due work wakes the scheduler.
+WAKE_CHANNEL = "cxrnode:wake"
+
+#: Above the longest task (a batch of 64 three-turn studies on a slow GPU): only after this
+#: does Redis hand an unacknowledged message out again. Lost work is found much sooner by the
+#: reconciler (heartbeats and held jobs), so this is a last resort.
 VISIBILITY_TIMEOUT = 2 * 3600
+
+#: Seconds an idle consumer's BRPOP blocks before it is re-issued (kombu's default is 1):
+#: work still wakes it at once; this only bounds idle wake-ups.
+BRPOP_TIMEOUT = 10
+
+_UNIX_PATH_MAX = 100  # sun_path is 108 bytes on Linux; leave room
+
+
+# ----------------------------------------------------------------------------- addresses
+
+
+def socket_path(settings: Settings) -> Path:
+    """The embedded broker's unix socket: in DATA_DIR/run, or in the temp dir when that path
+    is too long for a unix socket (the same for every process of one DATA_DIR)."""
+    path = settings.data_dir / "run" / "redis.sock"
+    if len(str(path)) <= _UNIX_PATH_MAX:
+        return path
+    digest = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"cxrnode-{digest}" / "redis.sock"
+
+
+def broker_url(settings: Settings) -> str:
+    """The Celery (kombu) URL: BROKER_URL, or the embedded Redis's socket."""
+    if settings.broker_url:
+        return settings.broker_url
+    return f"redis+socket://{socket_path(settings)}"
+
+
+def is_embedded(settings: Settings) -> bool:
+    return not settings.broker_url
+
+
+def redis_client(settings: Settings, *, timeout: float = 5.0) -> Any:
+    """A redis-py client for the broker's Redis (heartbeats, wake-ups, queue depths)."""
+    import redis
+
+    url = broker_url(settings)
+    if url.startswith("redis+socket://"):
+        return redis.Redis(
+            unix_socket_path=url.removeprefix("redis+socket://"), socket_timeout=timeout
+        )
+    if not url.startswith(("redis://", "rediss://")):
+        raise ValueError(
+            f"BROKER_URL {url!r} is not a Redis URL; cxrnode's broker is Redis "
+            "(redis://host:6379/0 or rediss://...), or leave it unset for the embedded one"
+        )
+    parts = urlsplit(url)
+    if parts.password:
+        # redis-py reads the password from the URL already; unquote keeps %-escapes working
+        url = url.replace(parts.password, unquote(parts.password), 1)
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- Celery
 
 
 def celery_app(settings: Settings) -> Celery:
     """A Celery app configured for this node's broker; tasks are registered by ``worker``."""
-    broker = settings.effective_broker_url
-    app = Celery("cxrnode", broker=broker, set_as_current=False)
-    conf: dict[str, Any] = dict(
+    app = Celery("cxrnode", broker=broker_url(settings), set_as_current=False)
+    app.conf.update(
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
-        task_default_queue="deliver",
+        task_default_queue="outputs",
         task_serializer="json",
         accept_content=["json"],
         task_acks_late=True,
@@ -46,78 +134,174 @@ def celery_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "polling_interval": BRPOP_TIMEOUT,
+        },
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
         enable_utc=True,
     )
-    if broker.startswith("sqla+"):
-        import kombu.transport.sqlalchemy as sqla_transport
-
-        # The transport hands every transport option to create_engine, so its polling
-        # interval (seconds between empty polls) is set on the class.
-        sqla_transport.Transport.polling_interval = 0.02
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        _use_wal(broker.removeprefix("sqla+"))
-    else:
-        conf.update(
-            broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
-            worker_send_task_events=True,  # Flower
-            task_send_sent_event=True,
-        )
-    app.conf.update(conf)
     return app
 
 
-def _use_wal(url: str) -> None:
-    """Put the embedded broker's SQLite file in WAL mode (the mode is stored in the file, so
-    kombu's own connections use it too): one fsync per commit instead of a rollback journal's
-    several, for every message published, fetched and acknowledged."""
-    if not url.startswith("sqlite:///"):
-        return
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30)) as db:
-        db.execute("PRAGMA journal_mode=WAL")
+def wake_scheduler(client: Any) -> None:
+    """Tell the scheduler there is new due work (a settle deadline, an output to send).
+    Never raises: the scheduler also wakes on its own at least every reconcile interval."""
+    with contextlib.suppress(Exception):
+        client.publish(WAKE_CHANNEL, b"1")
 
 
 def queue_depths(settings: Settings) -> dict[str, int | None]:
     """Messages waiting in each queue (None when the broker cannot be asked)."""
-    broker = settings.effective_broker_url
-    depths: dict[str, int | None] = {queue: None for queue in QUEUES}
+    depths: dict[str, int | None] = dict.fromkeys(QUEUES)
     try:
-        if broker.startswith(("redis://", "rediss://")):
-            import redis
-
-            client = redis.Redis.from_url(broker, socket_timeout=2)
+        client = redis_client(settings, timeout=2)
+        with client.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
-                depths[queue] = int(client.llen(queue))
-        elif broker.startswith("sqla+"):
-            from sqlalchemy import create_engine, text
-
-            engine = create_engine(broker.removeprefix("sqla+"))
-            try:
-                with engine.connect() as conn:
-                    tables = (
-                        conn.exec_driver_sql(
-                            "SELECT name FROM sqlite_master WHERE name='kombu_message'"
-                        ).first()
-                        if engine.dialect.name == "sqlite"
-                        else True
-                    )
-                    if tables:
-                        rows = conn.execute(
-                            text(
-                                "SELECT q.name, COUNT(m.id) FROM kombu_queue q LEFT JOIN "
-                                "kombu_message m ON m.queue_id = q.id AND m.visible "
-                                "GROUP BY q.name"
-                            )
-                        )
-                        counts = dict(rows.all())
-                        for queue in QUEUES:
-                            depths[queue] = int(counts.get(queue, 0))
-                    else:
-                        depths = {queue: 0 for queue in QUEUES}
-            finally:
-                engine.dispose()
+                pipe.llen(queue)
+            for queue, depth in zip(QUEUES, pipe.execute(), strict=True):
+                depths[queue] = int(depth)
+        client.close()
     except Exception:  # status must answer even when the broker is down
         pass
     return depths
+
+
+# ----------------------------------------------------------------------------- embedded
+
+
+def redis_server_binary() -> str:
+    """Path of ``redis-server``, or a clear error saying how to get one."""
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+    )
+    if not found:
+        raise RuntimeError(
+            "the embedded broker needs redis-server (Debian package redis-server; scripts/setup "
+            "installs it), or set CXRNODE_BROKER_URL=redis://host:6379/0 to use a running Redis"
+        )
+    return found
+
+
+class EmbeddedBroker:
+    """The ``redis-server`` child of ``cxrnode serve`` in embedded mode.
+
+    It listens only on a unix socket (mode 0700 directory, so other users of the machine
+    cannot reach it), keeps an append-only file in DATA_DIR/broker (``appendfsync everysec``:
+    the database is the truth, so a lost second of messages is re-sent by the reconciler), and
+    dies with its parent.
+    """
+
+    def __init__(self, settings: Settings, preexec_fn: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.preexec_fn = preexec_fn
+        self.socket = socket_path(settings)
+        self.directory = settings.data_dir / "broker"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.socket.parent, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()  # left by a killed server
+        log_file = self.directory / "redis.log"
+        args = [
+            redis_server_binary(),
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(log_file),
+            "--databases", "1",
+            "--hz", "1",  # background tasks once a second, not ten times: an idle node is quiet
+            "--dynamic-hz", "no",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self.preexec_fn
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the embedded broker (redis-server) exited with {self.proc.returncode}; "
+                    f"see {log_file}"
+                )
+            if self.answers():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"the embedded broker did not answer on {self.socket} in {timeout:.0f} s"
+        )
+
+    def answers(self) -> bool:
+        import redis
+
+        try:
+            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except (redis.RedisError, OSError):
+            return False
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            assert self.proc is not None
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            assert self.proc is not None
+            self.proc.kill()
+
+    def join(self, timeout: float) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+
+
+class Waker:
+    """Wakes the scheduler from a busy process without ever making the caller wait.
+
+    :meth:`poke` only sets a flag; a daemon thread publishes on :data:`WAKE_CHANNEL` (one
+    message for any number of pokes since the last). A C-STORE answer must never wait for
+    the broker, even when the broker is down.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._event = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="waker", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._event.set()
+
+    def _run(self) -> None:
+        client = None
+        while True:
+            self._event.wait()
+            self._event.clear()
+            try:
+                if client is None:
+                    client = redis_client(self.settings, timeout=2)
+                client.publish(WAKE_CHANNEL, b"1")
+            except Exception:
+                client = None  # the broker is down; the scheduler wakes on its own too
+                time.sleep(1.0)

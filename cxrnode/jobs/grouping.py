@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import (
@@ -20,11 +20,13 @@ from cxrnode.db import (
     Instance,
     InstanceState,
     Job,
+    JobEvent,
     JobState,
     Study,
     StudyState,
     utcnow,
 )
+from cxrnode.jobs.states import transition
 
 VIEW_RANK = {"PA": 0, "AP": 1}
 UNLABELLED_RANK = 2
@@ -89,7 +91,13 @@ def settle_due_studies(session: Session, now: datetime | None = None) -> list[in
         ):
             continue  # nothing better arrived (e.g. a duplicate or a lateral): keep the job
         if latest is not None and latest.state not in FINAL_JOB_STATES:
-            latest.state = JobState.superseded
+            transition(
+                session,
+                latest.id,
+                JobState.superseded,
+                detail="a better image arrived",
+                commit=False,
+            )
         study.version += 1
         study.chosen_instance_id = chosen.id
         job = Job(
@@ -101,6 +109,17 @@ def settle_due_studies(session: Session, now: datetime | None = None) -> list[in
             updated_at=now,
         )
         session.add(job)
+        session.flush()
+        session.add(
+            JobEvent(job_id=job.id, at=now, from_state=None, to_state=JobState.pending.value)
+        )
         new_jobs.append(job)
     session.commit()
     return [job.id for job in new_jobs]
+
+
+def next_settle_at(session: Session) -> datetime | None:
+    """When the next receiving study's quiet period ends (None: no study is receiving)."""
+    return session.scalar(
+        select(func.min(Study.settle_at)).where(Study.state == StudyState.receiving)
+    )

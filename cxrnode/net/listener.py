@@ -46,6 +46,7 @@ from sqlalchemy import update
 from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
 from cxrnode.ingest.receive import SUCCESS, Ingest
 from cxrnode.ingest.storage import clean_tmp
+from cxrnode.jobs.broker import Waker
 from cxrnode.net.receive import request_handler
 from cxrnode.settings import Settings
 
@@ -127,10 +128,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 class Handlers:
     """Event handlers of one listener process."""
 
-    def __init__(self, settings: Settings, ingest: Ingest, sessions: Any) -> None:
+    def __init__(
+        self, settings: Settings, ingest: Ingest, sessions: Any, waker: Waker | None = None
+    ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.sessions = sessions
+        self.waker = waker
         self._stats: dict[int, list[int]] = {}  # association log id -> [instances, bytes]
         self._lock = threading.Lock()
 
@@ -197,6 +201,8 @@ class Handlers:
         )
         # run_listener turns on pynetdicom's chunked receive: the dataset is already a file
         outcome = self.ingest.receive_file(Path(event.dataset_path), **received)
+        if outcome.status == SUCCESS and self.waker is not None:
+            self.waker.poke()  # a study's quiet period (re)starts: the scheduler recomputes
         row_id = getattr(event.assoc, "cxrnode_log_id", None)
         if row_id is not None and outcome.status == SUCCESS:
             with self._lock:
@@ -266,7 +272,7 @@ def run_listener(settings: Settings, processes: int) -> None:
     engine = make_engine(settings.effective_database_url)
     sessions = make_sessionmaker(engine)
     ingest = Ingest(settings, sessions)
-    handlers = Handlers(settings, ingest, sessions)
+    handlers = Handlers(settings, ingest, sessions, Waker(settings))
     ae = build_ae(settings, processes)
     handler_class = request_handler(settings.receive_tuning)
     servers = [

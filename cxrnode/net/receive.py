@@ -122,13 +122,16 @@ def check() -> str | None:
             (RequestHandler, "_create_association"),
             (AssociationSocket, "recv"),
             (AssociationSocket, "ready"),
-            (AssociationSocket, "socket"),
         )
         if not hasattr(owner, name)
     ]
-    probe = DULServiceProvider.__init__.__code__.co_names
-    if "_run_loop_delay" not in probe:
-        missing.append("DULServiceProvider._run_loop_delay")
+    # instance attributes: look for their assignment in the constructors
+    for owner, names in (
+        (AssociationSocket, ("socket", "_is_connected", "event_queue")),
+        (DULServiceProvider, ("_run_loop_delay",)),
+    ):
+        assigned = set(owner.__init__.__code__.co_names)
+        missing += [f"{owner.__name__}.{name}" for name in names if name not in assigned]
     if missing:
         return f"pynetdicom {version} lacks {', '.join(missing)}"
     return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -29,17 +30,20 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
+from cxrnode.ingest.header import header_dataset
 from cxrnode.ingest.storage import instance_relpath, write_durably
-from cxrnode.jobs import states as jobs
+from cxrnode.jobs.states import transition
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import PriorDocument, build_sr
 from cxrnode.outputs.sc import build_sc
-from cxrnode.prepare.display import ImagingError, display_image
+from cxrnode.prepare.display import ImagingError
+from cxrnode.prepare.images import load_display
 from cxrnode.settings import Settings
+from model.contracts import ModelResult
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -114,36 +118,43 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         session.rollback()
         return existing
     instance = session.get(Instance, job.instance_id)
-    source_path = None if instance is None else settings.instances_dir / instance.path
-    result, job_version = job.result, job.version
+    if instance is None:
+        session.rollback()
+        return _fail(session, job_id, job.version, "the job's source instance row is missing")
+    raw_result, job_version = job.result, job.version
+    header = header_dataset(instance.header)
+    study_uid, sop_uid = instance.study_instance_uid, instance.sop_instance_uid
+    source_path = settings.instances_dir / instance.path
     predecessor = previous_sr(session, settings, job)
-    # End the read transaction before the slow part: on SQLite every transaction holds the
-    # write lock, and the listener must be able to commit arrivals meanwhile.
+    # End the read transaction before the slow part: on SQLite every writing transaction holds
+    # the write lock, and the listener must be able to commit arrivals meanwhile.
     session.rollback()
 
-    if source_path is None:
-        return _fail(session, job_id, "the job's source instance row is missing")
     try:
-        draft = DraftReport.from_result(result or {}, PIPELINE_VERSION)
-        source = pydicom.dcmread(source_path)
+        if raw_result is None:
+            raise ValueError("the job is inferred but holds no model result")
+        result = ModelResult.from_dict(raw_result)
+        if "SOPInstanceUID" not in header:  # recorded before headers were kept (0001 rows)
+            header = pydicom.dcmread(source_path, stop_before_pixels=True)
+        draft = DraftReport.from_result(result.to_dict(), PIPELINE_VERSION)
+        display = load_display(settings, study_uid, sop_uid, source_path)
         objects = make_objects(
-            source,
-            display_image(source),
-            draft,
-            version=job_version,
-            predecessor=predecessor,
-            settings=settings,
+            header, display, draft, version=job_version, predecessor=predecessor, settings=settings
         )
     except (ImagingError, InvalidDicomError, OSError, TypeError, ValueError) as exc:
         log.warning("job %d: outputs cannot be built: %s", job_id, exc)
-        return _fail(session, job_id, f"outputs cannot be built: {exc}")
+        return _fail(session, job_id, job_version, f"outputs cannot be built: {exc}")
     built = [_write(settings, ds, kind) for kind, ds in objects]
 
-    job = session.get(Job, job_id, with_for_update=True)
+    # Record the rows and the state change in one transaction; a concurrent run that recorded
+    # them first (same files, same UIDs) wins, and this one returns its rows.
     existing = _row_ids(session, job_id)
-    if job is None or existing or job.state != JobState.inferred:
-        session.rollback()  # another run recorded them first (same files, same UIDs)
+    if existing:
+        session.rollback()
         return existing
+    if not transition(session, job_id, JobState.done, version=job_version, commit=False):
+        session.rollback()
+        return _row_ids(session, job_id)
     now = utcnow()
     rows = [
         Output.pending(
@@ -159,17 +170,33 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         for item in built
     ]
     session.add_all(rows)
+    superseded = _supersede_older(session, job, now)
     session.flush()
     ids = [row.id for row in rows]
-    jobs.finish(session, job_id)  # commits the rows and the state change together
+    session.commit()
     log.info(
-        "job %d: SR %s and SC %s written; %d outbox rows",
+        "job %d: %s written; %d outbox rows%s",
         job_id,
-        built[0].sop_instance_uid,
-        built[1].sop_instance_uid,
+        ", ".join(f"{item.kind} {item.sop_instance_uid}" for item in built),
         len(ids),
+        f"; {superseded} older pending outputs superseded" if superseded else "",
     )
     return ids
+
+
+def _supersede_older(session: Session, job: Job, now: datetime) -> int:
+    """Mark pending outputs of older versions of the study's draft superseded: a radiologist
+    must not receive a draft that a newer one already replaces."""
+    older = select(Job.id).where(Job.study_id == job.study_id, Job.version < job.version)
+    result = session.execute(
+        update(Output)
+        .where(Output.job_id.in_(older), Output.state == OutputState.pending)
+        .values(
+            state=OutputState.superseded, updated_at=now, last_error="a newer draft replaced it"
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
 
 
 def make_objects(
@@ -197,11 +224,11 @@ def make_objects(
 def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument | None:
     """The SR that a new version of a study's draft replaces, if one was sent or is on its way.
 
-    That is the SR of the highest earlier version of the same study that has an outbox row
-    not in the dead-letter state (delivered, or pending: it then travels in the same
-    association, before this one). A dead one never reached the PACS, so a viewer could not
-    follow the reference. Its UIDs are read from its file: the model or pipeline of the
-    earlier version may differ, so they cannot be recomputed.
+    That is the SR of the highest earlier version of the same study that reached a
+    destination. Older drafts still pending are superseded by the new one and never sent,
+    and a dead one never reached the PACS, so a viewer could not follow either reference.
+    Its UIDs are read from its file: the model or pipeline of the earlier version may
+    differ, so they cannot be recomputed.
     """
     row = session.scalars(
         select(Output)
@@ -210,7 +237,7 @@ def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument
             Job.study_id == job.study_id,
             Job.version < job.version,
             Output.kind == "sr",
-            Output.state != OutputState.dead,
+            Output.state.in_([OutputState.delivered, OutputState.delivered_warning]),
         )
         .order_by(Job.version.desc(), Output.id)
         .limit(1)
@@ -236,8 +263,8 @@ def _row_ids(session: Session, job_id: int) -> list[int]:
     )
 
 
-def _fail(session: Session, job_id: int, reason: str) -> list[int]:
-    jobs.set_state(session, job_id, JobState.failed, reason)
+def _fail(session: Session, job_id: int, version: int, reason: str) -> list[int]:
+    transition(session, job_id, JobState.failed, version=version, error=reason)
     return []
 
 

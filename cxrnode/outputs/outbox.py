@@ -45,7 +45,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Job, Output, OutputState, Study, utcnow
@@ -63,6 +63,7 @@ __all__ = [
     "association_outcome",
     "due_outputs",
     "lease_seconds",
+    "next_due",
     "resend",
     "retarget",
     "send_batch",
@@ -370,6 +371,13 @@ def due_outputs(
     ]
 
 
+def next_due(session: Session) -> datetime | None:
+    """When the next pending output is due (a retry, or a claim whose lease runs out)."""
+    return session.scalar(
+        select(func.min(Output.next_try_at)).where(Output.state == OutputState.pending)
+    )
+
+
 # ----------------------------------------------------------------------------------- sending
 
 
@@ -391,10 +399,10 @@ def send_batch(
     """Send outputs of one study to one destination in one association (or one STOW-RS
     request), and record the outcome on each row.
 
-    Only rows still pending for ``destination`` are sent, and of those only rows that were
-    claimed (in flight) or are due: a duplicate task arriving after an earlier one recorded
-    a failure does not jump the backoff. No database transaction is open while the network
-    is in use.
+    Only rows still pending for ``destination`` and claimed by :func:`due_outputs` (in
+    flight) are sent; the claim is not renewed here (it covers the wait in the queue and the
+    send). A duplicate task arriving after the first recorded its outcome finds nothing in
+    flight and sends nothing. No database transaction is open while the network is in use.
 
     Returns
     -------
@@ -402,7 +410,6 @@ def send_batch(
         The outcome of each output sent, by output id (empty when nothing was to be sent).
     """
     policy = RetryPolicy.from_settings(settings)
-    now = utcnow()
     with session_factory() as session:
         rows = session.execute(
             select(Output, Study.study_instance_uid, Job.version)
@@ -412,15 +419,10 @@ def send_batch(
                 Output.id.in_(list(output_ids)),
                 Output.destination == destination,
                 Output.state == OutputState.pending,
+                Output.last_status == IN_FLIGHT,
             )
-            .with_for_update(of=Output)
         ).all()
-        wanted = [
-            (row, study_uid, version)
-            for row, study_uid, version in rows
-            if row.last_status == IN_FLIGHT or row.next_try_at <= now
-        ]
-        wanted.sort(key=lambda r: (r[2], KIND_ORDER.get(r[0].kind, 9), r[0].id))
+        rows.sort(key=lambda r: (r[2], KIND_ORDER.get(r[0].kind, 9), r[0].id))
         items = [
             _Item(
                 row.id,
@@ -429,14 +431,10 @@ def send_batch(
                 row.sop_instance_uid,
                 settings.outputs_dir / row.path,
             )
-            for row, _, _ in wanted
+            for row, _, _ in rows
         ]
-        study_uid = wanted[0][1] if wanted else ""
-        lease_end = now + timedelta(seconds=lease_seconds(settings))
-        for row, _, _ in wanted:  # keep the claim while the network is in use
-            row.next_try_at = lease_end
-            row.last_status = IN_FLIGHT
-        session.commit()
+        study_uid = rows[0][1] if rows else ""
+        session.rollback()
     if not items:
         return {}
 

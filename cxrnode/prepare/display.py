@@ -43,6 +43,7 @@ __all__ = [
     "ImagingError",
     "display_image",
     "display_lut",
+    "model_input",
     "prepared_image",
     "read_dataset",
 ]
@@ -453,51 +454,37 @@ def display_image(source: str | os.PathLike | Dataset) -> np.ndarray:
 def prepared_image(
     source: str | os.PathLike | Dataset, size: int = 512, *, exact: bool = True
 ) -> np.ndarray:
-    """The model's ``size`` x ``size`` input: display image, LANCZOS shortest edge, centre crop.
+    """The model's ``size`` x ``size`` input for a DICOM image: :func:`model_input` of its
+    :func:`display_image`."""
+    return model_input(display_image(source), size, exact=exact)
+
+
+def model_input(display: np.ndarray, size: int = 512, *, exact: bool = True) -> np.ndarray:
+    """The model's ``size`` x ``size`` input from an 8-bit display image: LANCZOS on the
+    shortest edge, centre crop.
 
     Parameters
     ----------
-    source
-        Path of a DICOM Part-10 file, or a dataset read with its pixels.
+    display
+        ``uint8`` (H, W) display image.
     size
         Output edge in pixels (the model uses 512).
     exact
-        True (default) returns exactly ``model.preprocess.resize_and_crop(display_image(src))``,
-        the reference preprocessing.  False takes a cheaper road to nearly the same picture:
-        only the source rows and columns that can reach the crop are rendered, and PIL's
-        ``reducing_gap=2`` box-reduces by an integer factor before LANCZOS.  On 2500 x 2048
-        chest radiographs that halves the time; the result differs from the exact one by
-        about 0.1-0.3 grey levels on average and at most a few levels at sharp edges
-        (measured in ``bench/pixel.py`` and bounded in ``tests/imaging``).
-
-    Returns
-    -------
-    numpy.ndarray
-        ``uint8`` array of shape (size, size).
+        True returns exactly ``model.preprocess.resize_and_crop(display)``, the reference
+        preprocessing. False takes a cheaper road to nearly the same picture: only the part
+        of the image that can reach the crop is resampled, and PIL's ``reducing_gap=2``
+        box-reduces by an integer factor before LANCZOS. On 2500 x 2048 chest radiographs
+        that is several times faster; the result differs from the exact one by about
+        0.1-0.3 grey levels on average and at most a few levels at sharp edges (measured in
+        ``bench/pixel.py`` and bounded in ``tests/imaging``).
     """
-    from model.preprocess import resize_and_crop
-
-    if exact:
-        return resize_and_crop(display_image(source), size)
-    return _fast_prepared(source, size)
-
-
-def _fast_prepared(source: str | os.PathLike | Dataset, size: int) -> np.ndarray:
     from PIL import Image
 
     from model.preprocess import resize_and_crop, shortest_edge_size
 
-    ds = read_dataset(source)
-    _check_image(ds)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if (
-        photometric not in ("MONOCHROME1", "MONOCHROME2")
-        or min(_int(ds, "Rows"), _int(ds, "Columns")) < 2 * size
-    ):
-        return resize_and_crop(display_image(ds), size)  # colour or small: nothing to save
-    raw = _stored_frame(ds)
-    table = display_lut(ds, raw)
-    h, w = raw.shape
+    h, w = display.shape
+    if exact or min(h, w) < 2 * size:
+        return resize_and_crop(display, size)
     new_h, new_w = shortest_edge_size(h, w, size)
     sx, sy = w / new_w, h / new_h
     top, left = (new_h - size) // 2, (new_w - size) // 2
@@ -508,7 +495,7 @@ def _fast_prepared(source: str | os.PathLike | Dataset, size: int) -> np.ndarray
     x0 = max(0, int(left * sx - margin_x) // 8 * 8)
     y1 = min(h, int(np.ceil((top + size) * sy + margin_y)))
     x1 = min(w, int(np.ceil((left + size) * sx + margin_x)))
-    region = Image.fromarray(_apply(table, raw[y0:y1, x0:x1]))
+    region = Image.fromarray(np.ascontiguousarray(display[y0:y1, x0:x1]))
     box = (left * sx - x0, top * sy - y0, (left + size) * sx - x0, (top + size) * sy - y0)
     out = region.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=2.0)
     return np.asarray(out)

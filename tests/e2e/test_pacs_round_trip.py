@@ -102,7 +102,9 @@ def expected_findings(findings: dict[str, str]) -> set[tuple[str, str]]:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        ["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, timeout=60
+    )
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 

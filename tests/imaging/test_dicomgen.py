@@ -25,7 +25,7 @@ UNCOMPRESSED_VARIANTS = {
 
 
 def _dcmdump(path: Path) -> str:
-    proc = subprocess.run(["dcmdump", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/dcmdump", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -142,6 +142,6 @@ def test_generated_chests_have_no_iod_errors(gen_dir: Path, variant: str) -> Non
     path = dicomgen.make_chest(
         gen_dir / f"iod-{variant}.dcm", rows=32, cols=32, **UNCOMPRESSED_VARIANTS[variant]
     )
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
     assert errors == []

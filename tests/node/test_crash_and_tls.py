@@ -23,7 +23,15 @@ def test_every_acknowledged_instance_survives_kill9_of_the_node(make_node, tmp_p
         for i in range(120)
     ]
     sender = subprocess.Popen(
-        ["storescu", "-v", "-aec", "CXRNODE", "127.0.0.1", str(node.port), *map(str, files)],
+        [
+            "/usr/bin/storescu",
+            "-v",
+            "-aec",
+            "CXRNODE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -45,7 +45,7 @@ def rows(database_url: str, model: type) -> list:
 def dcmsend(port: int, *files: Path, calling: str = "DCMSEND") -> subprocess.CompletedProcess:
     return subprocess.run(
         [
-            "dcmsend",
+            "/usr/bin/dcmsend",
             "-v",
             "-aet",
             calling,

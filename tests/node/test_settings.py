@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cxrnode.jobs.broker import broker_url, socket_path
 from cxrnode.settings import Settings, example_toml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,11 +63,22 @@ def test_invalid_settings_say_what_is_wrong(
         Settings()
 
 
+def test_a_data_dir_too_deep_for_a_unix_socket_gets_a_short_socket_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("CXRNODE_DATA_DIR", str(deep))
+    path = socket_path(Settings())
+    assert len(str(path)) <= 100 and path.name == "redis.sock"
+    monkeypatch.setenv("CXRNODE_DATA_DIR", str(deep))
+    assert socket_path(Settings()) == path  # every process of one DATA_DIR agrees
+
+
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CXRNODE_DATA_DIR", str(tmp_path))
     settings = Settings()
     assert settings.effective_database_url == f"sqlite:///{tmp_path / 'cxrnode.db'}"
-    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert broker_url(settings) == f"redis+socket://{tmp_path / 'run' / 'redis.sock'}"
     assert (settings.ae_title, settings.dicom_port, settings.settle_seconds) == (
         "CXRNODE",
         11112,

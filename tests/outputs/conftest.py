@@ -123,7 +123,9 @@ def validate(tmp_path: Path) -> Callable[[Dataset], Validation]:
     def run(ds: Dataset) -> Validation:
         path = tmp_path / f"object{next(counter)}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, timeout=60
+        )
         output = proc.stdout + proc.stderr
         lines = output.splitlines()
         return Validation(

@@ -85,7 +85,7 @@ FINDINGS = (
 
 
 def model_result(**overrides: object) -> dict:
-    """A model answer in the ReportResult.to_dict() shape."""
+    """A model answer in the ModelResult.to_dict() shape."""
     findings = dict.fromkeys(FINDINGS, "not_mentioned")
     findings.update(cardiomegaly="present", pleural_effusion="present", pneumothorax="absent")
     result = {
@@ -96,7 +96,8 @@ def model_result(**overrides: object) -> dict:
         "findings": findings,
         "finding_sources": dict.fromkeys(FINDINGS, "report"),
         "prompts": {"report": "default", "differential": "default"},
-        "model": {"id": "/models/tiny-cxr-llava", "hash": MODEL_HASH},
+        "model_id": "/models/tiny-cxr-llava",
+        "model_hash": MODEL_HASH,
         "timings": {"encode": 0.1, "prefill": 0.2, "decode": 0.3, "total": 0.6},
     }
     result.update(overrides)
@@ -181,11 +182,19 @@ class Outbox:
                 query = query.where(Output.id.in_(ids))
             return list(session.scalars(query))
 
+    def mark(self, output_id: int, state: OutputState) -> None:
+        with self.sessions() as session:
+            session.get(Output, output_id).state = state
+            session.commit()
+
     def claim(self, **kwargs: object) -> list:
         with self.sessions() as session:
             return due_outputs(session, **kwargs)
 
     def send(self, destination: str, ids: list[int]) -> dict:
+        """Claim the due rows among ``ids`` (as the scheduler does), then send them."""
+        with self.sessions() as session:
+            due_outputs(session, only=ids)
         return send_batch(self.sessions, self.settings, destination, ids)
 
     def with_destinations(self, *destinations: str) -> Outbox:
@@ -283,7 +292,16 @@ def storescp(directory: Path, *extra: str, ae_title: str = "STORESCP") -> Iterat
     log = directory.parent / f"{directory.name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            ["storescp", "-v", "-aet", ae_title, "-od", str(directory), *extra, str(peer.port)],
+            [
+                "/usr/bin/storescp",
+                "-v",
+                "-aet",
+                ae_title,
+                "-od",
+                str(directory),
+                *extra,
+                str(peer.port),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -424,6 +442,7 @@ def test_a_new_version_references_the_sr_it_replaces(outbox: Outbox) -> None:
     study = generate_uid()
     first = outbox.job(outbox.source(study))
     first_sr = next(r for r in outbox.rows(outbox.build(first)) if r.kind == "sr")
+    outbox.mark(first_sr.id, OutputState.delivered)  # it reached the PACS
     second = outbox.job(outbox.source(study), version=2)
     second_sr = next(r for r in outbox.rows(outbox.build(second)) if r.kind == "sr")
 
@@ -434,6 +453,19 @@ def test_a_new_version_references_the_sr_it_replaces(outbox: Outbox) -> None:
     reference = prior.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert reference.ReferencedSOPInstanceUID == first_sr.sop_instance_uid
     assert sr.InstanceNumber == 2
+
+
+def test_a_new_version_supersedes_the_older_drafts_still_waiting_to_be_sent(
+    outbox: Outbox,
+) -> None:
+    study = generate_uid()
+    first = outbox.rows(outbox.build(outbox.job(outbox.source(study))))
+    second = outbox.rows(outbox.build(outbox.job(outbox.source(study), version=2)))
+    assert {r.state for r in outbox.rows([r.id for r in first])} == {OutputState.superseded}
+    assert {r.state for r in second} == {OutputState.pending}
+    sr = pydicom.dcmread(outbox.settings.outputs_dir / next(r for r in second if r.kind == "sr").path)
+    assert "PredecessorDocumentsSequence" not in sr  # the first never reached a viewer
+    assert outbox.send(outbox.settings.destinations[0], [r.id for r in first]) == {}
 
 
 def test_without_destinations_the_files_are_written_and_nothing_is_queued(
@@ -515,7 +547,7 @@ def test_a_study_s_sr_and_sc_travel_in_one_association_to_storescp(
     assert all(r.last_status == "0x0000" and r.last_error is None for r in rows)
     # what arrived is what was written, and it is a valid object
     for path in (tmp_path / "received").iterdir():
-        check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        check = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
         assert not [line for line in check.stderr.splitlines() if line.startswith("Error")]
 
 

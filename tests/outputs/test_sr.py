@@ -255,7 +255,9 @@ def test_dsrdump_parses_the_sr_and_dsr2html_renders_the_findings_text(
     findings = "Patchy café-coloured opacity in the right lower zone."
     path = save(build_sr(rg1, make_draft(report=findings)), "sr.dcm")
 
-    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    dump = subprocess.run(
+        ["/usr/bin/dsrdump", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert dump.returncode == 0, dump.stderr
     assert "Comprehensive SR Document" in dump.stdout
     assert "Verification Flag   : UNVERIFIED" in dump.stdout
@@ -263,7 +265,7 @@ def test_dsrdump_parses_the_sr_and_dsr2html_renders_the_findings_text(
 
     page = tmp_path / "sr.html"
     rendered = subprocess.run(
-        ["dsr2html", str(path), str(page)], capture_output=True, text=True, timeout=60
+        ["/usr/bin/dsr2html", str(path), str(page)], capture_output=True, text=True, timeout=60
     )
     assert rendered.returncode == 0, rendered.stderr
     text = html.unescape(page.read_text(encoding="utf-8"))

@@ -1,0 +1,185 @@
+"""The node's scheduler: settles studies, hands new jobs and due outputs to the broker, and
+re-sends work the broker lost. It sleeps until something is due.
+
+Nothing here polls on a fixed tick. Each pass computes the next moment something becomes
+due (a study's quiet period ends, an output's retry or claim runs out, the next
+reconciliation) and then blocks on the broker's wake-up channel until that moment or until
+someone publishes there: the listener after each readable arrival, a send task after it
+scheduled a retry. An idle node therefore wakes once per reconcile interval, runs two
+indexed read-only queries, and sleeps again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+from cxrnode.db import utcnow
+from cxrnode.ingest.header import header_dataset, study_context
+from cxrnode.jobs import states, tracking
+from cxrnode.jobs.broker import TASK_QUEUES, WAKE_CHANNEL
+from cxrnode.jobs.dispatch import Dispatcher
+from cxrnode.jobs.grouping import next_settle_at, settle_due_studies
+from cxrnode.outputs import outbox
+from cxrnode.prepare.images import load_model_input
+from cxrnode.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The longest the scheduler blocks without looking at its stop flag.
+STOP_CHECK_SECONDS = 1.0
+
+
+class Scheduler:
+    """One pass (:meth:`run_once`) and the loop around it (:meth:`run`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker,
+        readers: sessionmaker,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.readers = readers
+        self.dispatch = dispatcher or Dispatcher(settings)
+        self._next_reconcile = 0.0
+        self._started = False
+
+    # ------------------------------------------------------------------------------ one pass
+    def run_once(self, now_monotonic: float | None = None) -> float:
+        """Do everything due now; return the seconds until the next thing is due."""
+        now_monotonic = time.monotonic() if now_monotonic is None else now_monotonic
+        if self.settle_studies() or not self._started:
+            self.queue_new_jobs()  # new jobs come only from settling (and from a previous run)
+            self._started = True
+        self.send_due_outputs()
+        if now_monotonic >= self._next_reconcile:
+            self.reconcile()
+            self._next_reconcile = now_monotonic + self.settings.reconcile_interval
+        return self.seconds_until_due(now_monotonic)
+
+    def settle_studies(self) -> list[int]:
+        """Settle the studies whose quiet period is over; return the new jobs' ids."""
+        with self.readers() as session:
+            due = next_settle_at(session)
+        if due is None or due > utcnow():
+            return []  # read-only check first: no write lock when nothing is due
+        with self.sessions() as session:
+            return settle_due_studies(session)
+
+    def queue_new_jobs(self) -> None:
+        with self.sessions() as session:
+            for work in states.take_pending(session):
+                self.dispatch.prepare_image(work.job_id, work.version)
+
+    def send_due_outputs(self) -> None:
+        """Hand outputs whose next try is due to the send queue, one task per study and
+        destination; the claim moves their next try ahead by a lease, so they are handed
+        out once."""
+        with self.readers() as session:
+            due = outbox.next_due(session)
+        if due is None or due > utcnow():
+            return
+        with self.sessions() as session:
+            batches = outbox.due_outputs(session, lease_seconds=outbox.lease_seconds(self.settings))
+        self.dispatch.send_outputs(batches)
+
+    def reconcile(self) -> None:
+        """The database is the truth: re-send jobs whose message is neither waiting in a queue
+        nor held by a live worker (see :mod:`cxrnode.jobs.tracking`)."""
+        redis = self.dispatch.redis
+        held = tracking.held_jobs(tracking.live_workers(redis))
+        waiting, orphans = tracking.verify_waiting(
+            redis, tracking.waiting(redis), held, TASK_QUEUES, tracking.HEARTBEAT_TTL
+        )
+        log.debug("reconcile: waiting %s, held %s", sorted(waiting), sorted(held))
+        with self.sessions() as session:
+            resend, failed = states.find_lost(
+                session,
+                waiting=waiting,
+                held=held,
+                grace_seconds=tracking.HEARTBEAT_TTL,
+                deadline_seconds=self.settings.job_deadline_seconds,
+            )
+        lost = [item.job_id for item in resend] + failed
+        tracking.forget(redis, lost, [tag for job in lost for tag in orphans.get(job, [])])
+        for job_id in failed:
+            log.error("job %d failed: its work was lost %d times", job_id, states.MAX_ATTEMPTS)
+        for item in resend:
+            log.warning("job %d: its %s message was lost; sending it again", item.job_id, item.task)
+            self.resend(item)
+
+    def resend(self, item: states.Resend) -> None:
+        if item.task != "infer_report":
+            self.dispatch.job_task(item.task, item.job_id, item.version)
+            return
+        with self.readers() as session:
+            work = states.prepare_work(session, item.job_id, item.version)
+        if work is None:
+            return
+        image = load_model_input(self.settings, work.study_instance_uid, work.sop_instance_uid)
+        if image is None:  # the kept input is gone: prepare again
+            self.dispatch.prepare_image(item.job_id, item.version)
+            return
+        context = study_context(header_dataset(work.header))
+        self.dispatch.infer_report(item.job_id, item.version, image, context)
+
+    def seconds_until_due(self, now_monotonic: float) -> float:
+        with self.readers() as session:
+            moments = [next_settle_at(session), outbox.next_due(session)]
+        wall_now = utcnow()
+        until = self._next_reconcile - now_monotonic
+        for moment in moments:
+            if moment is not None:
+                until = min(until, _seconds_between(wall_now, moment))
+        return max(0.0, until)
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event) -> None:
+        """Run passes until ``stop`` is set, sleeping on the wake-up channel in between."""
+        pubsub: Any = None
+        while not stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.dispatch.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(WAKE_CHANNEL)
+                wait = self.run_once()
+                self._sleep(pubsub, wait, stop)
+            except Exception:  # the scheduler must outlive a bad moment of the DB or broker
+                log.exception("scheduler pass failed; retrying in a few seconds")
+                pubsub = _close(pubsub)
+                stop.wait(3.0)
+        _close(pubsub)
+
+    def _sleep(self, pubsub: Any, seconds: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            message = pubsub.get_message(timeout=min(remaining, STOP_CHECK_SECONDS))
+            if message is not None:
+                # drain a burst of wake-ups (one per arrival) into a single pass
+                while pubsub.get_message(timeout=0.0) is not None:
+                    pass
+                return
+
+
+def _seconds_between(now: datetime, moment: datetime) -> float:
+    return (moment - now).total_seconds()
+
+
+def _close(pubsub: Any) -> None:
+    if pubsub is not None:
+        try:
+            pubsub.close()
+        except Exception:
+            log.debug("closing the wake-up subscription failed", exc_info=True)
+    return None

@@ -1,0 +1,286 @@
+"""Which work is where: messages waiting in a queue, jobs held by a live worker, and the rest.
+
+The database says what state each job is in; the broker only carries messages, and may lose
+them (a worker killed with its prefetched messages, Redis restarted empty). To notice a lost
+message in about a minute without re-running work that is merely slow, the node keeps two
+small records in the broker's Redis:
+
+- **waiting**: a hash ``cxrnode:waiting`` of job id → (stage, when). The node writes the
+  entry just before it publishes a task message; the worker that *receives* the message
+  removes it (Celery's ``task_received`` signal, so prefetched messages count as held).
+- **held**: every worker process publishes a heartbeat ``cxrnode:worker:<name>`` every
+  :data:`HEARTBEAT_SECONDS`, expiring after :data:`HEARTBEAT_TTL`, naming its queues, its
+  state (e.g. which model it has loaded) and the jobs it holds (received, not yet finished).
+
+A job in flight is then either waiting, or held by a worker whose heartbeat is alive, or lost.
+A waiting mark older than the grace period is checked against the broker itself
+(:func:`verify_waiting`): a worker killed in the instant between taking a message and
+reporting it leaves a mark whose message is in no queue, or only in kombu's unacknowledged
+set with no live worker holding its job.
+A worker killed with ``kill -9`` stops heartbeating; its key expires after
+:data:`HEARTBEAT_TTL` seconds and the reconciler re-sends its jobs. A Redis restarted empty
+loses both records along with the messages, so everything in flight is re-sent once (the
+job state machine makes a late duplicate harmless). A slow batch keeps its worker
+heartbeating, so it is left alone; only the hard ``JOB_DEADLINE_SECONDS`` bounds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WAITING_KEY = "cxrnode:waiting"
+WORKER_PREFIX = "cxrnode:worker:"
+#: Seconds between two heartbeats of a worker.
+HEARTBEAT_SECONDS = 10.0
+#: A worker whose heartbeat is older than this is gone (three missed beats).
+HEARTBEAT_TTL = 30
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One live worker process, as its last heartbeat describes it."""
+
+    name: str
+    queues: tuple[str, ...]
+    host: str
+    pid: int
+    held: frozenset[int] = frozenset()
+    state: dict[str, Any] = field(default_factory=dict)  # e.g. {"model": "loaded", ...}
+    seen_at: float = 0.0  # time.time() of the heartbeat
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "queues": list(self.queues),
+                "host": self.host,
+                "pid": self.pid,
+                "held": sorted(self.held),
+                "state": self.state,
+                "seen_at": self.seen_at,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> WorkerInfo:
+        data = json.loads(raw)
+        return cls(
+            name=str(data["name"]),
+            queues=tuple(data.get("queues") or ()),
+            host=str(data.get("host", "")),
+            pid=int(data.get("pid", 0)),
+            held=frozenset(int(j) for j in data.get("held") or ()),
+            state=dict(data.get("state") or {}),
+            seen_at=float(data.get("seen_at", 0.0)),
+        )
+
+
+# ------------------------------------------------------------------------------ node side
+
+
+def mark_waiting(client: Any, job_ids: Iterable[int], stage: str) -> None:
+    """Record that messages for these jobs are about to be published (call before sending)."""
+    now = time.time()
+    mapping = {str(job_id): json.dumps([stage, now]) for job_id in job_ids}
+    if mapping:
+        client.hset(WAITING_KEY, mapping=mapping)
+
+
+#: The message header that names a task message's job (searchable in the raw message).
+JOB_HEADER = "cxrnode_job"
+_JOB_IN_MESSAGE = re.compile(rb'"cxrnode_job":\s*(\d+)')
+# kombu's Redis transport: a queue's messages are in the list <queue> (and <queue>\x06\x16<n>
+# for priorities 3, 6, 9); messages handed to a consumer and not yet acknowledged are in the
+# hash "unacked" (delivery tag -> [message, exchange, routing key]) with their hand-out time
+# in the sorted set "unacked_index".
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def _jobs_in(raw_messages: Iterable[bytes | None]) -> list[int]:
+    jobs = []
+    for raw in raw_messages:
+        match = _JOB_IN_MESSAGE.search(raw or b"")
+        if match:
+            jobs.append(int(match.group(1)))
+    return jobs
+
+
+def verify_waiting(
+    client: Any,
+    marks: dict[int, tuple[str, float]],
+    held: set[int],
+    queues: dict[str, str],
+    grace_seconds: float,
+    now: float | None = None,
+) -> tuple[dict[int, tuple[str, float]], dict[int, list[bytes]]]:
+    """Keep only the waiting marks whose message the broker really has.
+
+    Marks younger than ``grace_seconds``, and marks of held jobs, are kept as they are. For
+    older ones the queue of their task (``queues``: task name -> queue) and kombu's
+    unacknowledged set are searched for a message naming the job. Returns the marks still
+    waiting, and the delivery tags of unacknowledged messages whose job no live worker holds
+    (orphans of a dead worker: the caller re-sends the job and may drop these).
+    """
+    now = time.time() if now is None else now
+    old = {
+        job: mark
+        for job, mark in marks.items()
+        if now - mark[1] > grace_seconds and job not in held
+    }
+    if not old:
+        return marks, {}
+    queued: set[int] = set()
+    for queue in {queues.get(f"cxrnode.{stage}", stage) for stage, _ in old.values()}:
+        for suffix in _PRIORITY_SUFFIXES:
+            queued.update(_jobs_in(client.lrange(queue + suffix, 0, -1)))
+    orphans: dict[int, list[bytes]] = {}
+    stale_tags = client.zrangebyscore(UNACKED_INDEX, "-inf", now - grace_seconds)
+    if stale_tags:
+        for tag, raw in zip(stale_tags, client.hmget(UNACKED, stale_tags), strict=True):
+            for job in _jobs_in([raw]):
+                if job not in held:
+                    orphans.setdefault(job, []).append(tag)
+    kept = {job: mark for job, mark in marks.items() if job not in old or job in queued}
+    return kept, orphans
+
+
+def forget(client: Any, job_ids: Iterable[int], orphan_tags: Iterable[bytes] = ()) -> None:
+    """Drop the waiting marks of ``job_ids`` and the given unacknowledged messages (their jobs
+    were re-sent, so kombu must not hand them out again after its visibility timeout)."""
+    ids = [str(j) for j in job_ids]
+    tags = list(orphan_tags)
+    with client.pipeline(transaction=False) as pipe:
+        if ids:
+            pipe.hdel(WAITING_KEY, *ids)
+        if tags:
+            pipe.zrem(UNACKED_INDEX, *tags)
+            pipe.hdel(UNACKED, *tags)
+        pipe.execute()
+
+
+def waiting(client: Any) -> dict[int, tuple[str, float]]:
+    """Jobs whose message is in a queue: job id → (stage, when it was published)."""
+    out: dict[int, tuple[str, float]] = {}
+    for key, value in client.hgetall(WAITING_KEY).items():
+        stage, when = json.loads(value)
+        out[int(key)] = (str(stage), float(when))
+    return out
+
+
+def live_workers(client: Any) -> list[WorkerInfo]:
+    """Every worker whose heartbeat has not expired."""
+    keys = list(client.scan_iter(match=WORKER_PREFIX + "*", count=100))
+    if not keys:
+        return []
+    workers = []
+    for raw in client.mget(keys):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            workers.append(WorkerInfo.from_json(raw))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable worker heartbeat")
+    return sorted(workers, key=lambda w: w.name)
+
+
+def held_jobs(workers: Iterable[WorkerInfo]) -> set[int]:
+    held: set[int] = set()
+    for worker in workers:
+        held |= worker.held
+    return held
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+class Heartbeat:
+    """The heartbeat of one worker process, and the set of jobs it holds.
+
+    ``hold``/``release`` are called from Celery signal handlers (any thread); each change is
+    published at once, and a background thread re-publishes every :data:`HEARTBEAT_SECONDS`.
+    """
+
+    def __init__(self, client: Any, name: str, queues: Iterable[str]) -> None:
+        self.client = client
+        self.name = name
+        self.queues = tuple(queues)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.state: dict[str, Any] = {}
+        self._held: dict[int, int] = {}  # job id -> how many of its messages this worker holds
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    @property
+    def key(self) -> str:
+        return WORKER_PREFIX + self.name
+
+    def start(self) -> Heartbeat:
+        self.publish()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):  # the broker may be gone already
+            self.client.delete(self.key)
+
+    def hold(self, job_id: int) -> None:
+        """This worker received a message for ``job_id``: it is no longer waiting."""
+        with self._lock:
+            self._held[job_id] = self._held.get(job_id, 0) + 1
+        self.publish()
+        try:
+            self.client.hdel(WAITING_KEY, str(job_id))
+        except Exception:
+            log.warning("cannot clear the waiting mark of job %d (broker unreachable)", job_id)
+
+    def release(self, job_id: int) -> None:
+        with self._lock:
+            count = self._held.get(job_id, 0) - 1
+            if count > 0:
+                self._held[job_id] = count
+            else:
+                self._held.pop(job_id, None)
+        self.publish()
+
+    def set_state(self, **state: Any) -> None:
+        with self._lock:
+            self.state.update(state)
+        self.publish()
+
+    def info(self) -> WorkerInfo:
+        with self._lock:
+            return WorkerInfo(
+                name=self.name,
+                queues=self.queues,
+                host=self.host,
+                pid=self.pid,
+                held=frozenset(self._held),
+                state=dict(self.state),
+                seen_at=time.time(),
+            )
+
+    def publish(self) -> None:
+        try:
+            self.client.set(self.key, self.info().to_json(), ex=HEARTBEAT_TTL)
+        except Exception:  # a broker outage must not break the task; the next beat retries
+            log.debug("heartbeat not published", exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self.publish()

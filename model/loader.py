@@ -328,7 +328,7 @@ def load_model(
             if name != "llama":
                 child.to(final_device)
         for name, child in model.llama.named_children():
-            if name != "layers":
+            if name not in ("layers", "rotary_emb"):  # RoPE is rebuilt below, on the device
                 child.to(final_device)
         quantize_decoder(model, quantize)
     model.reset_rotary()

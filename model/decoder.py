@@ -221,6 +221,17 @@ class SlotDecoder:
         graph.replay()
         return self.logits
 
+    def warm_up(self) -> None:
+        """Capture the decode graphs of every width now (CUDA), not in the middle of serving.
+
+        Only for an empty cache: it writes at the slots' current positions (0 when empty).
+        """
+        if not self.cuda_graphs:
+            return
+        with torch.inference_mode():
+            for width in range(self.bucket, self.capacity + self.bucket, self.bucket):
+                self.decode(min(width, self.capacity))
+
     def _decode_step(self, width: int) -> torch.Tensor:
         positions = self.positions[:, None]  # [S, 1]
         x = self.model.embed_tokens(self.tokens[:, None])  # [S, 1, hidden]

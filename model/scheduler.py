@@ -151,6 +151,7 @@ class SchedulerStats:
     context_sum: int = 0  # sum over steps and decoding rows of the attended positions (bound)
     prefill_calls: int = 0
     prefill_tokens: int = 0
+    prefill_pairs: int = 0  # (query, key) pairs attended in prefill, for FLOP counts
     prefill_time: float = 0.0
     encode_time: float = 0.0
     images: int = 0
@@ -502,6 +503,9 @@ class Scheduler:
         elapsed = time.perf_counter() - t0
         now = time.perf_counter()
         fed = sum(int(j[2].shape[0]) for j in chunk)
+        for _, start, embeds in chunk:
+            n = int(embeds.shape[0])
+            self.stats.prefill_pairs += n * start + n * (n + 1) // 2
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += fed
         self.stats.prefill_time += elapsed

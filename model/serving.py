@@ -103,6 +103,7 @@ class ReportServer:
             sync_every=sync_every,
             **scheduler_options,
         )
+        self._scheduler.decoder.warm_up()  # CUDA graphs captured before the first study
         self._incoming: deque[_Request] = deque()
         self._futures: dict[int, Future] = {}
         self._lock = threading.Lock()

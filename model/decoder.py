@@ -77,6 +77,7 @@ class SlotDecoder:
     ) -> None:
         if slots < 1 or capacity < 2:
             raise ValueError(f"need slots >= 1 and capacity >= 2, found {slots} and {capacity}.")
+        capacity = -(-capacity // 16) * 16  # aligned masks keep SDPA on its fused kernels
         self.model = model
         self.slots = slots
         self.capacity = capacity

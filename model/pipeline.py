@@ -42,16 +42,18 @@ __all__ = ["ReportEngine", "StudyContext", "StudyConversation", "default_capacit
 STATES = {1: "present", 0: "absent", -1: "uncertain", None: "not_mentioned"}
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 PATHOLOGIES = tuple(n for n in FINDINGS if n != "no_finding")
+PROMPT_ALLOWANCE = 192  # ids of prompt text a slot keeps room for, besides the follow-ups
 
 
 def default_capacity(config: Any, max_new_tokens: int = MAX_NEW_TOKENS, turns: int = 3) -> int:
     """Positions a slot needs for a ``turns``-turn study at ``max_new_tokens`` per answer.
 
-    The image, then per turn one answer and up to ``max_new_tokens`` of prompt text (the
-    prompts are ~100 tokens, the confirmation questions ~20), capped by the model's context.
+    The image, ``turns`` answers, and room for the prompt text: the system and report prompts
+    take ~100 ids (~140 with the paediatric caution), a follow-up question ~20. Capped by the
+    model's context.
     """
     llama_max = int(config.llama.get("max_position_embeddings", 4096))
-    need = config.num_image_tokens + (turns + 1) * max(max_new_tokens, 64)
+    need = config.num_image_tokens + turns * max_new_tokens + PROMPT_ALLOWANCE + 32 * turns
     return min(need, llama_max)
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.chat import IMAGE_TOKEN_INDEX
-from model.decoder import SlotDecoder
+from model.decoder import SlotDecoder, kv_bytes_per_token
 from model.generate import (
     EOS_TOKEN_ID,
     MAX_NEW_TOKENS,
@@ -54,6 +54,7 @@ from model.modeling import CXRLLaVAModel
 log = logging.getLogger(__name__)
 
 StopCheck = Callable[[list[int]], bool]
+GATHER_BYTES = 1 << 30  # most cached keys + values one follow-up prefill call copies per layer
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class Scheduler:
         self.failed: list[tuple[Conversation, BaseException]] = []
         self.stats = SchedulerStats()
         self._groups = itertools.count()
+        self._gather_row_bytes = kv_bytes_per_token(model) * capacity // len(self.decoder.layers)
 
     # ------------------------------------------------------------------ public
     @property
@@ -423,7 +425,10 @@ class Scheduler:
             chunk: list[tuple[int, int, torch.Tensor]] = []
             for job in group:
                 width = max([j[2].shape[0] for j in chunk] + [job[2].shape[0]])
-                if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
+                too_wide = width * (len(chunk) + 1) > self.prefill_tokens
+                # Follow-ups gather their rows' cached keys, one layer at a time.
+                too_many = not fresh and (len(chunk) + 1) * self._gather_row_bytes > GATHER_BYTES
+                if chunk and (too_wide or too_many):
                     self._prefill_chunk(chunk)
                     chunk = []
                 chunk.append(job)

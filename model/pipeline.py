@@ -94,6 +94,7 @@ class ReportEngine:
         self.max_batch_size = max_batch_size
         self.reuse_prefix = reuse_prefix
         self.quantization = quantization
+        self._last_scheduler: Scheduler | None = None  # reused by generate (CUDA graphs, cache)
 
     @classmethod
     def load(
@@ -173,10 +174,8 @@ class ReportEngine:
             )
             for i, (image, context) in enumerate(zip(images, contexts, strict=True))
         ]
-        scheduler = self.scheduler(
-            min(self.max_batch_size, len(studies)),
-            max_new_tokens=max_new_tokens,
-            turns=1 if report_only else 3,
+        scheduler = self._scheduler_for(
+            min(self.max_batch_size, len(studies)), max_new_tokens, 1 if report_only else 3
         )
         for study in studies:
             scheduler.add(study)
@@ -203,6 +202,26 @@ class ReportEngine:
             self, torch.from_numpy(pixels), context, params or SamplingParams(), seed, report_only
         )
 
+    def _scheduler_for(self, slots: int, max_new_tokens: int, turns: int) -> Scheduler:
+        """The scheduler of the previous call when it has the same shape (its KV cache and, on
+        CUDA, its captured graphs are reused), else a new one that replaces it."""
+        capacity = self._capacity(max_new_tokens, turns)
+        last = self._last_scheduler
+        if last is None or last.busy or last.decoder.slots != slots or last.capacity < capacity:
+            self._last_scheduler = None  # free the old cache before allocating the new one
+            last = self._last_scheduler = self.scheduler(slots, capacity=capacity)
+        last.reuse_prefix = self.reuse_prefix
+        return last
+
+    def _capacity(self, max_new_tokens: int, turns: int) -> int:
+        extra = 0
+        if self.prompts.confirm_findings:
+            extra = len(PATHOLOGIES) * (self.prompts.confirmation_max_new_tokens + 48)
+        return min(
+            default_capacity(self.config, max_new_tokens, turns) + extra,
+            int(self.config.llama.get("max_position_embeddings", 4096)),
+        )
+
     def scheduler(
         self,
         slots: int,
@@ -218,13 +237,7 @@ class ReportEngine:
         confirmation turns when they are on); ``options`` go to ``Scheduler``.
         """
         if capacity is None:
-            extra = 0
-            if self.prompts.confirm_findings:
-                extra = len(PATHOLOGIES) * (self.prompts.confirmation_max_new_tokens + 48)
-            capacity = min(
-                default_capacity(self.config, max_new_tokens, turns) + extra,
-                int(self.config.llama.get("max_position_embeddings", 4096)),
-            )
+            capacity = self._capacity(max_new_tokens, turns)
         return Scheduler(
             self.model,
             slots=slots,

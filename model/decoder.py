@@ -63,7 +63,7 @@ class SlotDecoder:
         Capture the decode step as CUDA graphs (default: on CUDA devices).
     bucket:
         Decode attention reads ``width`` columns rounded up to a multiple of this; on CUDA there
-        is one graph per width used.
+        is one graph per width used. Default 256 with CUDA graphs (few graphs), else 16.
     """
 
     def __init__(
@@ -73,7 +73,7 @@ class SlotDecoder:
         capacity: int,
         *,
         cuda_graphs: bool | None = None,
-        bucket: int = 256,
+        bucket: int | None = None,
     ) -> None:
         if slots < 1 or capacity < 2:
             raise ValueError(f"need slots >= 1 and capacity >= 2, found {slots} and {capacity}.")
@@ -81,7 +81,6 @@ class SlotDecoder:
         self.model = model
         self.slots = slots
         self.capacity = capacity
-        self.bucket = bucket
         self.device = model.device
         self.dtype = model.dtype
         cfg = model.llama.config
@@ -106,6 +105,7 @@ class SlotDecoder:
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and dev.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device.")
+        self.bucket = bucket or (256 if self.cuda_graphs else 16)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 

@@ -141,3 +141,61 @@ def test_counter_based_draws_follow_the_warped_distribution() -> None:
     freq = torch.bincount(picks, minlength=6).float() / 20000
     expected = warp_logits(logits[:1], params).softmax(-1)[0]
     assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+class HostReads:
+    """Counts every way a tensor's value can reach the host, while active."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.active = False
+        self.reads: list[str] = []
+        for name in self.NAMES:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, real))
+
+    def _wrap(self, name, real):
+        def read(tensor, *args, **kwargs):
+            if self.active:
+                self.reads.append(name)
+            return real(tensor, *args, **kwargs)
+
+        return read
+
+
+def test_the_decode_loop_reads_nothing_back_and_a_sync_reads_the_state_once(
+    engine, images, monkeypatch
+) -> None:
+    """No host synchronisation per token: decode steps run on device tensors only, and the
+    state comes back in one copy every ``sync_every`` steps."""
+    scheduler = engine.scheduler(2, sync_every=6)
+    for im in images[:2]:
+        scheduler.add(
+            engine.conversation(im, None, SamplingParams(temperature=0.7, max_new_tokens=12))
+        )
+    reads = HostReads(monkeypatch)
+    decode, collect = scheduler._decode, scheduler._collect
+    during: dict[str, list[list[str]]] = {"decode": [], "collect": []}
+
+    def watched(name, step):
+        def run():
+            reads.reads = []
+            reads.active = True
+            try:
+                step()
+            finally:
+                reads.active = False
+            during[name].append(list(reads.reads))
+
+        return run
+
+    monkeypatch.setattr(scheduler, "_decode", watched("decode", decode))
+    monkeypatch.setattr(scheduler, "_collect", watched("collect", collect))
+    scheduler.run()
+    assert scheduler.stats.decode_steps >= 12
+    assert all(r == [] for r in during["decode"])  # sampling rows included (temperature 0.7)
+    syncs = [r for r in during["collect"] if r]
+    assert len(syncs) == scheduler.stats.syncs
+    assert all(r.count("cpu") == 1 for r in syncs)
+    assert scheduler.stats.syncs <= scheduler.stats.decode_steps // 6 + 2 * 3

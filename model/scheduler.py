@@ -297,10 +297,11 @@ class Scheduler:
             dim=1,
         ).cpu()
         self.stats.syncs += 1
+        state = state.tolist()
         for i in rows:
             slot = self.slots[i]
-            live, count = bool(state[i, 0]), int(state[i, 1])
-            new = state[i, 3 + len(slot.outputs) : 3 + count].tolist()
+            live, count = bool(state[i][0]), state[i][1]
+            new = state[i][3 + len(slot.outputs) : 3 + count]
             stopped = False
             for tok in new:
                 slot.outputs.append(tok)
@@ -322,7 +323,7 @@ class Scheduler:
             if stopped or not live:
                 self._end_turn(i)
             else:
-                self._position_bound[i] = int(state[i, 2])
+                self._position_bound[i] = state[i][2]
 
     def _end_turn(self, i: int) -> None:
         slot = self.slots[i]

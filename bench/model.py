@@ -168,8 +168,8 @@ class OneTurn(Conversation):
 
 
 # ------------------------------------------------------------------ quantization
-def greedy_choices(engine: ReportEngine, ids: list[int], image: torch.Tensor) -> torch.Tensor:
-    """The greedy choice at every text position after the image, on a fixed chat."""
+def text_logits(engine: ReportEngine, ids: list[int], image: torch.Tensor) -> torch.Tensor:
+    """Float32 logits at every text position after the image, on a fixed chat."""
     at = ids.index(IMAGE_TOKEN_INDEX)
     with torch.inference_mode():
         embed = engine.model.embed_tokens
@@ -182,7 +182,7 @@ def greedy_choices(engine: ReportEngine, ids: list[int], image: torch.Tensor) ->
             ]
         )
         hidden = engine.model.llama(inputs_embeds=x[None]).last_hidden_state
-        return engine.model.logits(hidden[0, at + image.shape[0] :]).argmax(-1).cpu()
+        return engine.model.logits(hidden[0, at + image.shape[0] :]).float().cpu()
 
 
 def quantization_agreement(directory, device: str, images, new_tokens: int) -> None:
@@ -196,18 +196,25 @@ def quantization_agreement(directory, device: str, images, new_tokens: int) -> N
     chats = [study._turn(params).ids for study in studies]  # the chat with two answers
     answers = [study.result() for study in studies]
     base = [
-        greedy_choices(reference, c, reference.encode([im])[0])
+        text_logits(reference, c, reference.encode([im])[0])
         for c, im in zip(chats, images, strict=True)
     ]
+    every = torch.cat(base)
+    top2 = every.topk(2, dim=-1).values
+    margin = float((top2[:, 0] - top2[:, 1]).median() / every.std())
     print(f"(c) quantized weights vs {reference.model.dtype} weights, {len(images)} studies")
+    print(f"    median top-1 margin of the full-precision model: {margin:.3f} logit std")
     for mode in ("int8", "int4"):
         engine = ReportEngine.load(directory, device=device, quantize=mode)
         got = [
-            greedy_choices(engine, c, engine.encode([im])[0])
+            text_logits(engine, c, engine.encode([im])[0])
             for c, im in zip(chats, images, strict=True)
         ]
-        same = sum(int((a == b).sum()) for a, b in zip(base, got, strict=True))
-        total = sum(a.numel() for a in base)
+        same = sum(
+            int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(base, got, strict=True)
+        )
+        total = sum(a.shape[0] for a in base)
+        error = float((torch.cat(got) - every).pow(2).mean().sqrt() / every.std())
         results = engine.generate(
             images, temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True
         )
@@ -218,7 +225,8 @@ def quantization_agreement(directory, device: str, images, new_tokens: int) -> N
         )
         print(
             f"    {mode}: teacher-forced greedy agreement {same / total:.3f} ({same}/{total} "
-            f"positions); identical three answers {identical}/{len(images)}"
+            f"positions); logit RMS error {error:.3f} logit std; identical three answers "
+            f"{identical}/{len(images)}"
         )
 
 

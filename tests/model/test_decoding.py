@@ -298,3 +298,14 @@ def test_seeded_sampling_is_reproducible_and_a_studys_draws_ignore_its_batch(eng
     batch = engine.generate(images[:3], seed=7, **kw)
     assert a.report == b.report == batch[0].report
     assert a.report != c.report
+
+
+def test_the_keyword_check_skips_decoding_only_where_it_cannot_fire(engine) -> None:
+    """Every 3-token window of a long text: the shortcut answers as the full decode would."""
+    tok = engine.tokenizer
+    text = "clear </s> then </s><s>[INST] 3 > 2 and <0x3E> </ s> lungs</s>." * 3
+    pieces = tok.sp.encode(text) + [2, 0, 5, 2, tok.vocab_size + 3]
+    for end in range(1, len(pieces) + 1):
+        window = pieces[:end]
+        expected = tok.eos_token in tok.decode(window[-3:])
+        assert engine._keyword_stop(window) == expected, window[-3:]

@@ -7,18 +7,23 @@ and a 4-layer, 256-wide vision tower. Every turn generates exactly ``--new-token
 (EOS ignored) so runs are comparable.
 
 (a) studies/min for report -> differential -> recommendation:
-    ours       ``ReportEngine.generate``: batch of B, image encoded once, chat prefix kept in
-               the KV cache across turns, logits only at the last prefill position;
+    ours       ``ReportEngine.generate``: B slots of a static KV cache, continuous batching,
+               image encoded once, chat prefix kept in the cache across turns, logits only at
+               the last prefill position;
     ours (B=1) the same one study at a time, to separate batching from the other levers;
     reference  one study at a time, every turn re-encodes the image, re-renders and re-reads
                the whole chat and computes logits at every prefill position, then decodes with
                a cache: what ``generate_cxr_repsonse`` does on each call (spec §2.3-2.4).
 (b) decode tokens/s: the same decode loop at batch 1 and at batch B.
+(c) with ``--quantization``: how often int8 / int4 weights (``model.quantize``) make the same
+    greedy choice as full-precision weights, on the chats the full-precision model wrote
+    (teacher forced), and how many studies get the same three answers.
 
 Run::
 
     .venv/bin/python bench/model.py                      # CPU, batch 8
     .venv/bin/python bench/model.py --device cuda --batch 16 --new-tokens 64
+    .venv/bin/python bench/model.py --quantization --checkpoint DIR
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.chat import IMAGE_TOKEN_INDEX, Message, render_llama2, tokenize_with_image  # noqa: E402
-from model.generate import ChatBatch, SamplingParams, generate_turn  # noqa: E402
+from model.generate import SamplingParams  # noqa: E402
 from model.pipeline import ReportEngine  # noqa: E402
+from model.scheduler import Conversation, Turn  # noqa: E402
 from model.tiny import TinySizes, make_tiny_checkpoint  # noqa: E402
 
 BENCH_SIZES = TinySizes(
@@ -139,16 +145,89 @@ def three_turn_rates(engine: ReportEngine, images, new_tokens: int, batch: int, 
 
 def decode_rate(engine: ReportEngine, images, batch: int, steps: int) -> float:
     """Tokens/s of the decode loop alone (after the prefill) for ``batch`` rows."""
-    p = engine.prompts
-    first, _ = p.report_message(None)
-    ids = tokenize_with_image(
-        render_llama2([Message("system", p.system), Message("user", first)]), engine.tokenizer
-    )
-    features = engine.encode(images[:batch])
-    chats = ChatBatch(engine.model, [[f] for f in features])
     params = SamplingParams(temperature=0.0, max_new_tokens=steps + 1, ignore_eos=True)
-    generate_turn(chats, [ids] * batch, params)
-    return batch * steps / chats.timings["decode"]
+    scheduler = engine.scheduler(batch, max_new_tokens=steps + 1, turns=1, sync_every=8)
+    for image in images[:batch]:
+        scheduler.add(OneTurn(engine.conversation(image, None, params)))
+    scheduler.run()
+    return batch * steps / scheduler.stats.decode_time
+
+
+class OneTurn(Conversation):
+    """A study's first turn only."""
+
+    def __init__(self, study: Conversation) -> None:
+        self.study = study
+        self.pixels, self.seed, self.stats = study.pixels, study.seed, study.stats
+
+    def start(self) -> Turn:
+        return self.study.start()
+
+    def advance(self, generated: list[int]) -> None:
+        return None
+
+
+# ------------------------------------------------------------------ quantization
+def text_logits(engine: ReportEngine, ids: list[int], image: torch.Tensor) -> torch.Tensor:
+    """Float32 logits at every text position after the image, on a fixed chat."""
+    at = ids.index(IMAGE_TOKEN_INDEX)
+    with torch.inference_mode():
+        embed = engine.model.embed_tokens
+        dev = engine.device
+        x = torch.cat(
+            [
+                embed(torch.tensor(ids[:at], device=dev)),
+                image,
+                embed(torch.tensor(ids[at + 1 :], device=dev)),
+            ]
+        )
+        hidden = engine.model.llama(inputs_embeds=x[None]).last_hidden_state
+        return engine.model.logits(hidden[0, at + image.shape[0] :]).float().cpu()
+
+
+def quantization_agreement(directory, device: str, images, new_tokens: int) -> None:
+    reference = ReportEngine.load(directory, device=device)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+    studies = [reference.conversation(im, None, params) for im in images]
+    scheduler = reference.scheduler(len(studies), max_new_tokens=new_tokens)
+    for study in studies:
+        scheduler.add(study)
+    scheduler.run()
+    chats = [study._turn(params).ids for study in studies]  # the chat with two answers
+    answers = [study.result() for study in studies]
+    base = [
+        text_logits(reference, c, reference.encode([im])[0])
+        for c, im in zip(chats, images, strict=True)
+    ]
+    every = torch.cat(base)
+    top2 = every.topk(2, dim=-1).values
+    margin = float((top2[:, 0] - top2[:, 1]).median() / every.std())
+    print(f"(c) quantized weights vs {reference.model.dtype} weights, {len(images)} studies")
+    print(f"    median top-1 margin of the full-precision model: {margin:.3f} logit std")
+    for mode in ("int8", "int4"):
+        engine = ReportEngine.load(directory, device=device, quantize=mode)
+        got = [
+            text_logits(engine, c, engine.encode([im])[0])
+            for c, im in zip(chats, images, strict=True)
+        ]
+        same = sum(
+            int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(base, got, strict=True)
+        )
+        total = sum(a.shape[0] for a in base)
+        error = float((torch.cat(got) - every).pow(2).mean().sqrt() / every.std())
+        results = engine.generate(
+            images, temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True
+        )
+        identical = sum(
+            (r.report, r.differential, r.recommendation)
+            == (a.report, a.differential, a.recommendation)
+            for r, a in zip(results, answers, strict=True)
+        )
+        print(
+            f"    {mode}: teacher-forced greedy agreement {same / total:.3f} ({same}/{total} "
+            f"positions); logit RMS error {error:.3f} logit std; identical three answers "
+            f"{identical}/{len(images)}"
+        )
 
 
 def main() -> None:
@@ -160,14 +239,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--checkpoint", type=Path, help="reuse a bench checkpoint directory")
+    ap.add_argument("--quantization", action="store_true", help="only (c), int8/int4 agreement")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.checkpoint or make_tiny_checkpoint(Path(tmp) / "bench", sizes=BENCH_SIZES)
-        engine = ReportEngine.load(directory, device=args.device)
         images = study_images(max(args.batch, 2))
+        if args.quantization:
+            quantization_agreement(directory, args.device, images, args.new_tokens)
+            return
+        engine = ReportEngine.load(directory, device=args.device)
         print(
             f"device={engine.device} dtype={engine.model.dtype} threads={torch.get_num_threads()} "
             f"batch={args.batch} new_tokens/turn={args.new_tokens} "

@@ -22,7 +22,22 @@ from pathlib import Path
 import torch
 
 from model.config import CONFIG_NAME, ConfigError, CXRLLaVAConfig
+from model.devices import visible_gpus
 from model.modeling import CXRLLaVAModel
+from model.quantize import CHOICES as QUANTIZATIONS
+from model.quantize import Quantization, quantize_decoder
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "ModelNotFoundError",
+    "Quantization",
+    "choose_device",
+    "choose_dtype",
+    "inspect_checkpoint",
+    "load_model",
+    "visible_gpus",
+]
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -248,9 +263,18 @@ def _listing(names: list[str], shapes: dict[str, tuple[int, ...]] | None = None)
 
 # --------------------------------------------------------------------------- loading
 def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or ``cuda:0`` when a GPU is visible, else ``cpu``.
+
+    ``cuda:0`` is the first GPU ``CUDA_VISIBLE_DEVICES`` leaves visible: in a per-GPU inference
+    process, its own GPU. A bare ``"cuda"`` is pinned to the current device's index, so that
+    tensors and CUDA graphs name one device.
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def choose_dtype(device: torch.device) -> torch.dtype:
@@ -265,12 +289,24 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
+    *,
+    quantize: Quantization = None,
 ) -> CXRLLaVAModel:
-    """Materialise the checked checkpoint on ``device`` in ``dtype`` (default: by device)."""
+    """Materialise the checked checkpoint on ``device`` in ``dtype`` (default: by device).
+
+    ``quantize`` ("int8" or "int4", see ``model.quantize``) reads the weights into host memory
+    first and moves the decoder to the device one quantized layer at a time, so a 16 GB GPU
+    never holds the 13.5 GB of full-precision LLaMA weights at once.
+    """
     from safetensors import safe_open
 
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, found {quantize!r}.")
     device = choose_device(device)
     dtype = dtype or choose_dtype(device)
+    final_device = device
+    if quantize is not None:
+        device = torch.device("cpu")
     with torch.device("meta"):
         model = CXRLLaVAModel(checkpoint.config, attn_implementation)
     wanted = set(model.state_dict())
@@ -279,15 +315,21 @@ def load_model(
         if name in wanted:
             by_file.setdefault(info.file, []).append(name)
     state: dict[str, torch.Tensor] = {}
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     target = str(device)
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt", device=target) as f:
             for name in names:
                 state[name] = f.get_tensor(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    model.reset_rotary()
     model.eval()
     model.requires_grad_(False)
+    if quantize is not None:
+        for name, child in model.named_children():
+            if name != "llama":
+                child.to(final_device)
+        for name, child in model.llama.named_children():
+            if name not in ("layers", "rotary_emb"):  # RoPE is rebuilt below, on the device
+                child.to(final_device)
+        quantize_decoder(model, quantize)
+    model.reset_rotary()
     return model

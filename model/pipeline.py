@@ -1,23 +1,26 @@
 """``ReportEngine``: chest radiographs in, draft report + differential + recommendation out.
 
-One call runs a batch of studies through the reference's multi-turn use of the model (spec
-§2.2): the report prompt with the image, then the differential question, then the
-recommendation question, each answer appended to the same chat. What we add to the reference:
+A study runs the reference's multi-turn use of the model (spec §2.2): the report prompt with
+the image, then the differential question, then the recommendation question, each answer
+appended to the same chat (``StudyConversation``). What we add to the reference:
 
-* the image is encoded once per study, and the chat prefix stays in the KV cache between turns
-  (``model.generate.ChatBatch``); only the new turn's tokens are fed;
-* studies are batched (left padding, per-row positions), greedy output is the same alone or
-  batched;
+* the image is encoded once per study, and the chat prefix stays in the KV cache between turns;
+  only the new turn's tokens are fed (``model.scheduler``);
+* studies are continuously batched over a static KV cache (``model.decoder``); greedy output is
+  the same alone or batched;
 * the report is labelled into findings with ``model.labeler`` (in process), optionally
   followed by yes/no confirmation turns; patients under 18 get an age-aware report prompt.
+
+``ReportEngine.generate`` runs a list of studies to completion; ``model.serving.ReportServer``
+serves a stream of them from a thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,16 +28,33 @@ import torch
 
 from model.chat import Message, render_llama2, tokenize_with_image
 from model.contracts import FINDINGS, ModelResult, StudyContext
-from model.generate import ChatBatch, SamplingParams, generate_turn, make_generators
+from model.generate import MAX_NEW_TOKENS, SamplingParams, new_seed
 from model.labeler import label_report
-from model.loader import choose_device, inspect_checkpoint, load_model
+from model.loader import Quantization, choose_device, inspect_checkpoint, load_model
 from model.modeling import CXRLLaVAModel
 from model.preprocess import pixel_values
 from model.prompts import PromptConfig
+from model.scheduler import Conversation, Scheduler, StudyStats, Turn
 from model.tokenizer import LlamaTokenizer
+
+__all__ = ["ReportEngine", "StudyContext", "StudyConversation", "default_capacity"]
 
 STATES = {1: "present", 0: "absent", -1: "uncertain", None: "not_mentioned"}
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+PATHOLOGIES = tuple(n for n in FINDINGS if n != "no_finding")
+PROMPT_ALLOWANCE = 192  # ids of prompt text a slot keeps room for, besides the follow-ups
+
+
+def default_capacity(config: Any, max_new_tokens: int = MAX_NEW_TOKENS, turns: int = 3) -> int:
+    """Positions a slot needs for a ``turns``-turn study at ``max_new_tokens`` per answer.
+
+    The image, ``turns`` answers, and room for the prompt text: the system and report prompts
+    take ~100 ids (~140 with the paediatric caution), a follow-up question ~20. Capped by the
+    model's context.
+    """
+    llama_max = int(config.llama.get("max_position_embeddings", 4096))
+    need = config.num_image_tokens + turns * max_new_tokens + PROMPT_ALLOWANCE + 32 * turns
+    return min(need, llama_max)
 
 
 class ReportEngine:
@@ -46,7 +66,11 @@ class ReportEngine:
         Keep the chat prefix in the KV cache between turns (default). ``False`` re-prefills the
         whole chat every turn, as the reference does; the answers are the same, only slower.
     max_batch_size:
-        Studies run together in one batch; longer requests are split.
+        Studies decoded together (KV-cache slots) by ``generate``; further studies take a slot
+        as soon as one is free.
+    quantization:
+        The weight quantization the model was loaded with (None, "int8" or "int4"); recorded
+        so that results say which weights produced them.
     """
 
     def __init__(
@@ -59,6 +83,7 @@ class ReportEngine:
         prompts: PromptConfig | None = None,
         max_batch_size: int = 16,
         reuse_prefix: bool = True,
+        quantization: Quantization = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -68,6 +93,9 @@ class ReportEngine:
         self.prompts = prompts or PromptConfig()
         self.max_batch_size = max_batch_size
         self.reuse_prefix = reuse_prefix
+        self.quantization = quantization
+        self._last_scheduler: Scheduler | None = None  # reused by generate (CUDA graphs, cache)
+        self._closer_ids: frozenset[int] | None = None
 
     @classmethod
     def load(
@@ -77,12 +105,20 @@ class ReportEngine:
         *,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
+        quantize: Quantization = None,
         **options: Any,
     ) -> ReportEngine:
-        """Load a checkpoint directory or hub id; ``options`` go to the constructor."""
+        """Load a checkpoint directory or hub id; ``options`` go to the constructor.
+
+        ``quantize`` ("int8", "int4" or None) loads the LLaMA layers with weight-only
+        quantization (``model.quantize``), for GPUs with 16-24 GB; ``model_hash`` then names
+        the quantized weights, not the published ones.
+        """
         checkpoint = inspect_checkpoint(model)
         tokenizer = LlamaTokenizer.from_dir(checkpoint.directory)
-        net = load_model(checkpoint, choose_device(device), dtype, attn_implementation)
+        net = load_model(
+            checkpoint, choose_device(device), dtype, attn_implementation, quantize=quantize
+        )
         if tokenizer.vocab_size > checkpoint.config.vocab_size:
             raise ValueError(
                 f"tokenizer.model has {tokenizer.vocab_size} pieces but llama.vocab_size is "
@@ -92,7 +128,8 @@ class ReportEngine:
             net,
             tokenizer,
             model_id=checkpoint.model_id,
-            model_hash=checkpoint.model_hash,
+            model_hash=_quantized_hash(checkpoint.model_hash, quantize),
+            quantization=quantize,
             **options,
         )
 
@@ -116,24 +153,101 @@ class ReportEngine:
     ) -> list[ModelResult]:
         """Draft a report for each 8-bit grayscale image (uint8 HxW, any size).
 
-        ``temperature`` 0 is greedy. ``seed`` makes sampling reproducible (row i of the request
-        draws from ``seed + i``). ``ignore_eos`` forces ``max_new_tokens`` per turn (benchmarks).
-        ``report_only`` skips the differential and recommendation turns (left empty), for
-        evaluations that score only the report.
+        ``temperature`` 0 is greedy. ``seed`` makes sampling reproducible (study i of the
+        request draws from ``seed + i``, whatever else runs with it). ``ignore_eos`` forces
+        ``max_new_tokens`` per turn (benchmarks). ``report_only`` skips the differential and
+        recommendation turns (left empty), for evaluations that score only the report.
         """
         images = list(images)
         contexts = list(contexts) if contexts is not None else [None] * len(images)
         if len(contexts) != len(images):
             raise ValueError(f"{len(images)} images but {len(contexts)} contexts.")
+        if not images:
+            return []
         params = SamplingParams(temperature, top_p, top_k, max_new_tokens, ignore_eos)
-        results: list[ModelResult] = []
-        for start in range(0, len(images), self.max_batch_size):
-            stop = start + self.max_batch_size
-            chunk_seed = None if seed is None else seed + start
-            results += self._run(
-                images[start:stop], contexts[start:stop], params, chunk_seed, report_only
+        studies = [
+            self.conversation(
+                image,
+                context,
+                params,
+                seed=None if seed is None else seed + i,
+                report_only=report_only,
             )
-        return results
+            for i, (image, context) in enumerate(zip(images, contexts, strict=True))
+        ]
+        scheduler = self._scheduler_for(
+            min(self.max_batch_size, len(studies)), max_new_tokens, 1 if report_only else 3
+        )
+        for study in studies:
+            scheduler.add(study)
+        scheduler.run()
+        _, failed = scheduler.drain()
+        if failed:
+            raise failed[0][1]
+        return [study.result() for study in studies]
+
+    def conversation(
+        self,
+        image: np.ndarray,
+        context: StudyContext | None = None,
+        params: SamplingParams | None = None,
+        *,
+        seed: int | None = None,
+        report_only: bool = False,
+    ) -> StudyConversation:
+        """One study, ready for a ``Scheduler``; the image is preprocessed here, in the caller's
+        thread (raises ``UnsupportedImageError`` for images the model does not take)."""
+        cfg = self.config
+        pixels = pixel_values(image, cfg.image_mean, cfg.image_std, cfg.image_size)
+        return StudyConversation(
+            self, torch.from_numpy(pixels), context, params or SamplingParams(), seed, report_only
+        )
+
+    def _scheduler_for(self, slots: int, max_new_tokens: int, turns: int) -> Scheduler:
+        """The scheduler of the previous call when it has the same shape (its KV cache and, on
+        CUDA, its captured graphs are reused), else a new one that replaces it."""
+        capacity = self._capacity(max_new_tokens, turns)
+        last = self._last_scheduler
+        if last is None or last.busy or last.decoder.slots != slots or last.capacity < capacity:
+            self._last_scheduler = None  # free the old cache before allocating the new one
+            last = self._last_scheduler = self.scheduler(slots, capacity=capacity)
+        last.reuse_prefix = self.reuse_prefix
+        return last
+
+    def _capacity(self, max_new_tokens: int, turns: int) -> int:
+        extra = 0
+        if self.prompts.confirm_findings:
+            extra = len(PATHOLOGIES) * (self.prompts.confirmation_max_new_tokens + 48)
+        return min(
+            default_capacity(self.config, max_new_tokens, turns) + extra,
+            int(self.config.llama.get("max_position_embeddings", 4096)),
+        )
+
+    def scheduler(
+        self,
+        slots: int,
+        *,
+        capacity: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        turns: int = 3,
+        **options: Any,
+    ) -> Scheduler:
+        """A ``Scheduler`` over this engine's model with ``slots`` KV-cache rows.
+
+        ``capacity`` defaults to what ``turns`` answers of ``max_new_tokens`` need (plus the
+        confirmation turns when they are on); ``options`` go to ``Scheduler``.
+        """
+        if capacity is None:
+            capacity = self._capacity(max_new_tokens, turns)
+        return Scheduler(
+            self.model,
+            slots=slots,
+            capacity=capacity,
+            context_limit=self.config.max_context_length,
+            stop=self._keyword_stop,
+            reuse_prefix=self.reuse_prefix,
+            **options,
+        )
 
     def pixel_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 images -> float32 [B, 1, S, S] normalised pixels (bit-exact with the reference)."""
@@ -146,143 +260,144 @@ class ReportEngine:
         with torch.inference_mode():
             return self.model.encode_images(self.pixel_batch(images))
 
-    # ------------------------------------------------------------------ conversation
-    def _run(
-        self,
-        images: list[np.ndarray],
-        contexts: list[StudyContext | None],
-        params: SamplingParams,
-        seed: int | None,
-        report_only: bool = False,
-    ) -> list[ModelResult]:
-        t0 = time.perf_counter()
-        features = self.encode(images)
-        _sync(self.device)
-        t_encode = time.perf_counter() - t0
-
-        p = self.prompts
-        tok = self.tokenizer
-        batch = ChatBatch(self.model, [[f] for f in features], reuse_prefix=self.reuse_prefix)
-        generators = None if params.greedy else make_generators(len(images), seed, self.device)
-        chats: list[list[Message]] = []
-        report_variants: list[str] = []
-        for ctx in contexts:
-            first, variant = p.report_message(ctx.age_years if ctx else None)
-            chats.append([Message("system", p.system), Message("user", first)])
-            report_variants.append(variant)
-
-        def turn(rows: list[bool], limit: SamplingParams) -> list[str | None]:
-            seqs = [
-                tokenize_with_image(render_llama2(c, tok.bos_token, tok.eos_token), tok)
-                if r
-                else None
-                for c, r in zip(chats, rows, strict=True)
-            ]
-            ids = generate_turn(
-                batch,
-                seqs,
-                limit,
-                generators=generators,
-                stop=self._keyword_stop,
-                context_limit=self.config.max_context_length,
-            )
-            return [tok.stream_decode(g) if r else None for g, r in zip(ids, rows, strict=True)]
-
-        every = [True] * len(images)
-        answers: dict[str, list[str]] = {"report": turn(every, params)}
-        answers |= {"differential": [""] * len(images), "recommendation": [""] * len(images)}
-        followups = (("differential", p.differential), ("recommendation", p.recommendation))
-        last = answers["report"]
-        for name, question in () if report_only else followups:
-            for chat, answer in zip(chats, last, strict=True):
-                chat += [Message("assistant", answer), Message("user", question)]
-            answers[name] = last = turn(every, params)
-
-        pathologies = tuple(n for n in FINDINGS if n != "no_finding")
-        findings, sources = [], []
-        for report in answers["report"]:
-            states = {k: STATES[v] for k, v in label_report(report.strip()).items()}
-            findings.append(states)
-            sources.append(dict.fromkeys(states, "report"))
-
-        if p.confirm_findings:
-            self._confirm(chats, last, findings, sources, pathologies, turn, params)
-
-        timings = {
-            "encode": t_encode,
-            "prefill": batch.timings["prefill"],
-            "decode": batch.timings["decode"],
-            "total": time.perf_counter() - t0,
-        }
-        variants = p.variants()
-        if report_only:
-            variants |= {"differential": "skipped", "recommendation": "skipped"}
-        return [
-            ModelResult(
-                report=answers["report"][i].strip(),
-                differential=answers["differential"][i].strip(),
-                recommendation=answers["recommendation"][i].strip(),
-                findings=findings[i],
-                finding_sources=sources[i],
-                prompts={"report": report_variants[i], **variants},
-                model_id=self.model_id,
-                model_hash=self.model_hash,
-                timings=dict(timings),
-            )
-            for i in range(len(images))
-        ]
-
-    def _confirm(
-        self,
-        chats: list[list[Message]],
-        last_answers: list[str],
-        findings: list[dict[str, str]],
-        sources: list[dict[str, str]],
-        pathologies: Sequence[str],
-        turn: Callable[[list[bool], SamplingParams], list[str | None]],
-        params: SamplingParams,
-    ) -> None:
-        """Ask yes/no for each finding the report leaves uncertain or unmentioned.
-
-        The questions come after the recommendation turn, so the three main answers are the
-        same with or without confirmation. A clear "yes"/"no" replaces the report's label and
-        is recorded as ``finding_sources[name] = "confirmation"``; anything else keeps it.
-        """
-        p = self.prompts
-        pending = [
-            [n for n in pathologies if states.get(n) in ("uncertain", "not_mentioned")]
-            for states in findings
-        ]
-        unanswered = list(last_answers)
-        short = SamplingParams(
-            params.temperature, params.top_p, params.top_k, p.confirmation_max_new_tokens
-        )
-        for r in range(max((len(q) for q in pending), default=0)):
-            rows = [r < len(q) for q in pending]
-            for i, active in enumerate(rows):
-                if active:
-                    question = p.confirmation_question(pending[i][r])
-                    chats[i] += [Message("assistant", unanswered[i]), Message("user", question)]
-            replies = turn(rows, short)
-            for i, reply in enumerate(replies):
-                if reply is None:
-                    continue
-                unanswered[i] = reply
-                match = _YES_NO.match(reply)
-                if not match:
-                    continue
-                name = pending[i][r]
-                findings[i][name] = "present" if match.group(1).lower() == "yes" else "absent"
-                sources[i][name] = "confirmation"
-                if findings[i][name] == "present" and findings[i].get("no_finding") == "present":
-                    findings[i]["no_finding"] = "not_mentioned"
-                    sources[i]["no_finding"] = "confirmation"
-
     def _keyword_stop(self, generated: list[int]) -> bool:
-        """The reference's ``KeywordsStoppingCriteria``: "</s>" in the last three tokens' text."""
-        return self.tokenizer.eos_token in self.tokenizer.decode(generated[-3:])
+        """The reference's ``KeywordsStoppingCriteria``: "</s>" in the last three tokens' text.
+
+        Decoding costs ~20 µs a call and runs for every generated token, so windows without a
+        token whose piece contains ">" (the keyword's last character; byte pieces "<0xNN>" and
+        unknown ids count as containing it) are answered without decoding: exact, and most
+        windows.
+        """
+        window = generated[-3:]
+        closers = self._closers()
+        n = self.tokenizer.vocab_size
+        if not any(t >= n or t < 0 or t in closers for t in window):
+            return False
+        return self.tokenizer.eos_token in self.tokenizer.decode(window)
+
+    def _closers(self) -> frozenset[int]:
+        """Ids whose piece contains ">", computed once per tokenizer."""
+        if self._closer_ids is None:
+            tok = self.tokenizer
+            self._closer_ids = frozenset(
+                i for i in range(tok.vocab_size) if ">" in tok.id_to_token(i)
+            )
+        return self._closer_ids
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class StudyConversation(Conversation):
+    """One study's chat: report, differential, recommendation, then optional confirmations.
+
+    The confirmations (``PromptConfig.confirm_findings``) ask yes/no for each finding the
+    report leaves uncertain or unmentioned. They come after the recommendation turn, so the
+    three main answers are the same with or without them. A clear "yes"/"no" replaces the
+    report's label and is recorded as ``finding_sources[name] = "confirmation"``.
+    """
+
+    def __init__(
+        self,
+        engine: ReportEngine,
+        pixels: torch.Tensor,
+        context: StudyContext | None,
+        params: SamplingParams,
+        seed: int | None = None,
+        report_only: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.pixels = pixels
+        self.seed = new_seed() if seed is None else seed
+        self.stats = StudyStats()
+        self.params = params
+        self.report_only = report_only
+        p = engine.prompts
+        first, self.report_variant = p.report_message(context.age_years if context else None)
+        self.chat = [Message("system", p.system), Message("user", first)]
+        self.stage = "report"
+        self.answers = {"report": "", "differential": "", "recommendation": ""}
+        self.findings: dict[str, str] = {}
+        self.sources: dict[str, str] = {}
+        self.pending: list[str] = []
+        self.asking: str | None = None
+
+    def start(self) -> Turn:
+        return self._turn(self.params)
+
+    def advance(self, generated: list[int]) -> Turn | None:
+        text = self.engine.tokenizer.stream_decode(generated)
+        p = self.engine.prompts
+        if self.stage == "confirm":
+            self._read_confirmation(text)
+            return self._ask_next(text)
+        self.answers[self.stage] = text
+        if self.stage == "report":
+            states = {k: STATES[v] for k, v in label_report(text.strip()).items()}
+            self.findings = states
+            self.sources = dict.fromkeys(states, "report")
+        following = {"report": ("differential", p.differential)}
+        following["differential"] = ("recommendation", p.recommendation)
+        if self.stage in following and not self.report_only:
+            self.stage, question = following[self.stage]
+            self.chat += [Message("assistant", text), Message("user", question)]
+            return self._turn(self.params)
+        if p.confirm_findings:
+            self.pending = [
+                n for n in PATHOLOGIES if self.findings.get(n) in ("uncertain", "not_mentioned")
+            ]
+        return self._ask_next(text)
+
+    def _ask_next(self, last_answer: str) -> Turn | None:
+        if not self.pending:
+            self.stage = "done"
+            return None
+        p = self.engine.prompts
+        self.asking = self.pending.pop(0)
+        self.stage = "confirm"
+        question = p.confirmation_question(self.asking)
+        self.chat += [Message("assistant", last_answer), Message("user", question)]
+        short = SamplingParams(
+            self.params.temperature,
+            self.params.top_p,
+            self.params.top_k,
+            p.confirmation_max_new_tokens,
+        )
+        return self._turn(short)
+
+    def _read_confirmation(self, reply: str) -> None:
+        match = _YES_NO.match(reply)
+        if not match or self.asking is None:
+            return
+        name = self.asking
+        self.findings[name] = "present" if match.group(1).lower() == "yes" else "absent"
+        self.sources[name] = "confirmation"
+        if self.findings[name] == "present" and self.findings.get("no_finding") == "present":
+            self.findings["no_finding"] = "not_mentioned"
+            self.sources["no_finding"] = "confirmation"
+
+    def _turn(self, params: SamplingParams) -> Turn:
+        tok = self.engine.tokenizer
+        ids = tokenize_with_image(render_llama2(self.chat, tok.bos_token, tok.eos_token), tok)
+        return Turn(ids, params)
+
+    def result(self) -> ModelResult:
+        """The study's ``ModelResult`` (call once the scheduler has finished it)."""
+        variants = self.engine.prompts.variants()
+        if self.report_only:
+            variants |= {"differential": "skipped", "recommendation": "skipped"}
+        return ModelResult(
+            report=self.answers["report"].strip(),
+            differential=self.answers["differential"].strip(),
+            recommendation=self.answers["recommendation"].strip(),
+            findings=self.findings,
+            finding_sources=self.sources,
+            prompts={"report": self.report_variant, **variants},
+            model_id=self.engine.model_id,
+            model_hash=self.engine.model_hash,
+            timings=self.stats.timings(),
+        )
+
+
+def _quantized_hash(model_hash: str, quantize: Quantization) -> str:
+    """The published weights' hash, or a hash naming their quantized form."""
+    if quantize is None:
+        return model_hash
+    return hashlib.sha256(f"{model_hash}:{quantize}".encode()).hexdigest()

@@ -33,7 +33,9 @@ def test_a_result_carries_answers_findings_prompts_model_and_timings(engine, ima
     assert list(d["findings"]) == list(FINDINGS)
     assert set(d["finding_sources"].values()) == {"report"}
     assert (d["model_id"], d["model_hash"]) == (engine.model_id, engine.model_hash)
-    assert set(d["timings"]) == {"encode", "prefill", "decode", "total"}
+    timings = d["timings"]
+    assert set(timings) == {"queued", "encode", "prefill", "decode", "first_token", "total"}
+    assert 0 <= timings["queued"] <= timings["first_token"] <= timings["total"]
     assert d["prompts"]["report"] == "default" and d["prompts"]["confirmation"] == "off"
 
 

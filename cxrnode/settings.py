@@ -178,14 +178,13 @@ class Settings(BaseSettings):
     temperature: float = Field(0.2, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.8, gt=0, le=1, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(512, ge=1, le=512, description="Most tokens generated per answer.")
-    batch_size: int = Field(8, ge=1, description="Most studies inferred together in one batch.")
-    batch_wait: float = Field(
-        0.5, ge=0, description="Most seconds an inference worker waits to fill a batch."
-    )
-    batch_gap: float = Field(
-        0.05,
-        ge=0,
-        description="A partial batch starts once no new study arrived for this many seconds.",
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Studies an inference worker decodes together (KV-cache slots); a finished "
+            "study's slot takes the next waiting one between two decode steps."
+        ),
     )
     exact_resize: bool = Field(
         False,

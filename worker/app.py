@@ -53,6 +53,10 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_heartbeat(**_: Any) -> None:
+    import worker.tasks
+
+    if worker.tasks.model_host.cache_info().currsize:
+        worker.tasks.model_host().close()
     if heartbeat is not None:
         heartbeat.stop()
 

@@ -96,9 +96,9 @@ def prepare_image(job_id: int, version: int) -> str:
 
 
 @cache
-def report_server() -> Any:
-    """The process's model server (the model is loaded on first use, and loading retried)."""
-    from worker.batcher import MicroBatcher
+def model_host() -> Any:
+    """The process's model host (the model is loaded on first use, and loading retried)."""
+    from worker.batcher import ModelHost
 
     settings = get_settings()
 
@@ -118,11 +118,11 @@ def report_server() -> Any:
             )
         return engine
 
-    return MicroBatcher(
+    name = worker_app.heartbeat.name if worker_app.heartbeat is not None else socket.gethostname()
+    return ModelHost(
         load,
         max_batch=settings.batch_size,
-        max_wait=settings.batch_wait,
-        gap=settings.batch_gap,
+        worker=name,
         retry_load_after=min(10.0, settings.model_retry_seconds),
     )
 
@@ -152,7 +152,7 @@ def infer_report(
         dispatcher().job_task("record_problem", job_id, version, "failed", f"bad message: {exc}")
         return "failed"
     try:
-        result: ModelResult = report_server().submit(*request).result()
+        result: ModelResult = model_host().submit(*request).result()
     except ModelUnavailable as exc:
         if worker_app.heartbeat is not None:
             worker_app.heartbeat.set_state(model="unavailable", model_error=str(exc))
@@ -165,8 +165,6 @@ def infer_report(
             dispatcher().job_task("record_problem", job_id, version, "failed", message)
             return "failed"
         raise self.retry(countdown=10 * (self.request.retries + 1)) from exc
-    worker = self.request.hostname or socket.gethostname()
-    result = result.with_batch(result.batch_id or "", result.batch_size or 1, worker)
     dispatcher().job_task("record_result", job_id, version, result.to_dict())
     return "inferred"
 

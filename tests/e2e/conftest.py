@@ -18,7 +18,6 @@ E2E_SETTINGS = {
     "temperature": "0",
     "max_new_tokens": "12",
     "settle_seconds": "1",
-    "batch_wait": "0.1",
     "send_retry_base_seconds": "1",
     "send_retry_max_seconds": "4",
     "send_max_attempts": "20",

@@ -463,7 +463,9 @@ def test_a_new_version_supersedes_the_older_drafts_still_waiting_to_be_sent(
     second = outbox.rows(outbox.build(outbox.job(outbox.source(study), version=2)))
     assert {r.state for r in outbox.rows([r.id for r in first])} == {OutputState.superseded}
     assert {r.state for r in second} == {OutputState.pending}
-    sr = pydicom.dcmread(outbox.settings.outputs_dir / next(r for r in second if r.kind == "sr").path)
+    sr = pydicom.dcmread(
+        outbox.settings.outputs_dir / next(r for r in second if r.kind == "sr").path
+    )
     assert "PredecessorDocumentsSequence" not in sr  # the first never reached a viewer
     assert outbox.send(outbox.settings.destinations[0], [r.id for r in first]) == {}
 

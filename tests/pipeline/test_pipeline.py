@@ -104,10 +104,10 @@ def test_a_study_ends_with_a_report_and_findings_stored(
     assert [w["model"] for w in status["workers"] if "infer" in w["queues"]] == ["loaded"]
 
 
-def test_eight_studies_arriving_together_are_inferred_in_fewer_batches(
+def test_eight_studies_arriving_together_decode_together(
     make_node, tiny_model: Path, tmp_path: Path
 ) -> None:
-    node = make_node(model=str(tiny_model), batch_size="8", batch_wait="2", batch_gap="1", **FAST)
+    node = make_node(model=str(tiny_model), batch_size="8", **FAST)
     send_studies(node, tmp_path, 8)
     jobs = wait_done(f"sqlite:///{node.data_dir / 'cxrnode.db'}", 8, timeout=180)
     batches = {job.model_result.batch_id for job in jobs}
@@ -137,10 +137,10 @@ def test_a_node_started_without_a_model_keeps_jobs_waiting_until_one_appears(
 def test_a_worker_killed_during_inference_still_completes_the_job_once(
     make_node, tiny_model: Path, tmp_path: Path
 ) -> None:
-    # The batcher holds the delivered message for batch_wait seconds: the kill lands while
-    # the infer task is in flight (received, not acknowledged). The default deadline (30 min)
-    # stays: the lost work must be found from the dead worker's missing heartbeat.
-    node = make_node(model=str(tiny_model), batch_wait="4", batch_gap="4", **FAST)
+    # Long answers keep the study in the model for seconds: the kill lands while the infer
+    # task is in flight (received, not acknowledged). The default deadline (30 min) stays:
+    # the lost work must be found from the dead worker's missing heartbeat.
+    node = make_node(model=str(tiny_model), **{**FAST, "max_new_tokens": "512"})
     database = f"sqlite:///{node.data_dir / 'cxrnode.db'}"
     wait_for(lambda: worker_pids(node, "infer"), 30, "the inference worker")
     send_studies(node, tmp_path, 1)
@@ -168,21 +168,32 @@ def test_flushall_mid_flight_is_healed_by_the_reconciler(
     client = redis.Redis.from_url(redis_url)
     client.flushall()
     with fresh_database(pg_admin_url) as database:
+        # No workers yet: the three prepare messages wait in Redis when it is flushed.
         node = make_node(
+            "--no-workers",
             model=str(tiny_model),
             database_url=database,
             broker_url=redis_url + "/0",
-            batch_wait="3",
-            batch_gap="3",
             **FAST,
         )
         send_studies(node, tmp_path, 3)
         wait_for(
-            lambda: len([j for j in jobs_of(database) if j.state != "pending"]) == 3,
+            lambda: len([j for j in jobs_of(database) if j.state == "queued"]) == 3,
             60,
             "jobs to be queued",
         )
-        client.flushall()  # every queued message and unacked bookkeeping is gone
-        jobs = wait_done(database, 3, timeout=150)
-        assert sum(job.attempts for job in jobs) >= 1
+        assert client.llen("prepare") == 3
+        client.flushall()  # every queued message and the waiting marks are gone
+        worker = subprocess.Popen(
+            [str(node.env["PATH"].split(":")[0] + "/cxrnode"), "worker"],
+            env=node.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            jobs = wait_done(database, 3, timeout=150)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        assert [job.attempts for job in jobs] == [1, 1, 1], "each lost message re-sent once"
         node.stop()

@@ -170,7 +170,7 @@ def test_routed_studies_come_back_with_an_sr_and_an_sc_and_a_rerun_replaces_them
         sr = pydicom.dcmread(sr_path)
         assert sr.StudyInstanceUID == study_uid
         assert sr.PatientID == source.PatientID
-        assert coded_findings(sr) == expected_findings(job.findings)
+        assert coded_findings(sr) == expected_findings(job.model_result.findings)
         texts = [str(item.TextValue) for item in content_items(sr) if "TextValue" in item]
         assert DRAFT_NOTICE in texts
         draft = DraftReport.from_result(job.result, PIPELINE_VERSION)
@@ -273,11 +273,12 @@ def test_a_wrong_called_ae_title_is_a_dead_letter_until_resend_after_the_fix(
         "the outputs to be dead letters",
         node.log(),
     )
+    tries = {o.id: o.attempts for o in outputs(node)}
     time.sleep(4)  # several retry periods (base 1 s): a retry storm would show here
     rows = outputs(node)
-    assert {(o.state, o.attempts, o.last_status) for o in rows} == {
-        ("dead", 1, "rejected-permanent")
-    }
+    assert {(o.state, o.last_status) for o in rows} == {("dead", "rejected-permanent")}
+    # Dead at the first permanent reject (an earlier try may have timed out on a busy machine)
+    assert {o.id: o.attempts for o in rows} == tries
     assert all("resend" in o.last_error for o in rows)
     assert orthanc.log().count("bad called AET") == 1  # one association, never repeated
     status = json.loads(node.cli("status", "--json").stdout)

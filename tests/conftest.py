@@ -13,6 +13,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 from services import Node, fresh_database, node_env, postgres_server, redis_server  # noqa: E402
 
 
+#: Tests in these folders run whole nodes, peers or browsers.
+SLOW_FOLDERS = frozenset({"e2e", "pipeline", "viewer", "web", "monitor", "faults"})
+#: Fixtures that start a node or a peer process.
+SLOW_FIXTURES = frozenset({"make_node", "e2e_node", "node", "orthanc", "storescp_peer"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by what they need, so `scripts/test --fast` (``-m "not slow"``) and
+    ``-m postgres`` / ``-m redis`` select them without anyone remembering to mark them."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        folder = Path(str(item.fspath)).parent.name
+        if folder in SLOW_FOLDERS or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        callspec = getattr(item, "callspec", None)
+        params = set(map(str, callspec.params.values())) if callspec else set()
+        if "pg_admin_url" in fixtures or "postgresql" in params or any(
+            "postgres" in p for p in params
+        ):
+            item.add_marker(pytest.mark.postgres)
+        if "redis_url" in fixtures or any("redis" in p for p in params):
+            item.add_marker(pytest.mark.redis)
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     with postgres_server() as url:

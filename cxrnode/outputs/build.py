@@ -1,13 +1,14 @@
-"""The outputs of a finished job: the SR and SC files, and their rows in the outbox.
+"""The outputs of a finished job: the DICOM files, and their rows in the outbox.
 
-When the model has answered (job state ``inferred``), the node turns the answer into the two
-DICOM objects the radiologist will see (``cxrnode.outputs.findings_sr.build_sr``, ``cxrnode.outputs.sc.build_sc``),
-writes them durably under DATA_DIR/outputs, and records one :class:`~cxrnode.db.Output` row
-per object and destination. Recording the rows and marking the job ``done`` happen in one
+When the model has answered (job state ``inferred``), the node turns the answer into the
+DICOM objects the site asked for in ``OUTPUTS`` (:func:`make_objects`: by default the
+text-report SR and the Secondary Capture the radiologist reads; optionally the TID 1500 SR
+and an Encapsulated PDF), writes them durably under DATA_DIR/outputs, and records one
+:class:`~cxrnode.db.Output` row per object and destination. Recording the rows and marking the job ``done`` happen in one
 transaction, so an output is either fully recorded with its file on disk or not at all; the
 sender (``cxrnode.outputs.outbox``) works only from those rows.
 
-Why it is safe to run twice: the UIDs of both objects are a pure function of the source
+Why it is safe to run twice: the UIDs of every object are a pure function of the source
 image, the model hash, :data:`PIPELINE_VERSION` and the job's version (``cxrnode.uids``), so
 a redelivered task writes byte-for-byte the same files, and it finds the rows of the first
 run and returns them instead of adding more.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -35,16 +37,22 @@ from sqlalchemy.orm import Session
 from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
 from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs import states as jobs
+from cxrnode.outputs.common import PriorDocument, series_description
 from cxrnode.outputs.draft import DraftReport
-from cxrnode.outputs.findings_sr import PriorDocument, build_sr
+from cxrnode.outputs.findings_sr import build_findings_sr
+from cxrnode.outputs.outbox import KIND_ORDER, LEGACY_SR_KIND
+from cxrnode.outputs.pdf import build_pdf
+from cxrnode.outputs.report_sr import build_report_sr
 from cxrnode.outputs.sc import build_sc
 from cxrnode.prepare.display import ImagingError, display_image
 from cxrnode.settings import Settings
+from cxrnode.uids import OutputKind
 
 __all__ = [
     "PIPELINE_VERSION",
     "BuiltOutput",
     "build_outputs",
+    "full_text_series",
     "make_objects",
     "output_path",
     "previous_sr",
@@ -70,7 +78,7 @@ PIPELINE_VERSION: str = _pipeline_version()
 class BuiltOutput:
     """One written object: what the outbox row needs to know about it."""
 
-    kind: str  # "sr" or "sc"
+    kind: str  # an OutputKind value: "text_sr", "air_sr", "sc" or "pdf"
     sop_class_uid: str
     sop_instance_uid: str
     path: str  # relative to DATA_DIR/outputs
@@ -82,7 +90,7 @@ def output_path(settings: Settings, relpath: str) -> Path:
 
 
 def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int]:
-    """Build, write and record the SR and SC of an inferred job; return the outbox row ids.
+    """Build, write and record the outputs of an inferred job; return the outbox row ids.
 
     The job moves to ``done`` in the same transaction that records the rows. A job whose
     outputs cannot be built (unreadable source, a result that breaks the draft contract)
@@ -116,7 +124,11 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
     instance = session.get(Instance, job.instance_id)
     source_path = None if instance is None else settings.instances_dir / instance.path
     result, job_version = job.result, job.version
-    predecessor = previous_sr(session, settings, job)
+    predecessors = {
+        kind: previous_sr(session, settings, job, kind)
+        for kind in (OutputKind.TEXT_SR, OutputKind.AIR_SR)
+        if kind in settings.outputs
+    }
     # End the read transaction before the slow part: on SQLite every transaction holds the
     # write lock, and the listener must be able to commit arrivals meanwhile.
     session.rollback()
@@ -131,7 +143,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
             display_image(source),
             draft,
             version=job_version,
-            predecessor=predecessor,
+            predecessors=predecessors,
             settings=settings,
         )
     except (ImagingError, InvalidDicomError, OSError, TypeError, ValueError) as exc:
@@ -163,10 +175,9 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
     ids = [row.id for row in rows]
     jobs.finish(session, job_id)  # commits the rows and the state change together
     log.info(
-        "job %d: SR %s and SC %s written; %d outbox rows",
+        "job %d: %s written; %d outbox rows",
         job_id,
-        built[0].sop_instance_uid,
-        built[1].sop_instance_uid,
+        ", ".join(f"{item.kind} {item.sop_instance_uid}" for item in built),
         len(ids),
     )
     return ids
@@ -178,38 +189,83 @@ def make_objects(
     draft: DraftReport,
     *,
     version: int,
-    predecessor: PriorDocument | None,
+    predecessors: Mapping[str, PriorDocument | None],
     settings: Settings,
 ) -> list[tuple[str, Dataset]]:
-    """The DICOM objects of one draft, in the order they travel: ``(kind, dataset)`` pairs.
+    """The DICOM objects of one draft that ``settings.outputs`` asks for, in the order they
+    travel (:data:`~cxrnode.outputs.outbox.KIND_ORDER`): ``(kind, dataset)`` pairs.
 
     Pure: no I/O. ``header`` is the source image's header (no pixel data needed),
-    ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it.
+    ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it, and
+    ``predecessors`` the SR each SR kind replaces (by kind; absent or ``None``: none).
     """
     institution = settings.institution_name
-    sr = build_sr(
-        header, draft, version=version, predecessor=predecessor, institution_name=institution
-    )
-    sc = build_sc(header, display, draft, version=version, institution_name=institution)
-    return [("sr", sr), ("sc", sc)]
+    wanted = sorted((OutputKind(kind) for kind in settings.outputs), key=KIND_ORDER.__getitem__)
+    objects: list[tuple[str, Dataset]] = []
+    for kind in wanted:
+        if kind == OutputKind.TEXT_SR:
+            ds = build_report_sr(
+                header,
+                draft,
+                version=version,
+                predecessor=predecessors.get(kind),
+                institution_name=institution,
+            )
+        elif kind == OutputKind.AIR_SR:
+            ds = build_findings_sr(
+                header,
+                draft,
+                version=version,
+                predecessor=predecessors.get(kind),
+                institution_name=institution,
+            )
+        elif kind == OutputKind.SC:
+            ds = build_sc(
+                header,
+                display,
+                draft,
+                version=version,
+                institution_name=institution,
+                full_text_series=full_text_series(settings.outputs),
+            )
+        else:
+            ds = build_pdf(header, draft, version=version, institution_name=institution)
+        objects.append((kind.value, ds))
+    return objects
 
 
-def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument | None:
-    """The SR that a new version of a study's draft replaces, if one was sent or is on its way.
+def full_text_series(outputs: Sequence[str]) -> str | None:
+    """Series description of the object a reader of the SC should open for the full text:
+    the text report, else the PDF; ``None`` when the site makes neither."""
+    for kind in (OutputKind.TEXT_SR, OutputKind.PDF):
+        if kind in outputs:
+            return series_description(kind)
+    return None
 
-    That is the SR of the highest earlier version of the same study that has an outbox row
-    not in the dead-letter state (delivered, or pending: it then travels in the same
-    association, before this one). A dead one never reached the PACS, so a viewer could not
-    follow the reference. Its UIDs are read from its file: the model or pipeline of the
-    earlier version may differ, so they cannot be recomputed.
+
+def previous_sr(
+    session: Session, settings: Settings, job: Job, kind: OutputKind | str
+) -> PriorDocument | None:
+    """The SR of ``kind`` that a new version of a study's draft replaces, if one was sent or
+    is on its way.
+
+    That is the SR of that kind of the highest earlier version of the same study that has
+    an outbox row not in the dead-letter state (delivered, or pending: it then travels in
+    the same association, before this one). A dead one never reached the PACS, so a viewer
+    could not follow the reference. Its UIDs are read from its file: the model or pipeline
+    of the earlier version may differ, so they cannot be recomputed. Rows recorded as
+    ``sr`` (before the text report existed, that was the TID 1500 SR) count as ``air_sr``.
     """
+    kinds = [OutputKind(kind).value]
+    if kinds == [OutputKind.AIR_SR.value]:
+        kinds.append(LEGACY_SR_KIND)
     row = session.scalars(
         select(Output)
         .join(Job, Output.job_id == Job.id)
         .where(
             Job.study_id == job.study_id,
             Job.version < job.version,
-            Output.kind == "sr",
+            Output.kind.in_(kinds),
             Output.state != OutputState.dead,
         )
         .order_by(Job.version.desc(), Output.id)
@@ -222,8 +278,9 @@ def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument
         return PriorDocument.from_dataset(prior)
     except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
         log.warning(
-            "job %d: the previous SR %s cannot be read (%s); the new version will not reference it",
+            "job %d: the previous %s %s cannot be read (%s); the new version will not reference it",
             job.id,
+            row.kind,
             row.sop_instance_uid,
             exc,
         )

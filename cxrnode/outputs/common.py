@@ -53,6 +53,7 @@ __all__ = [
     "STATE_VALUES",
     "PriorDocument",
     "ai_contributing_equipment",
+    "coded_findings_summary",
     "drop_acquisition_equipment",
     "font_path",
     "long_string",
@@ -208,6 +209,19 @@ def font_path() -> Path:
     if _SYSTEM_FONT.is_file():
         return _SYSTEM_FONT
     return Path(str(resources.files("cxrnode.outputs") / "assets" / "DejaVuSans.ttf"))
+
+
+def coded_findings_summary(draft: DraftReport) -> list[str]:
+    """The coded findings as the SC and the PDF print them, one line per state:
+    "Present: Cardiomegaly, Pleural effusion" (the SR's code meanings, in labeler order)."""
+    lines = []
+    for state, label in (("present", "Present"), ("absent", "Absent"), ("uncertain", "Uncertain")):
+        names = [
+            FINDING_CONCEPTS[n].meaning for n, value in draft.findings.items() if value == state
+        ]
+        if names:
+            lines.append(f"{label}: {', '.join(names)}")
+    return lines
 
 
 def long_string(text: str) -> str:

@@ -40,11 +40,11 @@ from cxrnode.outputs.common import (
     CHARACTER_SET,
     DRAFT_NOTICE,
     EMPTY_REPORT_NOTE,
-    FINDING_CONCEPTS,
     MANUFACTURER,
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
     ai_contributing_equipment,
+    coded_findings_summary,
     font_path,
     long_string,
     model_name,
@@ -66,7 +66,6 @@ TEXT_RGB = (20, 20, 20)
 NOTE_RGB = (90, 90, 90)
 
 _FONT = "DejaVu"
-_STATE_LABELS = (("present", "Present"), ("absent", "Absent"), ("uncertain", "Uncertain"))
 
 
 class _DraftPDF(FPDF):
@@ -126,15 +125,7 @@ def render_pdf(draft: DraftReport) -> bytes:
         pdf.paragraph(PAEDIATRIC_NOTE, size=10.5, rgb=BANNER_RGB)
 
     pdf.heading("Coded findings")
-    coded = []
-    for state, label in _STATE_LABELS:
-        names = [
-            FINDING_CONCEPTS[name].meaning
-            for name, value in draft.findings.items()
-            if value == state
-        ]
-        if names:
-            coded.append(f"{label}: {', '.join(names)}")
+    coded = coded_findings_summary(draft)
     text = "\n".join(coded) or "None of the tracked findings was mentioned."
     pdf.paragraph(text, size=10.5, rgb=TEXT_RGB)
 

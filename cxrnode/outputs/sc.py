@@ -47,6 +47,7 @@ from cxrnode.outputs.common import (
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
     ai_contributing_equipment,
+    coded_findings_summary,
     drop_acquisition_equipment,
     font_path,
     long_string,
@@ -81,8 +82,6 @@ PANEL_RGB = (16, 16, 16)
 TEXT_RGB = (235, 235, 235)
 HEADING_RGB = (255, 196, 0)
 NOTE_RGB = (255, 120, 120)
-
-_STATE_LABELS = (("present", "Present"), ("absent", "Absent"), ("uncertain", "Uncertain"))
 
 
 @lru_cache(maxsize=16)
@@ -180,11 +179,7 @@ def _panel_blocks(draft: DraftReport) -> list[tuple[str, str, int, tuple[int, in
     ]
     if draft.paediatric_prompt:
         blocks.append(("t", PAEDIATRIC_NOTE, 19, NOTE_RGB))
-    coded = []
-    for state, label in _STATE_LABELS:
-        names = [name.replace("_", " ") for name, value in draft.findings.items() if value == state]
-        if names:
-            coded.append(f"{label}: {', '.join(names)}")
+    coded = coded_findings_summary(draft)
     blocks.append(("h", "CODED FINDINGS", 20, HEADING_RGB))
     blocks.append(
         ("t", "\n".join(coded) or "None of the tracked findings was mentioned.", 20, TEXT_RGB)

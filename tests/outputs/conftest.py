@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import settings
 from pydicom import Dataset
 
 _TESTS = str(Path(__file__).resolve().parents[1])
@@ -26,6 +27,10 @@ from dicom_checks import Validation, dciodvfy  # noqa: E402
 from cxrnode.outputs.draft import DraftReport  # noqa: E402
 
 MODEL_HASH = "3f" * 32
+
+# Property tests draw new examples every run and keep no example database in the work tree.
+settings.register_profile("cxrnode", database=None)
+settings.load_profile("cxrnode")
 
 
 def _rg1_path() -> Path:

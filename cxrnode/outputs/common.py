@@ -44,6 +44,7 @@ __all__ = [
     "BANNER_RGB",
     "BANNER_TEXT",
     "CHARACTER_SET",
+    "DIFFERENTIAL_DIAGNOSIS",
     "DRAFT_NOTICE",
     "EMPTY_REPORT_NOTE",
     "FINDING_CONCEPTS",
@@ -105,6 +106,8 @@ FINDING_CONCEPTS: dict[str, Code] = {
     "lung_opacity": Code("112033", "DCM", "Abnormal opacity"),
     "no_finding": Code("111286", "DCM", "No abnormality"),
 }
+#: The concept of the differential diagnosis text in both SRs (no CID 7001 heading has it).
+DIFFERENTIAL_DIAGNOSIS = Code("111023", "DCM", "Differential Diagnosis/Impression")
 STATE_VALUES: dict[str, Code] = {  # DICOM CID 240 "Present-Absent"
     "present": Code("52101004", "SCT", "Present"),
     "absent": Code("272519000", "SCT", "Absent"),

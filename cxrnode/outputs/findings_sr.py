@@ -50,6 +50,7 @@ from pydicom.sr.coding import Code
 from cxrnode.outputs.common import (
     ALGORITHM_FAMILY,
     CHARACTER_SET,
+    DIFFERENTIAL_DIAGNOSIS,
     DRAFT_NOTICE,
     EMPTY_REPORT_NOTE,
     FINDING_CONCEPTS,
@@ -81,7 +82,6 @@ __all__ = [
 
 PROCEDURE_REPORTED = Code("36554-4", "LN", "XR Chest Single view")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-DIFFERENTIAL_DIAGNOSIS = Code("111023", "DCM", "Differential Diagnosis/Impression")
 
 
 def build_findings_sr(

@@ -16,7 +16,8 @@ Capture, laid out for A4 paper:
 The DICOM object (Encapsulated PDF IOD, PS3.3 A.45.1):
 
 - Modality DOC, a new series in the source's study (deterministic UIDs, kind ``pdf``),
-  series description "AI DRAFT REPORT (PDF) - ...", the source image in Source Instance Sequence.
+  series description "AI DRAFT REPORT (PDF) - ...", the source image in Source Instance
+  Sequence.
 - Document Title "AI draft chest radiograph report (unverified)", concept name
   (18748-4, LN, "Diagnostic imaging report"), VerificationFlag UNVERIFIED.
 - SC Equipment: ConversionType WSD (made by a workstation, i.e. software).

@@ -51,6 +51,7 @@ from pydicom.sr.coding import Code
 
 from cxrnode.outputs.common import (
     CHARACTER_SET,
+    DIFFERENTIAL_DIAGNOSIS,
     DRAFT_NOTICE,
     EMPTY_REPORT_NOTE,
     FINDING_CONCEPTS,
@@ -75,14 +76,12 @@ from cxrnode.outputs.text import report_text
 from cxrnode.uids import OutputKind, device_uid, output_uids
 
 __all__ = [
-    "DIFFERENTIAL_DIAGNOSIS",
     "DOCUMENT_TITLE",
     "SECTION_HEADINGS",
     "build_report_sr",
 ]
 
 DOCUMENT_TITLE = Code("18748-4", "LN", "Diagnostic imaging report")
-DIFFERENTIAL_DIAGNOSIS = Code("111023", "DCM", "Differential Diagnosis/Impression")
 #: Section heading and the concept of the text in it, in reading order.
 SECTION_HEADINGS: dict[str, tuple[Code, Code]] = {
     "findings": (Code("59776-5", "LN", "Findings"), codes.DCM.Finding),

@@ -10,7 +10,6 @@ subprocesses, and Orthanc's REST API as the viewer that checks what arrived.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import dicomgen
 import pydicom
 import pytest
+from dicom_checks import dciodvfy
 from nodedb import instances, jobs, outputs
 from orthanc_server import Orthanc
 from pydicom import Dataset
@@ -102,11 +102,6 @@ def expected_findings(findings: dict[str, str]) -> set[tuple[str, str]]:
     }
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-
-
 def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
@@ -176,7 +171,7 @@ def test_routed_studies_come_back_with_an_sr_and_an_sc_and_a_rerun_replaces_them
         draft = DraftReport.from_result(job.result, PIPELINE_VERSION)
         if report_text(draft.recommendation):
             assert report_text(draft.recommendation) in texts
-        assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(sc_path) == []
+        assert dciodvfy(sr_path).errors == [] and dciodvfy(sc_path).errors == []
 
     delivered = outputs(node)
     assert len(delivered) == 4

@@ -80,7 +80,6 @@ def test_any_model_text_gives_an_object_dciodvfy_finds_no_error_in(
     @settings(
         max_examples=EXAMPLES_PER_BUILDER,
         deadline=None,
-        database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(draft=DRAFTS, institution=INSTITUTIONS)

@@ -28,6 +28,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from browser import OhifPage, flat, red_fraction, spread
+from dicom_checks import dciodvfy
 from nodedb import jobs
 from ohif import ViewerServer
 from orthanc_server import Orthanc
@@ -130,11 +131,6 @@ def wait_for_series(
     raise AssertionError(f"series {sorted(numbers)} did not reach the PACS\n{tails}")
 
 
-def dciodvfy_errors(path: Path) -> list[str]:
-    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-
-
 @contextmanager
 def ohif_on(
     orthanc: Orthanc, app: Path, chromium: BrowserContext, artifacts: Path
@@ -216,7 +212,7 @@ def check_pdf(viewer: OhifPage, screenshot: str) -> None:
 
 def check_structured_sr(path: Path) -> hd.sr.ComprehensiveSR:
     """The TID 1500 SR, for machines: dciodvfy-clean and parsed back by highdicom."""
-    assert dciodvfy_errors(path) == []
+    assert dciodvfy(path).errors == []
     sr = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(path))
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
     (group,) = sr.content.get_image_measurement_groups()
@@ -321,7 +317,7 @@ def test_a_site_that_enables_the_pdf_and_the_structured_sr_gets_both(
     for number in (TEXT_SR, SC, PDF, AIR_SR):
         path = tmp_path / f"{number}.dcm"
         path.write_bytes(orthanc.file(found[number]["ID"]))
-        assert dciodvfy_errors(path) == [], number
+        assert dciodvfy(path).errors == [], number
     check_structured_sr(tmp_path / f"{AIR_SR}.dcm")
     with ohif_on(orthanc, ohif_app, chromium, artifacts) as viewer:
         viewer.open_study(study_uid)

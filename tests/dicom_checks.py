@@ -1,4 +1,4 @@
-"""The real validators, as the output tests and the viewer test use them.
+"""The real validator, as the output, end-to-end and viewer tests use it.
 
 dciodvfy (dicom3tools) checks every object against its IOD; its 2022 build predates Device
 UID in the Contributing Equipment and Author Observer Sequences (PS3.3 lists it today, as does

@@ -201,6 +201,15 @@ class Settings(BaseSettings):
     )
 
     # --- outputs ------------------------------------------------------------------------------
+    outputs: CommaList = Field(
+        default_factory=lambda: ["text_sr", "sc"],
+        description=(
+            "Comma-separated objects made for each draft, in any order: text_sr (text-report "
+            "SR, what viewers show as text), sc (Secondary Capture: the radiograph with the "
+            "draft beside it), air_sr (TID 1500 SR per IHE AI Results, for machines: OHIF "
+            "shows an error for it), pdf (Encapsulated PDF). See docs/outputs.md."
+        ),
+    )
     destinations: CommaList = Field(
         default_factory=list,
         description=(
@@ -245,7 +254,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
 
     # --- validation ---------------------------------------------------------------------------
-    @field_validator("allowed_calling_aets", "destinations", mode="before")
+    @field_validator("allowed_calling_aets", "destinations", "outputs", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -261,6 +270,22 @@ class Settings(BaseSettings):
         for entry in value:
             _check_aet(entry.split("@", 1)[0], "ALLOWED_CALLING_AETS entry")
         return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _valid_outputs(cls, value: list[str]) -> list[str]:
+        from cxrnode.uids import OutputKind
+
+        kinds = [kind.value for kind in OutputKind]
+        chosen = list(dict.fromkeys(entry.strip().lower() for entry in value))
+        unknown = [entry for entry in chosen if entry not in kinds]
+        if unknown or not chosen:
+            found = f"unknown {unknown}" if unknown else "nothing"
+            raise ValueError(
+                f"OUTPUTS lists the objects to make for each draft; found {found}. Expected a "
+                f"comma-separated list of {', '.join(kinds)} (the default is text_sr,sc)"
+            )
+        return chosen
 
     @field_validator("destinations")
     @classmethod

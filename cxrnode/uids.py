@@ -1,7 +1,7 @@
 """Deterministic UIDs for the objects the node emits.
 
 Why deterministic: a redelivered task, a manual re-run or a resend must produce the *same*
-SR and SC instances, so that the PACS replaces what it already has instead of piling up
+SR, SC and PDF instances, so that the PACS replaces what it already has instead of piling up
 copies (DESIGN.md, invariant 3). So every UID we mint is a pure function of its inputs.
 
 How: DICOM PS3.5 §B.2 allows UIDs of the form ``2.25.<integer>`` where the integer is the
@@ -48,10 +48,13 @@ _SEPARATOR = "\x1f"  # ASCII unit separator: cannot occur in a UID, hash or vers
 
 
 class OutputKind(enum.StrEnum):
-    """Which object an output UID belongs to."""
+    """The kinds of object the node can emit; the values are what ``OUTPUTS`` lists and
+    what the outbox records (at most 8 characters: the ``outputs.kind`` column)."""
 
-    SR = "sr"
-    SC = "sc"
+    TEXT_SR = "text_sr"  # text-report SR (TID 2000 shape): what the radiologist reads
+    AIR_SR = "air_sr"  # TID 1500 SR for IHE AI Results consumers
+    SC = "sc"  # Secondary Capture: radiograph and draft under a banner
+    PDF = "pdf"  # Encapsulated PDF of the draft
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def output_uids(
     kind: OutputKind | str,
     version: int = 1,
 ) -> OutputUIDs:
-    """Series and SOP Instance UIDs of an emitted SR or SC (see the module docstring).
+    """Series and SOP Instance UIDs of an emitted object (see the module docstring).
 
     Parameters
     ----------
@@ -116,7 +119,7 @@ def output_uids(
     pipeline_version
         Version of the node's pipeline (prompting, labelling, rendering).
     kind
-        ``"sr"`` or ``"sc"``.
+        One of :class:`OutputKind` (``"text_sr"``, ``"air_sr"``, ``"sc"``, ``"pdf"``).
     version
         1 for the first draft of a study, 2, 3, ... for replacements.
 

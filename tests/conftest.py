@@ -12,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from services import Node, fresh_database, node_env, postgres_server, redis_server  # noqa: E402
 
-
 #: Tests in these folders run whole nodes, peers or browsers.
 SLOW_FOLDERS = frozenset({"e2e", "pipeline", "viewer", "web", "monitor", "faults"})
 #: Fixtures that start a node or a peer process.
@@ -29,8 +28,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
         callspec = getattr(item, "callspec", None)
         params = set(map(str, callspec.params.values())) if callspec else set()
-        if "pg_admin_url" in fixtures or "postgresql" in params or any(
-            "postgres" in p for p in params
+        if (
+            "pg_admin_url" in fixtures
+            or "postgresql" in params
+            or any("postgres" in p for p in params)
         ):
             item.add_marker(pytest.mark.postgres)
         if "redis_url" in fixtures or any("redis" in p for p in params):

@@ -1,13 +1,14 @@
-"""The outputs of a finished job: the SR and SC files, and their rows in the outbox.
+"""The outputs of a finished job: the DICOM files, and their rows in the outbox.
 
-When the model has answered (job state ``inferred``), the node turns the answer into the two
-DICOM objects the radiologist will see (``cxrnode.outputs.findings_sr.build_sr``, ``cxrnode.outputs.sc.build_sc``),
-writes them durably under DATA_DIR/outputs, and records one :class:`~cxrnode.db.Output` row
-per object and destination. Recording the rows and marking the job ``done`` happen in one
+When the model has answered (job state ``inferred``), the node turns the answer into the
+DICOM objects the site asked for in ``OUTPUTS`` (:func:`make_objects`: by default the
+text-report SR and the Secondary Capture the radiologist reads; optionally the TID 1500 SR
+and an Encapsulated PDF), writes them durably under DATA_DIR/outputs, and records one
+:class:`~cxrnode.db.Output` row per object and destination. Recording the rows and marking the job ``done`` happen in one
 transaction, so an output is either fully recorded with its file on disk or not at all; the
 sender (``cxrnode.outputs.outbox``) works only from those rows.
 
-Why it is safe to run twice: the UIDs of both objects are a pure function of the source
+Why it is safe to run twice: the UIDs of every object are a pure function of the source
 image, the model hash, :data:`PIPELINE_VERSION` and the job's version (``cxrnode.uids``), so
 a redelivered task writes byte-for-byte the same files, and it finds the rows of the first
 run and returns them instead of adding more.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -37,18 +39,24 @@ from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
 from cxrnode.ingest.header import header_dataset
 from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
+from cxrnode.outputs.common import PriorDocument, series_description
 from cxrnode.outputs.draft import DraftReport
-from cxrnode.outputs.findings_sr import PriorDocument, build_sr
+from cxrnode.outputs.findings_sr import build_findings_sr
+from cxrnode.outputs.outbox import KIND_ORDER, LEGACY_SR_KIND
+from cxrnode.outputs.pdf import build_pdf
+from cxrnode.outputs.report_sr import build_report_sr
 from cxrnode.outputs.sc import build_sc
 from cxrnode.prepare.display import ImagingError
 from cxrnode.prepare.images import load_display
 from cxrnode.settings import Settings
+from cxrnode.uids import OutputKind
 from model.contracts import ModelResult
 
 __all__ = [
     "PIPELINE_VERSION",
     "BuiltOutput",
     "build_outputs",
+    "full_text_series",
     "make_objects",
     "output_path",
     "previous_sr",
@@ -74,7 +82,7 @@ PIPELINE_VERSION: str = _pipeline_version()
 class BuiltOutput:
     """One written object: what the outbox row needs to know about it."""
 
-    kind: str  # "sr" or "sc"
+    kind: str  # an OutputKind value: "text_sr", "air_sr", "sc" or "pdf"
     sop_class_uid: str
     sop_instance_uid: str
     path: str  # relative to DATA_DIR/outputs
@@ -86,7 +94,7 @@ def output_path(settings: Settings, relpath: str) -> Path:
 
 
 def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int]:
-    """Build, write and record the SR and SC of an inferred job; return the outbox row ids.
+    """Build, write and record the outputs of an inferred job; return the outbox row ids.
 
     The job moves to ``done`` in the same transaction that records the rows. A job whose
     outputs cannot be built (unreadable source, a result that breaks the draft contract)
@@ -125,7 +133,11 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
     header = header_dataset(instance.header)
     study_uid, sop_uid = instance.study_instance_uid, instance.sop_instance_uid
     source_path = settings.instances_dir / instance.path
-    predecessor = previous_sr(session, settings, job)
+    predecessors = {
+        kind: previous_sr(session, settings, job, kind)
+        for kind in (OutputKind.TEXT_SR, OutputKind.AIR_SR)
+        if kind in settings.outputs
+    }
     # End the read transaction before the slow part: on SQLite every writing transaction holds
     # the write lock, and the listener must be able to commit arrivals meanwhile.
     session.rollback()
@@ -137,9 +149,18 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         if "SOPInstanceUID" not in header:  # recorded before headers were kept (0001 rows)
             header = pydicom.dcmread(source_path, stop_before_pixels=True)
         draft = DraftReport.from_result(result.to_dict(), PIPELINE_VERSION)
-        display = load_display(settings, study_uid, sop_uid, source_path)
+        display = (
+            load_display(settings, study_uid, sop_uid, source_path)
+            if OutputKind.SC in settings.outputs
+            else None
+        )
         objects = make_objects(
-            header, display, draft, version=job_version, predecessor=predecessor, settings=settings
+            header,
+            display,
+            draft,
+            version=job_version,
+            predecessors=predecessors,
+            settings=settings,
         )
     except (ImagingError, InvalidDicomError, OSError, TypeError, ValueError) as exc:
         log.warning("job %d: outputs cannot be built: %s", job_id, exc)
@@ -201,42 +222,89 @@ def _supersede_older(session: Session, job: Job, now: datetime) -> int:
 
 def make_objects(
     header: Dataset,
-    display: np.ndarray,
+    display: np.ndarray | None,
     draft: DraftReport,
     *,
     version: int,
-    predecessor: PriorDocument | None,
+    predecessors: Mapping[str, PriorDocument | None],
     settings: Settings,
 ) -> list[tuple[str, Dataset]]:
-    """The DICOM objects of one draft, in the order they travel: ``(kind, dataset)`` pairs.
+    """The DICOM objects of one draft that ``settings.outputs`` asks for, in the order they
+    travel (:data:`~cxrnode.outputs.outbox.KIND_ORDER`): ``(kind, dataset)`` pairs.
 
     Pure: no I/O. ``header`` is the source image's header (no pixel data needed),
-    ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it.
+    ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it, and
+    ``predecessors`` the SR each SR kind replaces (by kind; absent or ``None``: none).
     """
     institution = settings.institution_name
-    sr = build_sr(
-        header, draft, version=version, predecessor=predecessor, institution_name=institution
-    )
-    sc = build_sc(header, display, draft, version=version, institution_name=institution)
-    return [("sr", sr), ("sc", sc)]
+    wanted = sorted((OutputKind(kind) for kind in settings.outputs), key=KIND_ORDER.__getitem__)
+    objects: list[tuple[str, Dataset]] = []
+    for kind in wanted:
+        if kind == OutputKind.TEXT_SR:
+            ds = build_report_sr(
+                header,
+                draft,
+                version=version,
+                predecessor=predecessors.get(kind),
+                institution_name=institution,
+            )
+        elif kind == OutputKind.AIR_SR:
+            ds = build_findings_sr(
+                header,
+                draft,
+                version=version,
+                predecessor=predecessors.get(kind),
+                institution_name=institution,
+            )
+        elif kind == OutputKind.SC:
+            if display is None:
+                raise ValueError("the Secondary Capture needs the display image")
+            ds = build_sc(
+                header,
+                display,
+                draft,
+                version=version,
+                institution_name=institution,
+                full_text_series=full_text_series(settings.outputs),
+            )
+        else:
+            ds = build_pdf(header, draft, version=version, institution_name=institution)
+        objects.append((kind.value, ds))
+    return objects
 
 
-def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument | None:
-    """The SR that a new version of a study's draft replaces, if one was sent or is on its way.
+def full_text_series(outputs: Sequence[str]) -> str | None:
+    """Series description of the object a reader of the SC should open for the full text:
+    the text report, else the PDF; ``None`` when the site makes neither."""
+    for kind in (OutputKind.TEXT_SR, OutputKind.PDF):
+        if kind in outputs:
+            return series_description(kind)
+    return None
 
-    That is the SR of the highest earlier version of the same study that reached a
-    destination. Older drafts still pending are superseded by the new one and never sent,
-    and a dead one never reached the PACS, so a viewer could not follow either reference.
-    Its UIDs are read from its file: the model or pipeline of the earlier version may
-    differ, so they cannot be recomputed.
+
+def previous_sr(
+    session: Session, settings: Settings, job: Job, kind: OutputKind | str
+) -> PriorDocument | None:
+    """The SR of ``kind`` that a new version of a study's draft replaces, if one reached a
+    destination.
+
+    That is the SR of that kind of the highest earlier version of the same study that was
+    delivered. Older drafts still pending are superseded by the new one and never sent, and
+    a dead one never reached the PACS, so a viewer could not follow either reference. Its
+    UIDs are read from its file: the model or pipeline of the earlier version may differ, so
+    they cannot be recomputed. Rows recorded as ``sr`` (before the text report existed, that
+    was the TID 1500 SR) count as ``air_sr``.
     """
+    kinds = [OutputKind(kind).value]
+    if kinds == [OutputKind.AIR_SR.value]:
+        kinds.append(LEGACY_SR_KIND)
     row = session.scalars(
         select(Output)
         .join(Job, Output.job_id == Job.id)
         .where(
             Job.study_id == job.study_id,
             Job.version < job.version,
-            Output.kind == "sr",
+            Output.kind.in_(kinds),
             Output.state.in_([OutputState.delivered, OutputState.delivered_warning]),
         )
         .order_by(Job.version.desc(), Output.id)
@@ -249,8 +317,9 @@ def previous_sr(session: Session, settings: Settings, job: Job) -> PriorDocument
         return PriorDocument.from_dataset(prior)
     except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
         log.warning(
-            "job %d: the previous SR %s cannot be read (%s); the new version will not reference it",
+            "job %d: the previous %s %s cannot be read (%s); the new version will not reference it",
             job.id,
+            row.kind,
             row.sop_instance_uid,
             exc,
         )

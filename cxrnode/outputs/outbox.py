@@ -1,4 +1,4 @@
-"""The outbox sender: deliver recorded SR/SC outputs to each destination, with retries.
+"""The outbox sender: deliver recorded outputs (SRs, SC, PDF) to each destination, with retries.
 
 The database is the truth (DESIGN.md, invariant 2). Every object to send is an
 :class:`~cxrnode.db.Output` row; this module claims due rows, sends them and records what
@@ -54,6 +54,7 @@ from cxrnode.settings import Settings, parse_destination
 __all__ = [
     "IN_FLIGHT",
     "KIND_ORDER",
+    "LEGACY_SR_KIND",
     "Destination",
     "Outcome",
     "RetryPolicy",
@@ -74,8 +75,11 @@ log = logging.getLogger(__name__)
 
 #: ``last_status`` of a row handed to a send task and not answered yet.
 IN_FLIGHT = "in flight"
-#: The order objects travel in within one association: the report before its picture.
-KIND_ORDER = {"sr": 0, "sc": 1}
+#: ``kind`` of the rows made before the text-report SR existed: the TID 1500 SR (air_sr).
+LEGACY_SR_KIND = "sr"
+#: The order objects travel in within one association: the text report first (what the
+#: radiologist opens), then the structured SR, the picture and the PDF.
+KIND_ORDER = {"text_sr": 0, "air_sr": 1, LEGACY_SR_KIND: 1, "sc": 2, "pdf": 3}
 
 WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116})
 PERMANENT_STATUSES = {

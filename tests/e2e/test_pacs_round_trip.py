@@ -1,5 +1,6 @@
 """End to end with a real PACS: Orthanc routes chest radiographs to a `cxrnode serve` node
-running a tiny model, and the node's SR and SC come back into the same study.
+running a tiny model, and the node's outputs (by default the text-report SR and the SC) come
+back into the same study.
 
 Everything is real: Orthanc (Debian package) with the demo PACS's routing script, dcmtk
 ``storescu`` as the modality, the node's listener, scheduler and Celery workers as
@@ -9,7 +10,6 @@ subprocesses, and Orthanc's REST API as the viewer that checks what arrived.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import dicomgen
 import pydicom
 import pytest
+from dicom_checks import dciodvfy
 from nodedb import instances, jobs, outputs
 from orthanc_server import Orthanc
 from pydicom import Dataset
@@ -24,15 +25,15 @@ from pydicom.uid import generate_uid
 from services import Node, storescu
 
 from cxrnode.outputs.build import PIPELINE_VERSION
-from cxrnode.outputs.draft import DraftReport
-from cxrnode.outputs.findings_sr import (
+from cxrnode.outputs.common import (
     DRAFT_NOTICE,
     FINDING_CONCEPTS,
     STATE_VALUES,
-    clean_text,
     series_description,
 )
+from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.outbox import IN_FLIGHT
+from cxrnode.outputs.text import report_text
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def content_items(ds: Dataset) -> list[Dataset]:
 
 
 def coded_findings(sr: Dataset) -> set[tuple[str, str]]:
-    """(finding code, value code) of each qualitative evaluation in the SR."""
+    """(finding code, value code) of each coded finding in the SR."""
     finding_codes = {code.value for code in FINDING_CONCEPTS.values()}
     pairs = set()
     for item in content_items(sr):
@@ -99,13 +100,6 @@ def expected_findings(findings: dict[str, str]) -> set[tuple[str, str]]:
         for name, state in findings.items()
         if state != "not_mentioned"
     }
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    check = subprocess.run(
-        ["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, timeout=60
-    )
-    return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 
 def uid_of(path: Path) -> str:
@@ -151,7 +145,7 @@ def test_routed_studies_come_back_with_an_sr_and_an_sc_and_a_rerun_replaces_them
         srs, scs = arrived[study_uid][SR_CLASS], arrived[study_uid][SC_CLASS]
         assert len(srs) == 1 and len(scs) == 1
         sr_tags, sc_tags = srs[0]["Tags"], scs[0]["Tags"]
-        assert sr_tags["SeriesDescription"] == series_description("sr")
+        assert sr_tags["SeriesDescription"] == series_description("text_sr")
         assert sc_tags["SeriesDescription"] == series_description("sc")
         assert "AI DRAFT" in sr_tags["SeriesDescription"]
         assert sr_tags["VerificationFlag"] == "UNVERIFIED"
@@ -171,12 +165,13 @@ def test_routed_studies_come_back_with_an_sr_and_an_sc_and_a_rerun_replaces_them
         assert sr.StudyInstanceUID == study_uid
         assert sr.PatientID == source.PatientID
         assert coded_findings(sr) == expected_findings(job.model_result.findings)
+        assert sr.ConceptNameCodeSequence[0].CodeValue == "18748-4"  # the text report
         texts = [str(item.TextValue) for item in content_items(sr) if "TextValue" in item]
-        assert DRAFT_NOTICE in texts
+        assert texts[0] == report_text(DRAFT_NOTICE)  # the first thing a reader sees
         draft = DraftReport.from_result(job.result, PIPELINE_VERSION)
-        if clean_text(draft.recommendation):
-            assert clean_text(draft.recommendation) in texts
-        assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(sc_path) == []
+        if report_text(draft.recommendation):
+            assert report_text(draft.recommendation) in texts
+        assert dciodvfy(sr_path).errors == [] and dciodvfy(sc_path).errors == []
 
     delivered = outputs(node)
     assert len(delivered) == 4

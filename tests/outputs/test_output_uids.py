@@ -11,7 +11,7 @@ BASE = {
     "source_sop_instance_uid": "1.2.826.0.1.3680043.8.498.1.1.1",
     "model_hash": "9a" * 32,
     "pipeline_version": "0.1.0",
-    "kind": OutputKind.SR,
+    "kind": OutputKind.TEXT_SR,
     "version": 1,
 }
 
@@ -27,6 +27,8 @@ def test_same_inputs_give_the_same_uids() -> None:
         ("model_hash", "9b" * 32, True),
         ("pipeline_version", "0.2.0", True),
         ("kind", OutputKind.SC, True),
+        ("kind", OutputKind.AIR_SR, True),
+        ("kind", OutputKind.PDF, True),
         ("version", 2, False),
         ("study_instance_uid", "1.2.826.0.1.3680043.8.498.2", True),
     ],
@@ -78,7 +80,7 @@ def test_device_uid_changes_with_the_model_hash_only() -> None:
         ("source_sop_instance_uid", "1.2.03", "source_sop_instance_uid must be a valid"),
         ("model_hash", "", "model_hash must be a non-empty string"),
         ("pipeline_version", "  ", "pipeline_version must be a non-empty string"),
-        ("kind", "pdf", "kind must be one of"),
+        ("kind", "mpeg", "kind must be one of"),
         ("version", 0, "version must be an integer >= 1"),
         ("version", True, "version must be an integer >= 1"),
     ],
@@ -88,3 +90,7 @@ def test_invalid_inputs_are_refused_with_what_was_expected(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         output_uids(**{**BASE, field: value})
+
+
+def test_kind_names_fit_the_outbox_column() -> None:
+    assert all(len(kind.value) <= 8 for kind in OutputKind)  # outputs.kind is String(8)

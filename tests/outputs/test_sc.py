@@ -11,23 +11,21 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
+import cxrnode.outputs.common as common_module
 import cxrnode.outputs.sc as sc_module
+from cxrnode.outputs.common import font_path, series_description
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.sc import (
     BANNER_HEIGHT,
     CANVAS_HEIGHT,
     PANEL_WIDTH,
     build_sc,
-    font_path,
+    full_text_hint,
     render_draft_image,
     wrap_text,
 )
 from cxrnode.uids import OutputKind, output_uids
 
-STALE_VALIDATOR_WARNINGS = (
-    "Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
-    "Dicom dataset contains attributes not present in standard DICOM IOD",
-)
 ASSETS = Path(sc_module.__file__).parent / "assets"
 
 
@@ -63,7 +61,7 @@ def test_sc_of_the_real_chest_passes_dciodvfy_and_carries_the_draft_markings(
     reread = pydicom.dcmread(save(sc, "sc.dcm"))
     assert reread.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
     assert reread.BurnedInAnnotation == "YES"
-    assert reread.SeriesDescription.startswith("AI DRAFT - NOT FOR DIAGNOSTIC USE")
+    assert reread.SeriesDescription == series_description(OutputKind.SC)
     assert reread.StudyInstanceUID == rg1.StudyInstanceUID
     assert reread.PatientID == rg1.PatientID
     assert reread.SeriesInstanceUID != rg1.SeriesInstanceUID
@@ -91,10 +89,7 @@ def test_sc_of_synthetic_sources_passes_dciodvfy_with_only_stale_warnings(
     result = validate(build_sc(source, _display(), draft))
 
     assert result.errors == [], result.output
-    unexpected = [
-        w for w in result.warnings if not any(known in w for known in STALE_VALIDATOR_WARNINGS)
-    ]
-    assert unexpected == [], result.output
+    assert result.unexpected_warnings == [], result.output
 
 
 def test_radiograph_is_scaled_to_the_canvas_beside_the_panel(
@@ -165,7 +160,7 @@ def test_wrap_text_keeps_every_line_inside_the_width_and_loses_no_word() -> None
 def test_bundled_font_is_used_where_the_debian_font_is_missing(
     monkeypatch: pytest.MonkeyPatch, make_draft: Callable[..., DraftReport]
 ) -> None:
-    monkeypatch.setattr(sc_module, "_SYSTEM_FONT", Path("/nonexistent/DejaVuSans.ttf"))
+    monkeypatch.setattr(common_module, "_SYSTEM_FONT", Path("/nonexistent/DejaVuSans.ttf"))
     sc_module._font.cache_clear()
     try:
         assert font_path() == ASSETS / "DejaVuSans.ttf"
@@ -232,3 +227,27 @@ def test_sc_copies_nothing_but_patient_and_study_from_the_source(
     ]
     assert [s for s in strings if "LEAK" in s] == []
     assert "KEEP^PATIENT" in strings
+
+
+def test_footer_names_the_series_that_holds_the_full_text(
+    make_draft: Callable[..., DraftReport],
+) -> None:
+    text_report = series_description(OutputKind.TEXT_SR)
+
+    assert f'Full text: series "{text_report}".' in full_text_hint(text_report)
+    assert "series" not in full_text_hint(None)
+    assert "Not for diagnostic use" in full_text_hint(None)
+    with_hint = render_draft_image(_display(), make_draft(), text_report)
+    without = render_draft_image(_display(), make_draft(), None)
+    footer = slice(CANVAS_HEIGHT - 80, CANVAS_HEIGHT)
+    assert (with_hint[footer] != without[footer]).any()  # the hint is printed
+    assert (with_hint[: CANVAS_HEIGHT - 80] == without[: CANVAS_HEIGHT - 80]).all()
+
+
+def test_control_characters_and_tabs_never_reach_the_panel(
+    make_draft: Callable[..., DraftReport],
+) -> None:
+    messy = render_draft_image(_display(), make_draft(report="Clear\tlungs.\x00\x1b[31m"))
+    clean = render_draft_image(_display(), make_draft(report="Clear lungs.[31m"))
+
+    assert (messy == clean).all()

@@ -201,6 +201,10 @@ class Outbox:
         settings = self.settings.model_copy(update={"destinations": list(destinations)})
         return Outbox(settings, self.sessions, self.tmp, self.made)
 
+    def with_outputs(self, *kinds: str) -> Outbox:
+        settings = Settings(**{**self.settings.model_dump(), "outputs": ",".join(kinds)})
+        return Outbox(settings, self.sessions, self.tmp, self.made)
+
 
 @pytest.fixture
 def send_options(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
@@ -403,9 +407,9 @@ def test_outputs_are_written_durably_recorded_per_destination_and_the_job_is_don
     rows = any_outbox.rows(ids)
     assert [r.id for r in rows] == ids
     assert [(r.destination, r.kind) for r in rows] == [
-        ("PACS@127.0.0.1:104", "sr"),
+        ("PACS@127.0.0.1:104", "text_sr"),
         ("PACS@127.0.0.1:104", "sc"),
-        ("ARCHIVE@127.0.0.1:11113", "sr"),
+        ("ARCHIVE@127.0.0.1:11113", "text_sr"),
         ("ARCHIVE@127.0.0.1:11113", "sc"),
     ]
     assert all(r.state == OutputState.pending and r.attempts == 0 for r in rows)
@@ -441,10 +445,10 @@ def test_building_twice_returns_the_same_rows_and_adds_nothing(any_outbox: Outbo
 def test_a_new_version_references_the_sr_it_replaces(outbox: Outbox) -> None:
     study = generate_uid()
     first = outbox.job(outbox.source(study))
-    first_sr = next(r for r in outbox.rows(outbox.build(first)) if r.kind == "sr")
+    first_sr = next(r for r in outbox.rows(outbox.build(first)) if r.kind == "text_sr")
     outbox.mark(first_sr.id, OutputState.delivered)  # it reached the PACS
     second = outbox.job(outbox.source(study), version=2)
-    second_sr = next(r for r in outbox.rows(outbox.build(second)) if r.kind == "sr")
+    second_sr = next(r for r in outbox.rows(outbox.build(second)) if r.kind == "text_sr")
 
     assert second_sr.sop_instance_uid != first_sr.sop_instance_uid
     sr = pydicom.dcmread(outbox.settings.outputs_dir / second_sr.path)
@@ -464,10 +468,72 @@ def test_a_new_version_supersedes_the_older_drafts_still_waiting_to_be_sent(
     assert {r.state for r in outbox.rows([r.id for r in first])} == {OutputState.superseded}
     assert {r.state for r in second} == {OutputState.pending}
     sr = pydicom.dcmread(
-        outbox.settings.outputs_dir / next(r for r in second if r.kind == "sr").path
+        outbox.settings.outputs_dir / next(r for r in second if r.kind == "text_sr").path
     )
     assert "PredecessorDocumentsSequence" not in sr  # the first never reached a viewer
     assert outbox.send(outbox.settings.destinations[0], [r.id for r in first]) == {}
+
+
+ALL_KINDS = ("pdf", "sc", "air_sr", "text_sr")  # as a site might list them: any order
+
+
+def test_every_configured_kind_is_built_and_the_text_report_travels_first(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    with storescp(tmp_path / "received") as peer:
+        box = outbox.with_destinations(f"STORESCP@127.0.0.1:{peer.port}").with_outputs(*ALL_KINDS)
+        ids = box.build(box.job(box.source()))
+        rows = box.rows(ids)
+        assert [r.kind for r in rows] == ["text_sr", "air_sr", "sc", "pdf"]
+        assert [r.sop_class_uid for r in rows] == [
+            ComprehensiveSRStorage,
+            ComprehensiveSRStorage,
+            SecondaryCaptureImageStorage,
+            "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+        ]
+        (batch,) = box.claim()
+        assert batch.output_ids == ids
+        box.send(batch.destination, batch.output_ids)
+    assert {r.state for r in box.rows(ids)} == {OutputState.delivered}
+    assert peer.associations == 1
+    assert sorted(peer.received) == sorted(r.sop_instance_uid for r in rows)
+
+
+def test_each_sr_kind_names_its_own_predecessor(outbox: Outbox) -> None:
+    box = outbox.with_outputs(*ALL_KINDS)
+    study = generate_uid()
+    first = {r.kind: r for r in box.rows(box.build(box.job(box.source(study))))}
+    for row in first.values():
+        box.mark(row.id, OutputState.delivered)  # they reached the PACS
+    second = {r.kind: r for r in box.rows(box.build(box.job(box.source(study), version=2)))}
+
+    for kind in ("text_sr", "air_sr"):
+        sr = pydicom.dcmread(box.settings.outputs_dir / second[kind].path)
+        prior = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert prior.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+            first[kind].sop_instance_uid
+        )
+    for kind in ("sc", "pdf"):
+        ds = pydicom.dcmread(box.settings.outputs_dir / second[kind].path)
+        assert "PredecessorDocumentsSequence" not in ds
+
+
+def test_a_row_recorded_as_sr_before_the_text_report_existed_is_the_structured_predecessor(
+    outbox: Outbox,
+) -> None:
+    box = outbox.with_outputs("air_sr")
+    study = generate_uid()
+    (old,) = box.rows(box.build(box.job(box.source(study))))
+    with box.sessions() as session:
+        session.get(Output, old.id).kind = "sr"  # as the previous release recorded it
+        session.get(Output, old.id).state = OutputState.delivered
+        session.commit()
+
+    (new,) = box.rows(box.build(box.job(box.source(study), version=2)))
+
+    sr = pydicom.dcmread(box.settings.outputs_dir / new.path)
+    prior = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert prior.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.sop_instance_uid
 
 
 def test_without_destinations_the_files_are_written_and_nothing_is_queued(
@@ -515,7 +581,7 @@ def test_claimed_outputs_are_not_handed_out_again_until_their_lease_ends(
     )
     rows = {r.id: r for r in any_outbox.rows()}
     for batch in batches:
-        assert [rows[i].kind for i in batch.output_ids] == ["sr", "sc"]  # report first
+        assert [rows[i].kind for i in batch.output_ids] == ["text_sr", "sc"]  # report first
         assert {rows[i].destination for i in batch.output_ids} == {batch.destination}
     assert all(r.last_status == IN_FLIGHT for r in rows.values())
     assert any_outbox.claim(lease_seconds=60) == []  # the next scheduler tick
@@ -653,8 +719,11 @@ def test_a_rejected_presentation_context_kills_only_that_object(outbox: Outbox) 
         ids = box.build(box.job(box.source()))
         box.send(box.settings.destinations[0], ids)
     rows = {r.kind: r for r in box.rows(ids)}
-    assert (rows["sr"].state, rows["sr"].last_status) == (OutputState.dead, "context-rejected")
-    assert "Comprehensive SR" in rows["sr"].last_error
+    assert (rows["text_sr"].state, rows["text_sr"].last_status) == (
+        OutputState.dead,
+        "context-rejected",
+    )
+    assert "Comprehensive SR" in rows["text_sr"].last_error
     assert rows["sc"].state == OutputState.delivered
     assert peer.received == [rows["sc"].sop_instance_uid]
     assert peer.associations == 1
@@ -678,7 +747,7 @@ def test_a_missing_output_file_is_a_dead_letter_that_says_to_rerun(outbox: Outbo
         (box.settings.outputs_dir / sc.path).unlink()
         box.send(box.settings.destinations[0], ids)
     rows = {r.kind: r for r in box.rows(ids)}
-    assert rows["sr"].state == OutputState.delivered
+    assert rows["text_sr"].state == OutputState.delivered
     assert rows["sc"].state == OutputState.dead and "rerun" in rows["sc"].last_error
 
 
@@ -834,7 +903,7 @@ def test_resend_of_a_study_sends_its_current_draft_everywhere_configured(
     rows = two.rows(again)
     assert {r.id for r in rows if r.destination == "PACS@127.0.0.1:104"} == set(current)
     assert sorted((r.destination, r.kind) for r in rows) == sorted(
-        (d, k) for d in two.settings.destinations for k in ("sr", "sc")
+        (d, k) for d in two.settings.destinations for k in ("text_sr", "sc")
     )
     assert {r.state for r in rows} == {OutputState.pending}
     with pytest.raises(LookupError, match="no recorded outputs"):

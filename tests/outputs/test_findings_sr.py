@@ -1,4 +1,5 @@
-"""The AI draft SR: valid (dciodvfy, dcmtk), marked as a draft, coded as specified."""
+"""The TID 1500 SR for machines: valid (dciodvfy, dcmtk, highdicom), marked as a draft, coded
+as specified, and carrying what IHE AI Results asks of an evidence creator."""
 
 from __future__ import annotations
 
@@ -12,25 +13,18 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from cxrnode.outputs.draft import FINDINGS, DraftReport
-from cxrnode.outputs.findings_sr import (
+from cxrnode.outputs.common import (
     DRAFT_NOTICE,
     EMPTY_REPORT_NOTE,
     FINDING_CONCEPTS,
     PAEDIATRIC_NOTE,
     STATE_VALUES,
     PriorDocument,
-    build_sr,
+    series_description,
 )
+from cxrnode.outputs.draft import FINDINGS, DraftReport
+from cxrnode.outputs.findings_sr import build_findings_sr as build_sr
 from cxrnode.uids import OutputKind, device_uid, output_uids
-
-# dciodvfy (dicom3tools 2022) predates Device UID in the Contributing Equipment Sequence
-# (PS3.3 C.12.1 lists it today, as does highdicom's copy of the standard); these two
-# warnings are about that attribute only.
-STALE_VALIDATOR_WARNINGS = (
-    "Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
-    "Dicom dataset contains attributes not present in standard DICOM IOD",
-)
 
 ALL_STATES = {
     "atelectasis": "present",
@@ -118,10 +112,7 @@ def test_sr_on_a_synthetic_source_has_only_the_stale_device_uid_warnings(
 ) -> None:
     result = validate(build_sr(synthetic("DX"), make_draft(findings=ALL_STATES)))
 
-    unexpected = [
-        w for w in result.warnings if not any(known in w for known in STALE_VALIDATOR_WARNINGS)
-    ]
-    assert unexpected == [], result.output
+    assert result.unexpected_warnings == [], result.output
 
 
 def test_sr_is_marked_as_an_unverified_preliminary_ai_draft(
@@ -135,8 +126,8 @@ def test_sr_is_marked_as_an_unverified_preliminary_ai_draft(
     assert sr.PreliminaryFlag == "PRELIMINARY"
     assert sr.CompletionFlag == "COMPLETE"
     assert "VerifyingObserverSequence" not in sr
-    assert sr.SeriesDescription.startswith("AI DRAFT - NOT FOR DIAGNOSTIC USE")
-    assert len(sr.SeriesDescription) <= 64
+    assert sr.SeriesDescription == series_description(OutputKind.AIR_SR)
+    assert sr.SeriesDescription.startswith("AI DRAFT FINDINGS (STRUCTURED)")
     assert ("Comment", DRAFT_NOTICE) in _text_items(sr)
 
 
@@ -375,7 +366,7 @@ def test_rebuilding_gives_the_same_uids_and_a_new_version_a_new_instance(
         source_sop_instance_uid=rg1.SOPInstanceUID,
         model_hash=draft.model_hash,
         pipeline_version=draft.pipeline_version,
-        kind=OutputKind.SR,
+        kind=OutputKind.AIR_SR,
     )
     assert first.SOPInstanceUID == expected.sop_instance_uid
     assert second.SOPInstanceUID != first.SOPInstanceUID
@@ -426,3 +417,54 @@ def test_an_sr_cannot_be_its_own_predecessor(
 
     with pytest.raises(ValueError, match="higher version"):
         build_sr(rg1, make_draft(), predecessor=first)
+
+
+def test_structured_sr_carries_what_ihe_air_asks_and_parses_back_with_highdicom(
+    rg1: Dataset, make_draft: Callable[..., DraftReport]
+) -> None:
+    draft = make_draft(prompts={"report": "paediatric", "differential": "default"})
+    sr = build_sr(rg1, draft)
+
+    parsed = hd.sr.ComprehensiveSR.from_dataset(sr)
+    report = parsed.content
+    assert parsed.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
+    # device observer (TID 1004): its UID follows the model
+    (observer,) = report.get_observer_contexts()
+    assert observer.observer_type.value == "121007"  # Device
+    assert observer.observer_identifying_attributes.uid == device_uid(draft.model_hash)
+    # every measurement group: tracking identifiers and algorithm identification (TID 4019)
+    for group in report.get_image_measurement_groups():
+        assert group.tracking_identifier and group.tracking_uid
+        items = group[0].ContentSequence
+        values = {
+            item.ConceptNameCodeSequence[0].CodeValue: item.get("TextValue")
+            for item in items
+            if item.ValueType == "TEXT"
+        }
+        assert values["111001"] == "CXR-LLAVA-v2"  # Algorithm Name
+        assert draft.model_hash in values["111003"]  # Algorithm Version
+        assert draft.pipeline_version in values["111003"]
+        parameters = [
+            item.TextValue
+            for item in items
+            if item.ConceptNameCodeSequence[0].CodeValue == "111002"  # Algorithm Parameters
+        ]
+        assert parameters == ["prompt differential=default", "prompt report=paediatric"]
+    # contributing equipment: the algorithm, with the same device UID
+    (equipment,) = [i for i in sr.ContributingEquipmentSequence if i.Manufacturer == "cxrnode"]
+    assert equipment.DeviceUID == device_uid(draft.model_hash)
+    # a second parse of the written object gives the same tree
+    assert hd.sr.ComprehensiveSR.from_dataset(parsed).SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_tracking_uid_is_stable_across_rebuilds(
+    rg1: Dataset, make_draft: Callable[..., DraftReport]
+) -> None:
+    def tracking_uid(sr: Dataset) -> str:
+        (group,) = hd.sr.ComprehensiveSR.from_dataset(sr).content.get_image_measurement_groups()
+        return group.tracking_uid
+
+    assert tracking_uid(build_sr(rg1, make_draft())) == tracking_uid(build_sr(rg1, make_draft()))
+    assert tracking_uid(build_sr(rg1, make_draft())) != tracking_uid(
+        build_sr(rg1, make_draft(), version=2)
+    )

@@ -25,10 +25,16 @@ from cxrnode.db import JobState, make_engine, make_sessionmaker
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states
 from cxrnode.jobs.dispatch import Dispatcher
+from cxrnode.outputs import outbox
+from cxrnode.outputs.build import build_outputs as build
+from cxrnode.outputs.outbox import Verdict, send_batch
+from cxrnode.prepare.display import ImagingError
+from cxrnode.prepare.images import decode_model_input, prepare_images
 from cxrnode.settings import get_settings
 from model.contracts import GenerationParams, ModelResult, StudyContext
 from worker import app as worker_app
 from worker.app import app
+from worker.batcher import ModelHost, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +66,6 @@ def dispatcher() -> Dispatcher:
 def prepare_image(job_id: int, version: int) -> str:
     """Decode the chosen image once; keep its display image and model input; hand the input
     to the inference queue."""
-    from cxrnode.prepare.display import ImagingError
-    from cxrnode.prepare.images import prepare_images
 
     settings = get_settings()
     with sessions()() as session:
@@ -98,7 +102,6 @@ def prepare_image(job_id: int, version: int) -> str:
 @cache
 def model_host() -> Any:
     """The process's model host (the model is loaded on first use, and loading retried)."""
-    from worker.batcher import ModelHost
 
     settings = get_settings()
 
@@ -138,8 +141,6 @@ def infer_report(
 ) -> str:
     """Run the model (batched with concurrent tasks). Needs only the broker: results and
     problems go back to the node side as messages."""
-    from cxrnode.prepare.images import decode_model_input
-    from worker.batcher import ModelUnavailable
 
     settings = get_settings()
     try:
@@ -209,8 +210,6 @@ def build_outputs(job_id: int, version: int) -> str:
 def build_and_send(job_id: int) -> str:
     """Write the job's outputs and their outbox rows (the job is then done), and hand them
     to the send queue at once. Rows not claimed here are sent by the scheduler."""
-    from cxrnode.outputs import outbox
-    from cxrnode.outputs.build import build_outputs as build
 
     settings = get_settings()
     with sessions()() as session:
@@ -233,7 +232,6 @@ def send_outputs(destination: str, output_ids: list[int]) -> str:
     """Send one study's claimed outputs to one destination (one association) and record
     each outcome on its row. Delivery retries are the outbox's, not Celery's: a failed try
     sets the row's next try, and the scheduler is woken to take it up then."""
-    from cxrnode.outputs.outbox import Verdict, send_batch
 
     outcomes = send_batch(sessions(), get_settings(), destination, output_ids)
     if any(o.verdict == Verdict.retry for o in outcomes.values()):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import redis
 from celery import Celery
 
 from cxrnode.settings import Settings
@@ -99,8 +100,6 @@ def is_embedded(settings: Settings) -> bool:
 
 def redis_client(settings: Settings, *, timeout: float = 5.0) -> Any:
     """A redis-py client for the broker's Redis (heartbeats, wake-ups, queue depths)."""
-    import redis
-
     url = broker_url(settings)
     if url.startswith("redis+socket://"):
         return redis.Redis(
@@ -242,8 +241,6 @@ class EmbeddedBroker:
         )
 
     def answers(self) -> bool:
-        import redis
-
         try:
             client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
             try:

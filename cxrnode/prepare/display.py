@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -38,6 +39,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
 )
+
+from model.preprocess import resize_and_crop, shortest_edge_size
 
 __all__ = [
     "ImagingError",
@@ -478,9 +481,6 @@ def model_input(display: np.ndarray, size: int = 512, *, exact: bool = True) -> 
         0.1-0.3 grey levels on average and at most a few levels at sharp edges (measured in
         ``bench/pixel.py`` and bounded in ``tests/imaging``).
     """
-    from PIL import Image
-
-    from model.preprocess import resize_and_crop, shortest_edge_size
 
     h, w = display.shape
     if exact or min(h, w) < 2 * size:
@@ -502,7 +502,6 @@ def model_input(display: np.ndarray, size: int = 512, *, exact: bool = True) -> 
 
 
 def _color_to_gray(ds: Dataset, photometric: str) -> np.ndarray:
-    from PIL import Image
 
     if _int(ds, "BitsAllocated") != 8:
         raise ImagingError(f"{photometric} image has BitsAllocated {ds.BitsAllocated}; expected 8")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from cxrnode.ingest.storage import instance_relpath
 from cxrnode.prepare.display import ImagingError, display_image, model_input, read_dataset
@@ -106,7 +107,6 @@ def load_model_input(settings: Settings, study_uid: str, sop_uid: str) -> np.nda
 
 def encode_model_input(image: np.ndarray) -> str:
     """The model input for a JSON task message: PNG (lossless, ~100-200 KB) in base64."""
-    from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
@@ -114,7 +114,6 @@ def encode_model_input(image: np.ndarray) -> str:
 
 
 def decode_model_input(payload: str) -> np.ndarray:
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(base64.b64decode(payload))) as image:

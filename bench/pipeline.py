@@ -1,14 +1,19 @@
-"""End-to-end pipeline benchmark: studies/min and node overhead per study, embedded vs Redis.
+"""End-to-end pipeline benchmark: studies/min, node overhead per study and source-file reads.
 
     .venv/bin/python bench/pipeline.py [--studies 16] [--latency-studies 10] [--no-pixel]
 
-Starts real `cxrnode serve` nodes (tiny checkpoint, greedy, few tokens so the model is not
-what is measured), sends studies with dcmtk `storescu`, and reads the timeline from the
-database:
+Starts real `cxrnode serve` nodes, embedded and Redis + PostgreSQL (tiny checkpoint, greedy,
+few tokens so the model is not what is measured), sends studies with dcmtk `storescu`, and
+reads the timeline from the database:
 
 * node overhead of a study = (job done) - (quiet period over) - (model time reported by the
-  engine): scheduling, broker hops, DICOM decode and prepare, result storage;
-* throughput = studies / (last job done - first quiet period over), all sent at once.
+  engine): scheduling, broker hops, DICOM decode and prepare, result storage and the outputs
+  (the SR and SC built and written; no destination, so no network send);
+* throughput = studies / (last job done - first quiet period over), all sent at once;
+* source-file reads per study: while the latency studies run one at a time, Linux inotify
+  watches DATA_DIR/tmp (where the listener receives each dataset) and DATA_DIR/instances;
+  every open of a received file that reads from it before it is closed counts as one read.
+  Goal: 2 (the header at ingest, the pixels in prepare).
 
 Then runs bench/pixel.py (the pixel path against the plain approach and bare decoding).
 """
@@ -16,6 +21,8 @@ Then runs bench/pixel.py (the pixel path against the plain approach and bare dec
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +40,7 @@ from services import Node, fresh_database, node_env, postgres_server, redis_serv
 from sqlalchemy import create_engine, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from cxrnode.db import Job, Study  # noqa: E402
+from cxrnode.db import Job, JobEvent, Study  # noqa: E402
 
 
 def timeline(database_url: str) -> list[tuple[float, float, float]]:
@@ -42,16 +49,77 @@ def timeline(database_url: str) -> list[tuple[float, float, float]]:
     try:
         with Session(engine) as session:
             rows = session.execute(
-                select(Study.settle_at, Job.updated_at, Job.timings)
+                select(Study.settle_at, JobEvent.at, Job.result)
                 .join(Study, Study.id == Job.study_id)
+                .join(JobEvent, (JobEvent.job_id == Job.id) & (JobEvent.to_state == "done"))
                 .where(Job.state == "done")
             ).all()
     finally:
         engine.dispose()
     return [
-        (settle.timestamp(), done.timestamp(), float((timings or {}).get("total", 0.0)))
-        for settle, done, timings in rows
+        (settle.timestamp(), done.timestamp(), float(result["timings"].get("total", 0.0)))
+        for settle, done, result in rows
     ]
+
+
+class ReadCounter:
+    """Counts reads of received DICOM files with Linux inotify (see the module docstring)."""
+
+    IN_ACCESS, IN_OPEN, IN_CLOSE_NOWRITE, IN_CLOSE_WRITE = 0x1, 0x20, 0x10, 0x8
+    IN_CREATE, IN_ISDIR = 0x100, 0x40000000
+
+    def __init__(self, data_dir: Path) -> None:
+        import ctypes
+        import ctypes.util
+        import struct
+        import threading
+
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._struct = struct
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK)
+        self.watches: dict[int, Path] = {}
+        for directory in (data_dir / "tmp", data_dir / "instances"):
+            directory.mkdir(parents=True, exist_ok=True)
+            self._watch(directory)
+        self.reads = 0
+        self._reading: dict[tuple[int, str], bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _watch(self, directory: Path) -> None:
+        mask = self.IN_ACCESS | self.IN_OPEN | self.IN_CLOSE_NOWRITE | self.IN_CLOSE_WRITE
+        wd = self._libc.inotify_add_watch(self.fd, str(directory).encode(), mask | self.IN_CREATE)
+        if wd >= 0:
+            self.watches[wd] = directory
+
+    def _run(self) -> None:
+        import select
+
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if not ready:
+                continue
+            buffer = os.read(self.fd, 1 << 16)
+            offset = 0
+            while offset < len(buffer):
+                wd, mask, _, length = self._struct.unpack_from("iIII", buffer, offset)
+                name = buffer[offset + 16 : offset + 16 + length].rstrip(b"\0").decode()
+                offset += 16 + length
+                key = (wd, name)
+                if mask & self.IN_CREATE and mask & self.IN_ISDIR:
+                    self._watch(self.watches[wd] / name)
+                elif mask & self.IN_OPEN:
+                    self._reading[key] = False
+                elif mask & self.IN_ACCESS and key in self._reading:
+                    self._reading[key] = True
+                elif mask & (self.IN_CLOSE_NOWRITE | self.IN_CLOSE_WRITE):
+                    self.reads += int(self._reading.pop(key, False))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.close(self.fd)
 
 
 def wait_done(database_url: str, count: int, timeout: float = 600) -> list:
@@ -96,9 +164,12 @@ def run_mode(name: str, settings: dict[str, str], model: Path, work: Path, args)
         warm_up = dicomgen.make_chest(work / f"{name}-warm.dcm", rows=1024, cols=1024)
         send(node, [warm_up])
         wait_done(database, 1)
+        counter = ReadCounter(data)
         for index, path in enumerate(files[: args.latency_studies]):
             send(node, [path])
             wait_done(database, index + 2)
+        time.sleep(1)
+        counter.close()
         overheads = [done - settle - model for settle, done, model in timeline(database)[1:]]
         # throughput: everything at once
         before = len(timeline(database))
@@ -111,6 +182,7 @@ def run_mode(name: str, settings: dict[str, str], model: Path, work: Path, args)
             "overhead_p50_ms": statistics.median(overheads) * 1000,
             "overhead_p95_ms": percentile(overheads, 95) * 1000,
             "model_s_median": statistics.median(m for _, _, m in rows),
+            "source_reads_per_study": counter.reads / args.latency_studies,
         }
     finally:
         node.stop()
@@ -139,14 +211,17 @@ def main() -> None:
                     args,
                 )
             )
-    print(f"\n{'mode':<18} {'studies/min':>11} {'overhead p50':>13} {'p95':>8} {'model s':>8}")
+    header = f"{'mode':<18} {'studies/min':>11} {'overhead p50':>13} {'p95':>8} {'model s':>8}"
+    print(f"\n{header} {'file reads/study':>17}")
     for r in results:
         print(
             f"{r['mode']:<18} {r['studies_per_min']:>11.1f} {r['overhead_p50_ms']:>10.0f} ms"
             f" {r['overhead_p95_ms']:>5.0f} ms {r['model_s_median']:>8.2f}"
+            f" {r['source_reads_per_study']:>17.1f}"
         )
     ratio = results[1]["studies_per_min"] / results[0]["studies_per_min"]
-    print(f"redis / embedded throughput: {ratio:.2f}x (goal for overhead p95: <= 300 ms)")
+    print(f"redis / embedded throughput: {ratio:.2f}x (goal for overhead p95: <= 150 ms)")
+    print(json.dumps({"pipeline": results}))
     if not args.no_pixel:
         print("\n# pixel path (bench/pixel.py)")
         subprocess.run([sys.executable, str(REPO / "bench" / "pixel.py")], check=True)

@@ -32,7 +32,7 @@ from cxrnode.settings import Settings
 log = logging.getLogger(__name__)
 
 #: The longest the scheduler blocks without looking at its stop flag.
-STOP_CHECK_SECONDS = 1.0
+STOP_CHECK_SECONDS = 2.0
 
 
 class Scheduler:

@@ -296,7 +296,13 @@ def run_listener(settings: Settings, processes: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    # The accept loop wakes every poll interval only to look for a shutdown request: 2 s
+    # instead of socketserver's 0.5 keeps an idle listener quiet (a connection still wakes
+    # it at once); stopping takes at most that long.
+    threads = [
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 2.0}, daemon=True)
+        for s in servers
+    ]
     for thread in threads:
         thread.start()
     log.info(

@@ -27,6 +27,11 @@ true since 1.7.4) and commits its SQLite index in WAL mode with synchronous=NORM
 binary's pragma: the last commits can be lost on power failure, not on a crash); cxrnode fsyncs the file and its directory and
 commits the instance row (SQLite WAL, synchronous=FULL) before it answers success.
 
+The physical ceiling is measured in the same run: the same files' bytes written by a plain
+loop (open, write, fsync, close; one file after the other) with as many writers as there are
+associations, into a fresh directory on the same file system. cxrnode's figure divided by it
+is the share of the disk's durable-write rate that the node achieves.
+
 Run: ``.venv/bin/python bench/ingest.py [--n 200] [--associations 1 4] [--repeat 3]``.
 """
 
@@ -61,6 +66,7 @@ BIN = Path(sys.executable).parent
 PDU = 131072  # the largest PDU dcmtk sends or accepts
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 PEERS = ("cxrnode", "storescp", "orthanc")
+CEILING = "fsync loop"
 DURABILITY = {
     "cxrnode": "fsync file + directory, SQLite row committed (WAL, synchronous=FULL)",
     "storescp": "no fsync: acknowledged once in the page cache",
@@ -329,6 +335,42 @@ def run_once(
         os.sync()
 
 
+def fsync_ceiling(files: list[Path], writers: int, work: Path) -> float:
+    """MB/s of writing the files' bytes durably with ``writers`` threads (the disk's ceiling)."""
+    import threading
+
+    out = Path(tempfile.mkdtemp(prefix="ceiling-", dir=work))
+    payloads = [path.read_bytes() for path in files]
+
+    def write(indices: list[int]) -> None:
+        for index in indices:
+            fd = os.open(out / f"{index:05}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(payloads[index])
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    try:
+        threads = [
+            threading.Thread(target=write, args=(list(range(w, len(files), writers)),))
+            for w in range(writers)
+        ]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+        return sum(len(p) for p in payloads) / seconds / 1e6
+    finally:
+        os.sync()
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+
 # ----------------------------------------------------------------------------------- report
 
 
@@ -339,12 +381,12 @@ def ratio(a: float | None, b: float | None) -> str:
 def report(results: dict[tuple[str, int], list[float]], associations: list[int]) -> str:
     lines = [
         f"{'receiver':<10} {'assoc':>5} {'MB/s (median)':>14} {'runs':<28} "
-        f"{'vs storescp':>11} {'vs orthanc':>10}",
+        f"{'vs storescp':>11} {'vs orthanc':>10} {'vs ceiling':>10}",
     ]
     for count in associations:
         medians = {
             peer: statistics.median(results[(peer, count)])
-            for peer in PEERS
+            for peer in (*PEERS, CEILING)
             if results.get((peer, count))
         }
         for peer, value in medians.items():
@@ -352,7 +394,8 @@ def report(results: dict[tuple[str, int], list[float]], associations: list[int])
             lines.append(
                 f"{peer:<10} {count:>5} {value:>14.0f} {runs:<28} "
                 f"{ratio(value, medians.get('storescp')):>11} "
-                f"{ratio(value, medians.get('orthanc')):>10}"
+                f"{ratio(value, medians.get('orthanc')):>10} "
+                f"{ratio(value, medians.get(CEILING)):>10}"
             )
     lines.append("")
     lines.append("durability when success is answered:")
@@ -401,8 +444,15 @@ def main() -> None:
                     print(
                         f"  run {repeat + 1}: {peer:<9} {count} assoc {value:7.1f} MB/s", flush=True
                     )
+                value = fsync_ceiling(files, count, work)
+                results.setdefault((CEILING, count), []).append(value)
+                print(
+                    f"  run {repeat + 1}: {CEILING} {count} writers {value:7.1f} MB/s", flush=True
+                )
         print()
         print(report(results, args.associations))
+        summary = {f"{peer}/{count}": statistics.median(v) for (peer, count), v in results.items()}
+        print(json.dumps({"ingest_mb_s": summary}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

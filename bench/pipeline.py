@@ -107,9 +107,11 @@ class ReadCounter:
                 name = buffer[offset + 16 : offset + 16 + length].rstrip(b"\0").decode()
                 offset += 16 + length
                 key = (wd, name)
-                if mask & self.IN_CREATE and mask & self.IN_ISDIR:
-                    self._watch(self.watches[wd] / name)
-                elif mask & self.IN_OPEN:
+                if mask & self.IN_ISDIR:
+                    if mask & self.IN_CREATE:  # a new study directory
+                        self._watch(self.watches[wd] / name)
+                    continue  # listings of the directories themselves are not file reads
+                if mask & self.IN_OPEN:
                     self._reading[key] = False
                 elif mask & self.IN_ACCESS and key in self._reading:
                     self._reading[key] = True

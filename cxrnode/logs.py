@@ -25,4 +25,9 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     # highdicom logs each module it copies from the source (at INFO), with its UIDs
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
+    # torchao (the optional quantization extra, imported by transformers whenever installed)
+    # warns about every CUDA kernel library it cannot load on a CPU host, and torch about
+    # torchao's enums: noise in an inference worker's log, not news
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(max(logging.ERROR, root.level))
     root._cxrnode_configured = True  # type: ignore[attr-defined]

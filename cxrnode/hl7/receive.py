@@ -44,7 +44,7 @@ from cxrnode.hl7.mllp import Block
 from cxrnode.ingest.storage import free_bytes, write_durably
 from cxrnode.monitor.reports import (
     IncomingReport,
-    find_accepted,
+    find_earlier,
     hl7_relpath,
     record_report,
     reports_dir,
@@ -135,7 +135,7 @@ class Hl7Receiver:
                 for verdict in verdicts:
                     incoming = verdict.incoming
                     if verdict.code == AckCode.AA and incoming.message_id is not None:
-                        earlier = find_accepted(session, ReportSource.hl7, incoming.message_id)
+                        earlier = find_earlier(session, ReportSource.hl7, incoming.message_id)
                         if earlier is not None:
                             reasons.append(f"duplicate of report {earlier.id}, already stored")
                             continue

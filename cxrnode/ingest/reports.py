@@ -47,7 +47,7 @@ from cxrnode.ingest.receive import (
 from cxrnode.ingest.storage import adopt_durably, free_bytes, is_valid_uid
 from cxrnode.monitor.reports import (
     IncomingReport,
-    find_accepted,
+    find_earlier,
     record_report,
     report_relpath,
     reports_dir,
@@ -221,11 +221,14 @@ class ReportIngest:
             )
         try:
             with self.sessions() as session:
-                earlier = find_accepted(session, ReportSource.dicom, sop_instance_uid)
+                earlier = find_earlier(
+                    session, ReportSource.dicom, sop_instance_uid, rejected_too=True
+                )
+                earlier_id = None if earlier is None else earlier.id
                 session.rollback()
-            if earlier is not None:
+            if earlier_id is not None:
                 log.info("duplicate SR %s kept as first received", sop_instance_uid)
-                return Outcome(SUCCESS, "duplicate: first copy kept", earlier.id, duplicate=True)
+                return Outcome(SUCCESS, "duplicate: first copy kept", earlier_id, duplicate=True)
             incoming = self._incoming(ds)
         except Exception as exc:
             log.exception("cannot check SR %s", sop_instance_uid)

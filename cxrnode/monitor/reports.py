@@ -39,7 +39,7 @@ from model.labeler import label_report_states
 __all__ = [
     "IncomingReport",
     "Match",
-    "find_accepted",
+    "find_earlier",
     "hl7_relpath",
     "match_study",
     "record_report",
@@ -149,17 +149,21 @@ def match_study(
     return Match(None, "accession number and patient ID shared by several studies")
 
 
-def find_accepted(session: Session, source: ReportSource, message_id: str) -> FinalReport | None:
-    """An earlier report with this message id that was not rejected (a duplicate send)."""
-    return session.scalars(
-        select(FinalReport)
-        .where(
-            FinalReport.source == source,
-            FinalReport.message_id == message_id,
-            FinalReport.state != ReportState.rejected,
-        )
-        .limit(1)
-    ).first()
+def find_earlier(
+    session: Session, source: ReportSource, message_id: str, *, rejected_too: bool = False
+) -> FinalReport | None:
+    """An earlier report with this message id: a duplicate send.
+
+    Rejected ones count only with ``rejected_too``: an SR is the same object whenever its SOP
+    Instance UID comes again, but a sender may fix a refused HL7 message and resend it under
+    the same MSH-10.
+    """
+    query = select(FinalReport).where(
+        FinalReport.source == source, FinalReport.message_id == message_id
+    )
+    if not rejected_too:
+        query = query.where(FinalReport.state != ReportState.rejected)
+    return session.scalars(query.order_by(FinalReport.id).limit(1)).first()
 
 
 def record_report(

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -191,8 +191,7 @@ def score_studies(sessions: sessionmaker, study_ids: Iterable[int]) -> int:
     return scored
 
 
-@dataclass(frozen=True)
-class SweepResult:
+class SweepResult(NamedTuple):
     matched: int  # reports that found their study in this sweep
     scored: int  # studies scored (again)
 

@@ -65,9 +65,9 @@ def test_a_ris_report_is_read_into_status_text_accession_patient_and_time() -> N
 
 
 def test_segment_ends_may_be_lf_or_crlf_and_the_status_may_come_from_obx_11() -> None:
-    text = "\n".join(
-        [MSH, "OBR|1||ACC-1", "OBX|1|ST|x^Report^L||Lungs are clear.||||||P"]
-    ).replace("\n", "\r\n")
+    text = "\n".join([MSH, "OBR|1||ACC-1", "OBX|1|ST|x^Report^L||Lungs are clear.||||||P"]).replace(
+        "\n", "\r\n"
+    )
     (group,) = parse_oru(text).groups
     assert (group.result_status, group.text) == ("P", "Report: Lungs are clear.")
 
@@ -172,7 +172,11 @@ def draft() -> DraftReport:
         "Impression: Cardiomegaly with a small effusion.",
         differential="Congestive heart failure.",
         recommendation="Follow-up radiograph.",
-        findings={"cardiomegaly": "present", "pleural_effusion": "uncertain", "pneumothorax": "absent"},
+        findings={
+            "cardiomegaly": "present",
+            "pleural_effusion": "uncertain",
+            "pneumothorax": "absent",
+        },
         model_id="/models/cxr-llava",
         model_hash="ab" * 32,
         pipeline_version="0.1.0",

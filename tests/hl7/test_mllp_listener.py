@@ -387,9 +387,10 @@ def test_a_10_mb_message_is_read_to_its_end_refused_kept_in_part_and_the_next_is
     refused, accepted = exchange(listening.port, huge, oru(accession="ACC-GOOD"))
 
     assert msa(refused)[:2] == ("AR", "HUGE-1")  # the ACK still names the message
-    assert "more than HL7_MAX_MESSAGE_BYTES" in msa(refused)[2] or "HL7_MAX" in ack_fields(
-        refused
-    )["ERR"][8]
+    assert (
+        "more than HL7_MAX_MESSAGE_BYTES" in msa(refused)[2]
+        or "HL7_MAX" in ack_fields(refused)["ERR"][8]
+    )
     assert msa(accepted)[0] == "AA"
     rejected = [r for r in listening.reports() if r.state == ReportState.rejected][-1]
     kept = (reports_dir(listening.settings) / rejected.path).read_bytes()

@@ -102,7 +102,8 @@ def test_summary_rows_carry_the_hand_computed_values_and_intervals_around_them()
     truth, predicted = labels((1, 1, 20), (0, 1, 5), (1, 0, 10), (0, 0, 15))
     state = {1: "present", 0: "absent", -1: "uncertain", None: "not_mentioned"}
     studies = {
-        index: {"edema": (state[p], state[t])} for index, (t, p) in enumerate(zip(truth, predicted))
+        index: {"edema": (state[p], state[t])}
+        for index, (t, p) in enumerate(zip(truth, predicted, strict=True))
     }
 
     rows = agreement_rows({"sha256:" + "ab" * 32: ("/models/m", studies)}, "all", resamples=400)

@@ -40,6 +40,7 @@ __all__ = [
     "PairCounts",
     "confusion_from_counts",
     "disagreements",
+    "measures",
     "model_label",
     "pair_counts",
     "summaries",
@@ -80,7 +81,8 @@ def _since(now: datetime, days: int | None) -> datetime | None:
     return None if days is None else now - timedelta(days=days)
 
 
-def _values(counts: Confusion) -> dict[str, float | None]:
+def measures(counts: Confusion) -> dict[str, float | None]:
+    """The :data:`MEASURES` of a confusion matrix (``None`` where undefined)."""
     return {
         "sensitivity": counts.recall,
         "ppv": counts.precision,
@@ -105,7 +107,7 @@ def _row(
         "fp": counts.fp,
         "fn": counts.fn,
         "tn": counts.tn,
-        **_values(counts),
+        **measures(counts),
     }
 
 

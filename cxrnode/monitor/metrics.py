@@ -29,6 +29,7 @@ from cxrnode.db import FinalReport, ReportSource, ReportState, utcnow
 from cxrnode.monitor.agreement import (
     MEASURES,
     confusion_from_counts,
+    measures,
     model_label,
     pair_counts,
     window_name,
@@ -118,13 +119,7 @@ class AgreementCollector(Collector):
                 for pairs in pair_counts(session, since):
                     labels = [pairs.finding, model_label(pairs.model_hash), window]
                     counts = confusion_from_counts(pairs.counts, pairs.finding)
-                    values = {
-                        "sensitivity": counts.recall,
-                        "ppv": counts.precision,
-                        "specificity": counts.specificity,
-                        "f1": counts.f1,
-                        "kappa": counts.kappa,
-                    }
+                    values = measures(counts)
                     for measure in MEASURES:
                         if values[measure] is not None:
                             families[measure].add_metric(labels, values[measure])

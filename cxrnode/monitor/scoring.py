@@ -34,6 +34,7 @@ from typing import NamedTuple
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import Subquery
 
 from cxrnode.db import (
     Agreement,
@@ -80,7 +81,7 @@ def chosen_report(reports: Sequence[FinalReport]) -> FinalReport | None:
     return current
 
 
-def _latest_done_job_ids() -> object:
+def _latest_done_job_ids() -> Subquery:
     return (
         select(Job.study_id, func.max(Job.id).label("job_id"))
         .where(Job.state == JobState.done)

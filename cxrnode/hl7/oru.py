@@ -27,6 +27,7 @@ The same draft as the SR, in the RIS's language. Why this shape:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,7 +44,6 @@ from cxrnode.outputs.findings_sr import (
     PAEDIATRIC_NOTE,
     PROCEDURE_REPORTED,
     STATE_VALUES,
-    clean_text,
 )
 from cxrnode.uids import device_uid, uid_from_key
 
@@ -58,6 +58,13 @@ _SECTIONS = (
     ("121075", "Recommendation"),
 )
 _COMMENT = ("121106", "Comment")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """Model text with line ends normalised, control characters (but tab and line break)
+    removed and outer whitespace stripped; lines become TX repetitions."""
+    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`cxrnode serve`: the supervisor of one node.
 
 It applies migrations, starts the embedded broker (unless BROKER_URL names one), the DICOM
-listener processes (sharing the port), optionally the Celery workers, and runs the scheduler
+listener processes (sharing the port), the monitor process (final reports over HL7 MLLP when
+HL7_PORT is set, and the agreement sweep), optionally the Celery workers, and runs the scheduler
 (:mod:`cxrnode.jobs.scheduler`) in the main thread. Children die with the supervisor
 (PR_SET_PDEATHSIG); a watcher thread restarts one that exits unexpectedly.
 """
@@ -24,6 +25,7 @@ from cxrnode.db.migrate import upgrade
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import EmbeddedBroker, is_embedded
 from cxrnode.jobs.scheduler import Scheduler
+from cxrnode.monitor.service import run_monitor
 from cxrnode.net.listener import die_with_parent, run_listener
 from cxrnode.settings import Settings
 
@@ -97,6 +99,13 @@ class Supervisor:
         process.start()
         self.children[name] = process
 
+    def _start_monitor(self) -> None:
+        process = self.context.Process(
+            target=run_monitor, args=(self.settings,), name="monitor", daemon=True
+        )
+        process.start()
+        self.children["monitor"] = process
+
     def start(self) -> None:
         prepare_data_dir(self.settings)
         upgrade(self.engine)
@@ -105,6 +114,7 @@ class Supervisor:
         processes = self.settings.effective_scp_processes
         for index in range(processes):
             self._start_listener(index, processes)
+        self._start_monitor()
         if self.workers:
             for queues in WORKER_QUEUES:
                 self.children[f"worker-{queues}"] = WorkerProcess(queues)
@@ -127,6 +137,8 @@ class Supervisor:
             log.error("%s exited with %s; restarting it", name, process.exitcode)
             if name.startswith("listener-"):
                 self._start_listener(int(name.split("-")[1]), processes)
+            elif name == "monitor":
+                self._start_monitor()
             elif isinstance(process, WorkerProcess):
                 self.children[name] = WorkerProcess(process.queues)
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -28,6 +28,7 @@ CONFIG_ENV = "CXRNODE_CONFIG"
 
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 CommaList = Annotated[list[str], NoDecode]
+DayList = Annotated[list[int], NoDecode]
 
 
 def _default_data_dir() -> Path:
@@ -246,6 +247,139 @@ class Settings(BaseSettings):
     institution_name: str | None = Field(
         None, description="Institution Name written into the SR and SC (None: left out)."
     )
+
+    # --- HL7 and monitoring -------------------------------------------------------------------
+    hl7_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description=(
+            "Port of the MLLP listener that takes radiologists' final reports as HL7 v2 ORU^R01 "
+            "(2575 is usual); None: off. Final reports also arrive as SR by C-STORE."
+        ),
+    )
+    hl7_host: str = Field("0.0.0.0", description="Address the MLLP listener binds to.")
+    hl7_destinations: CommaList = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated MLLP destinations (mllp://host:port) that receive each AI draft as "
+            "an HL7 v2.5.1 ORU^R01 with result status P (preliminary); empty: none."
+        ),
+    )
+    hl7_sending_application: str = Field(
+        "CXRNODE", description="MSH-3 of the ORU drafts and of our ACKs."
+    )
+    hl7_sending_facility: str = Field("", description="MSH-4 of the ORU drafts and of our ACKs.")
+    hl7_receiving_application: str = Field("", description="MSH-5 of the ORU drafts.")
+    hl7_receiving_facility: str = Field("", description="MSH-6 of the ORU drafts.")
+    hl7_accession_fields: CommaList = Field(
+        default_factory=lambda: ["OBR-3", "OBR-18"],
+        description=(
+            "Where an incoming ORU carries the accession number, first non-empty wins (OBR-2, "
+            "OBR-3, OBR-18, OBR-19, OBR-20 or ORC-2, ORC-3); the first component is used. Our "
+            "own drafts carry it in OBR-3."
+        ),
+    )
+    hl7_max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest HL7 message the MLLP listener accepts, in bytes; a larger one is read to "
+            "its end, its first bytes kept, recorded and answered AR."
+        ),
+    )
+    monitor_windows_days: DayList = Field(
+        default_factory=lambda: [7, 30],
+        description=(
+            "Rolling windows, in days, over which AI-radiologist agreement is computed "
+            "(all time is always added)."
+        ),
+    )
+    monitor_interval_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "Seconds between two looks for reports to match and drafts to re-score (a report "
+            "is scored at once when its draft exists; this catches drafts made after it)."
+        ),
+    )
+    agreement_f1_floor: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description=(
+            "The alert fires when a finding's F1 over a rolling window falls below this "
+            "(exported as cxrnode_agreement_f1_floor for the Prometheus rule)."
+        ),
+    )
+    agreement_kappa_floor: float = Field(
+        0.3,
+        ge=-1,
+        le=1,
+        description="The same for Cohen's kappa (cxrnode_agreement_kappa_floor).",
+    )
+    agreement_min_pairs: int = Field(
+        30,
+        ge=1,
+        description=(
+            "Fewest definite AI-radiologist pairs a finding needs in a window before the alert "
+            "may fire (cxrnode_agreement_min_pairs)."
+        ),
+    )
+
+    @field_validator("hl7_destinations", "hl7_accession_fields", mode="before")
+    @classmethod
+    def _hl7_comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("monitor_windows_days", mode="before")
+    @classmethod
+    def _days_comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            return [value]
+        return _split_commas(value)
+
+    @field_validator("monitor_windows_days")
+    @classmethod
+    def _valid_windows(cls, value: list[int]) -> list[int]:
+        if any(days < 1 for days in value):
+            raise ValueError(f"MONITOR_WINDOWS_DAYS must be whole days >= 1; got {value}")
+        return sorted(set(value))
+
+    @field_validator("hl7_destinations")
+    @classmethod
+    def _valid_hl7_destinations(cls, value: list[str]) -> list[str]:
+        from cxrnode.outputs.outbox import Destination, DestinationKind
+
+        for entry in value:
+            if Destination.parse(entry).kind != DestinationKind.mllp:
+                raise ValueError(
+                    f"HL7_DESTINATIONS entry {entry!r} is not an MLLP address; expected "
+                    "mllp://host:port (DICOM and DICOMweb destinations go in DESTINATIONS)"
+                )
+        return value
+
+    @field_validator("hl7_accession_fields")
+    @classmethod
+    def _valid_accession_fields(cls, value: list[str]) -> list[str]:
+        allowed = ("OBR-2", "OBR-3", "OBR-18", "OBR-19", "OBR-20", "ORC-2", "ORC-3")
+        fields = [entry.upper() for entry in value]
+        wrong = [entry for entry in fields if entry not in allowed]
+        if wrong or not fields:
+            raise ValueError(
+                f"HL7_ACCESSION_FIELDS {value} names no or unknown fields; choose from {allowed}"
+            )
+        return fields
+
+    @model_validator(mode="after")
+    def _no_mllp_in_dicom_destinations(self) -> Settings:
+        mllp = [entry for entry in self.destinations if entry.strip().lower().startswith("mllp://")]
+        if mllp:
+            raise ValueError(
+                f"DESTINATIONS {mllp} are MLLP addresses; HL7 drafts go to HL7_DESTINATIONS, "
+                "DESTINATIONS takes DICOM and DICOMweb destinations only"
+            )
+        return self
 
     # --- admin --------------------------------------------------------------------------------
     api_token: str | None = Field(

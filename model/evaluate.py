@@ -24,6 +24,11 @@ Policy details, chosen so that nothing undefined is silently counted as a miss:
 - **Bootstrap**: rows are resampled with replacement (all findings together, so the mean F1 gets
   an interval too); the interval is the 2.5th and 97.5th percentile of the resampled values
   that are defined, from a seeded ``numpy`` generator, so a seed gives the same interval.
+- **Agreement** (used by the node's monitoring of AI drafts against radiologists' reports):
+  specificity TN / (TN + FP) and Cohen's kappa over the same definite pairs, for two raters
+  and two categories: kappa = (p_o - p_e) / (1 - p_e) with the observed agreement
+  p_o = (TP + TN) / n and the chance agreement p_e from the raters' marginals; undefined when
+  p_e = 1 (both raters gave one and the same category to every pair) or n = 0.
 """
 
 from __future__ import annotations
@@ -40,13 +45,16 @@ import numpy as np
 from model.labeler import FINDINGS, PATHOLOGIES, label_report
 
 __all__ = [
+    "MEASURES",
     "Confusion",
     "EvaluationResult",
     "EvaluationRun",
     "FindingMetrics",
     "Interval",
     "bootstrap_intervals",
+    "cohen_kappa",
     "confusion",
+    "definite",
     "evaluate",
     "finding_metrics",
     "format_table",
@@ -61,6 +69,8 @@ Interval = tuple[float, float]
 
 _BLANKS = frozenset({"", "nan", "na", "n/a", "none", "null"})
 _BOOTSTRAP_BLOCK = 100  # resamples drawn at once; bounds memory at 100 x rows counts
+#: What :func:`bootstrap_intervals` can resample; precision, recall and F1 are its default.
+MEASURES: tuple[str, ...] = ("precision", "recall", "f1", "specificity", "kappa")
 
 
 def parse_label(value: str | float | int | None) -> Label:
@@ -94,6 +104,12 @@ def _definite(value: Label, finding: str) -> int | None:
     return value if value in (0, 1) else None
 
 
+def definite(value: Label, finding: str) -> int | None:
+    """The value one label contributes to a pair (0 or 1), or ``None`` when the pair is left
+    out: uncertain and unmentioned labels, except that ``no_finding`` blank counts as 0."""
+    return _definite(value, finding)
+
+
 @dataclass(frozen=True)
 class Confusion:
     """Counts over the definite pairs of one finding, and the number of rows considered."""
@@ -123,6 +139,27 @@ class Confusion:
     @property
     def f1(self) -> float | None:
         return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+    @property
+    def specificity(self) -> float | None:
+        return _ratio(self.tn, self.tn + self.fp)
+
+    @property
+    def kappa(self) -> float | None:
+        return cohen_kappa(self.tp, self.fp, self.fn, self.tn)
+
+
+def cohen_kappa(tp: int, fp: int, fn: int, tn: int) -> float | None:
+    """Cohen's kappa of two raters on a 2 x 2 table (truth positive/negative by predicted
+    positive/negative); ``None`` when it is undefined (no pairs, or chance agreement 1)."""
+    n = tp + fp + fn + tn
+    if n == 0:
+        return None
+    observed = (tp + tn) / n
+    chance = ((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / (n * n)
+    if chance >= 1.0:
+        return None
+    return (observed - chance) / (1.0 - chance)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -204,11 +241,12 @@ def finding_metrics(
 
 def _outcome_vectors(
     truth: Sequence[Label], predicted: Sequence[Label], finding: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-row 0/1 indicators of TP, FP and FN (excluded pairs are 0 in all three)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row 0/1 indicators of TP, FP, FN and TN (excluded pairs are 0 in all four)."""
     tp = np.zeros(len(truth), dtype=np.int64)
     fp = np.zeros(len(truth), dtype=np.int64)
     fn = np.zeros(len(truth), dtype=np.int64)
+    tn = np.zeros(len(truth), dtype=np.int64)
     for i, (t_raw, p_raw) in enumerate(zip(truth, predicted, strict=True)):
         t, p = _definite(t_raw, finding), _definite(p_raw, finding)
         if t is None or p is None:
@@ -216,7 +254,19 @@ def _outcome_vectors(
         tp[i] = t == 1 and p == 1
         fp[i] = t == 0 and p == 1
         fn[i] = t == 1 and p == 0
-    return tp, fp, fn
+        tn[i] = t == 0 and p == 0
+    return tp, fp, fn, tn
+
+
+def _kappa_vector(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray) -> np.ndarray:
+    """:func:`cohen_kappa` over arrays of counts (NaN where undefined)."""
+    n = (tp + fp + fn + tn).astype(float)
+    observed = _safe_divide((tp + tn).astype(float), n)
+    chance = _safe_divide(((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)).astype(float), n * n)
+    out = np.full(n.shape, np.nan)
+    defined = (n > 0) & (chance < 1.0)
+    np.divide(observed - chance, 1.0 - chance, out=out, where=defined)
+    return out
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -243,18 +293,24 @@ def bootstrap_intervals(
     seed: int = 0,
     level: float = 0.95,
     mean_over: Sequence[str] | None = None,
+    measures: Sequence[str] = ("precision", "recall", "f1"),
 ) -> tuple[dict[str, dict[str, Interval | None]], Interval | None]:
     """Percentile bootstrap intervals of precision, recall and F1 per finding, and of mean F1.
 
     Rows are resampled with replacement, all findings together; ``mean_over`` names the findings
-    whose F1 the mean averages (default: every pathology among ``findings``).
+    whose F1 the mean averages (default: every pathology among ``findings``). ``measures``
+    chooses what gets an interval, from :data:`MEASURES` (specificity and Cohen's kappa too);
+    the resamples drawn do not depend on it, so a seed gives the same F1 interval either way.
 
     Returns
     -------
     (intervals, mean_f1_interval)
-        ``intervals[finding]`` maps "precision" / "recall" / "f1" to ``(low, high)``, or
-        ``None`` when no resample defines the value.
+        ``intervals[finding]`` maps each of ``measures`` to ``(low, high)``, or ``None`` when
+        no resample defines the value.
     """
+    unknown = sorted(set(measures) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"unknown measures {unknown}; choose from {list(MEASURES)}")
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     if not 0.0 < level < 1.0:
@@ -265,16 +321,14 @@ def bootstrap_intervals(
     n = rows.pop()
     if mean_over is None:
         mean_over = [f for f in findings if f in PATHOLOGIES]
-    empty: dict[str, dict[str, Interval | None]] = {
-        f: {"precision": None, "recall": None, "f1": None} for f in findings
-    }
+    empty: dict[str, dict[str, Interval | None]] = {f: dict.fromkeys(measures) for f in findings}
     if n == 0:
         return empty, None
     vectors = {f: _outcome_vectors(truth[f], predicted[f], f) for f in findings}
     rng = np.random.default_rng(seed)
     uniform = np.full(n, 1.0 / n)
     samples: dict[str, dict[str, list[np.ndarray]]] = {
-        f: {"precision": [], "recall": [], "f1": []} for f in findings
+        f: {m: [] for m in measures} for f in findings
     }
     means: list[np.ndarray] = []
     done = 0
@@ -285,12 +339,22 @@ def bootstrap_intervals(
         counts = rng.multinomial(n, uniform, size=block)
         f1_block = []
         for f in findings:
-            tp_vec, fp_vec, fn_vec = vectors[f]
+            tp_vec, fp_vec, fn_vec, tn_vec = vectors[f]
             tp, fp, fn = counts @ tp_vec, counts @ fp_vec, counts @ fn_vec
-            samples[f]["precision"].append(_safe_divide(tp, tp + fp))
-            samples[f]["recall"].append(_safe_divide(tp, tp + fn))
             f1 = _safe_divide(2 * tp, 2 * tp + fp + fn)
-            samples[f]["f1"].append(f1)
+            resampled = samples[f]
+            if "precision" in resampled:
+                resampled["precision"].append(_safe_divide(tp, tp + fp))
+            if "recall" in resampled:
+                resampled["recall"].append(_safe_divide(tp, tp + fn))
+            if "f1" in resampled:
+                resampled["f1"].append(f1)
+            if "specificity" in resampled or "kappa" in resampled:
+                tn = counts @ tn_vec
+                if "specificity" in resampled:
+                    resampled["specificity"].append(_safe_divide(tn, tn + fp))
+                if "kappa" in resampled:
+                    resampled["kappa"].append(_kappa_vector(tp, fp, fn, tn))
             if f in mean_over:
                 f1_block.append(f1)
         if f1_block:

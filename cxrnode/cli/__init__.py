@@ -11,6 +11,7 @@ import typer
 
 from cxrnode.cli.label import eval_command, label_command
 from cxrnode.cli.model import model_app
+from cxrnode.cli.monitor import monitor_command
 from cxrnode.cli.resend import resend_command
 from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
 
@@ -28,6 +29,7 @@ app.add_typer(model_app, name="model")
 app.command("label")(label_command)
 app.command("eval")(eval_command)
 app.command("resend")(resend_command)
+app.command("monitor")(monitor_command)
 
 
 def _settings() -> Settings:

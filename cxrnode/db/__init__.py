@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -115,6 +116,9 @@ class Study(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     chosen_instance_id: Mapped[int | None] = mapped_column(Integer)  # instances.id (no FK: cycle)
     version: Mapped[int] = mapped_column(Integer, default=0)  # number of jobs made so far
+    #: AccessionNumber of the study's images (the first one given), so that a final report
+    #: that names only the accession number finds its study.
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
 
@@ -204,6 +208,93 @@ class Output(Base):
             created_at=now,
             updated_at=now,
         )
+
+
+class ReportSource(enum.StrEnum):
+    dicom = "dicom"  # an SR by C-STORE
+    hl7 = "hl7"  # an HL7 v2 ORU^R01 over MLLP
+
+
+class ReportState(enum.StrEnum):
+    """What became of a received report; every one is stored and recorded."""
+
+    matched = "matched"  # belongs to a known study; scored once the study has a draft
+    unmatched = "unmatched"  # no known study yet; matched later when one arrives
+    ignored = "ignored"  # not a radiologist's report (our own draft coming back)
+    rejected = "rejected"  # unusable (malformed message, no report text); reason given
+
+
+class ReportStatus(enum.StrEnum):
+    """The result status of a report (HL7 OBR-25; for an SR, its flags)."""
+
+    preliminary = "preliminary"
+    final = "final"
+    corrected = "corrected"
+    cancelled = "cancelled"
+
+
+class FinalReport(Base):
+    """A radiologist's report as received (SR or HL7), the loop back from the reading room.
+
+    The received bytes live under DATA_DIR/reports (``path``); the row keeps what matching and
+    scoring need. Which of a study's reports counts is decided when scoring
+    (:func:`cxrnode.monitor.scoring.chosen_report`): a final replaces a preliminary one, a
+    correction replaces a final one, a cancellation withdraws them.
+    """
+
+    __tablename__ = "final_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[ReportSource] = mapped_column(Enum(ReportSource, native_enum=False, length=8))
+    state: Mapped[ReportState] = mapped_column(Enum(ReportState, native_enum=False, length=16))
+    status: Mapped[ReportStatus | None] = mapped_column(
+        Enum(ReportStatus, native_enum=False, length=16)
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: SOP Instance UID of an SR; "sending application|facility|MSH-10[#group]" of an HL7
+    #: report (duplicates of an accepted report are answered without a new row)
+    message_id: Mapped[str | None] = mapped_column(String(300), index=True)
+    answer: Mapped[str | None] = mapped_column(String(16))  # DIMSE status or ACK code sent
+    peer: Mapped[str | None] = mapped_column(String(100))  # calling AE title or remote host
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    observed_at: Mapped[datetime | None]  # when the radiologist reported, if the report says
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    path: Mapped[str | None] = mapped_column(String(512))  # relative to DATA_DIR/reports
+    text: Mapped[str | None] = mapped_column(Text)
+    #: the labeler's reading of ``text``: finding -> present/absent/uncertain/not_mentioned
+    labels: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: the study's draft (job id) this report was last scored against; a newer draft makes
+    #: the study due for scoring again
+    scored_job_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class Agreement(Base):
+    """One finding of one study: the AI draft's state beside the radiologist's.
+
+    A study has one row per finding, from its chosen report and its latest draft; re-scoring
+    (a correction, a newer draft) replaces the rows.
+    """
+
+    __tablename__ = "agreements"
+    __table_args__ = (
+        UniqueConstraint("study_id", "finding", name="uq_agreements_study_finding"),
+        Index("ix_agreements_reported_model", "reported_at", "model_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    report_id: Mapped[int] = mapped_column(ForeignKey("final_reports.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    finding: Mapped[str] = mapped_column(String(32))
+    ai: Mapped[str] = mapped_column(String(16))  # present / absent / uncertain / not_mentioned
+    radiologist: Mapped[str] = mapped_column(String(16))
+    model_hash: Mapped[str] = mapped_column(String(128))
+    model_id: Mapped[str] = mapped_column(String(512))
+    reported_at: Mapped[datetime]  # the chosen report's received_at: what windows count by
+    scored_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AssociationLog(Base):

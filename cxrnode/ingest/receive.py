@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -73,7 +73,12 @@ _REPLACE_INSTANCE = (
 _COUNT_IN_STUDY = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("b_id"))
-    .values(instance_count=_STUDIES.c.instance_count + 1, last_arrival=bindparam("b_now"))
+    .values(
+        instance_count=_STUDIES.c.instance_count + 1,
+        last_arrival=bindparam("b_now"),
+        # the first accession number given stays: final reports are matched by it
+        accession_number=func.coalesce(_STUDIES.c.accession_number, bindparam("b_accession")),
+    )
 )
 _REARM = {  # a readable image arrived: (re)start the quiet period, also after a report
     "state": bindparam("b_state"),
@@ -110,6 +115,7 @@ class Header:
     transfer_syntax_uid: str
     skip_reason: str | None  # None: a chest image the model may read
     recorded: dict[str, Any]  # the attributes later steps need, as DICOM JSON
+    accession_number: str | None = None  # matches final reports to the study
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,7 @@ def inspect(
         transfer_syntax_uid=str(transfer_syntax),
         skip_reason=skip_reason,
         recorded=recorded_header(ds),
+        accession_number=str(ds.get("AccessionNumber", "") or "").strip()[:64] or None,
     )
 
 
@@ -360,7 +367,9 @@ class Ingest:
                         )
                 conn.commit()
                 return existing.id, True
-            study_id = _count_in_study(conn, header.study_instance_uid, now, settle_at, readable)
+            study_id = _count_in_study(
+                conn, header.study_instance_uid, now, settle_at, readable, header.accession_number
+            )
             try:
                 inserted = conn.execute(
                     _INSERT_INSTANCE,
@@ -400,7 +409,12 @@ def _rearmed(current: datetime | None, settle_at: datetime) -> dict[str, object]
 
 
 def _count_in_study(
-    conn: Connection, study_uid: str, now: datetime, settle_at: datetime, readable: bool
+    conn: Connection,
+    study_uid: str,
+    now: datetime,
+    settle_at: datetime,
+    readable: bool,
+    accession_number: str | None = None,
 ) -> int:
     """Count one more instance in its study (creating the study row); return the study id.
 
@@ -421,16 +435,15 @@ def _count_in_study(
                         "settle_at": settle_at,
                         "instance_count": 1,
                         "version": 0,
+                        "accession_number": accession_number,
                     },
                 )
             return created.inserted_primary_key[0]
         except IntegrityError:  # created concurrently by another association (PostgreSQL)
             study = conn.execute(_FIND_STUDY_BY_UID, {"uid": study_uid}).one()
+    counted = {"b_id": study.id, "b_now": now, "b_accession": accession_number}
     if readable:
-        conn.execute(
-            _COUNT_AND_REARM,
-            {"b_id": study.id, "b_now": now, **_rearmed(study.settle_at, settle_at)},
-        )
+        conn.execute(_COUNT_AND_REARM, {**counted, **_rearmed(study.settle_at, settle_at)})
     else:
-        conn.execute(_COUNT_IN_STUDY, {"b_id": study.id, "b_now": now})
+        conn.execute(_COUNT_IN_STUDY, counted)
     return study.id

@@ -1,4 +1,5 @@
-"""The DICOM listener: C-ECHO and C-STORE for CR and DX, as a thin adapter over ``ingest``.
+"""The DICOM listener: C-ECHO and C-STORE for CR and DX, as a thin adapter over ``ingest``
+(and C-STORE of radiologists' SR reports, handed to :mod:`cxrnode.ingest.reports`).
 
 Several listener processes share the port with SO_REUSEPORT, so associations spread over
 cores (one Python process does not scale past one core). Each process runs pynetdicom's
@@ -45,6 +46,7 @@ from sqlalchemy import update
 
 from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
 from cxrnode.ingest.receive import SUCCESS, Ingest
+from cxrnode.ingest.reports import REPORT_SOP_CLASSES, ReportIngest
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import Waker
 from cxrnode.net.receive import request_handler
@@ -82,6 +84,15 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 )
 
+#: Radiologists' reports (Basic Text, Enhanced, Comprehensive, Comprehensive 3D SR) come
+#: back for the agreement monitor (cxrnode.ingest.reports); SRs travel uncompressed.
+REPORT_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR little endian
+    "1.2.840.10008.1.2",  # Implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # Deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # Explicit VR big endian
+)
+
 # A-ASSOCIATE-RJ parameters (PS3.8 7.1.1.9)
 REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
 SOURCE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
@@ -102,6 +113,8 @@ def build_ae(settings: Settings, processes: int) -> AE:
     ae = AE(ae_title=settings.ae_title)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    for sop_class in REPORT_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(REPORT_TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.maximum_associations = max(1, ceil(settings.max_associations / processes))
@@ -129,12 +142,18 @@ class Handlers:
     """Event handlers of one listener process."""
 
     def __init__(
-        self, settings: Settings, ingest: Ingest, sessions: Any, waker: Waker | None = None
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        sessions: Any,
+        waker: Waker | None = None,
+        reports: ReportIngest | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.sessions = sessions
         self.waker = waker
+        self.reports = reports or ReportIngest(settings, sessions)
         self._stats: dict[int, list[int]] = {}  # association log id -> [instances, bytes]
         self._lock = threading.Lock()
 
@@ -200,8 +219,10 @@ class Handlers:
             peer_host=event.assoc.requestor.address,
         )
         # run_listener turns on pynetdicom's chunked receive: the dataset is already a file
-        outcome = self.ingest.receive_file(Path(event.dataset_path), **received)
-        if outcome.status == SUCCESS and self.waker is not None:
+        report = received["sop_class_uid"] in REPORT_SOP_CLASSES  # for the monitor
+        receiver = self.reports if report else self.ingest
+        outcome = receiver.receive_file(Path(event.dataset_path), **received)
+        if outcome.status == SUCCESS and self.waker is not None and not report:
             self.waker.poke()  # a study's quiet period (re)starts: the scheduler recomputes
         row_id = getattr(event.assoc, "cxrnode_log_id", None)
         if row_id is not None and outcome.status == SUCCESS:

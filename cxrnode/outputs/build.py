@@ -13,6 +13,10 @@ image, the model hash, :data:`PIPELINE_VERSION` and the job's version (``cxrnode
 a redelivered task writes byte-for-byte the same files, and it finds the rows of the first
 run and returns them instead of adding more.
 
+With ``HL7_DESTINATIONS`` configured, the draft is also written as an HL7 ORU^R01
+(:mod:`cxrnode.hl7.oru`, kind ``hl7``) with one row per MLLP destination; the DICOM objects go
+to ``DESTINATIONS`` only.
+
 No destinations configured: the files are still written (an admin may fetch them, and a
 later ``cxrnode resend --study`` after adding a destination sends them), but no rows are
 recorded, because a row means "to be sent somewhere".
@@ -82,7 +86,7 @@ PIPELINE_VERSION: str = _pipeline_version()
 class BuiltOutput:
     """One written object: what the outbox row needs to know about it."""
 
-    kind: str  # an OutputKind value: "text_sr", "air_sr", "sc" or "pdf"
+    kind: str  # "text_sr", "air_sr", "sc", "pdf" (OutputKind) or "hl7"
     sop_class_uid: str
     sop_instance_uid: str
     path: str  # relative to DATA_DIR/outputs
@@ -129,7 +133,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
     if instance is None:
         session.rollback()
         return _fail(session, job_id, job.version, "the job's source instance row is missing")
-    raw_result, job_version = job.result, job.version
+    raw_result, job_version, recorded_at = job.result, job.version, job.updated_at
     header = header_dataset(instance.header)
     study_uid, sop_uid = instance.study_instance_uid, instance.sop_instance_uid
     source_path = settings.instances_dir / instance.path
@@ -166,6 +170,11 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         log.warning("job %d: outputs cannot be built: %s", job_id, exc)
         return _fail(session, job_id, job_version, f"outputs cannot be built: {exc}")
     built = [_write(settings, ds, kind) for kind, ds in objects]
+    try:
+        messages = _hl7_outputs(settings, header, draft, job_version, recorded_at)
+    except (OSError, ValueError) as exc:
+        log.warning("job %d: the HL7 draft cannot be built: %s", job_id, exc)
+        return _fail(session, job_id, job_version, f"the HL7 draft cannot be built: {exc}")
 
     # Record the rows and the state change in one transaction; a concurrent run that recorded
     # them first (same files, same UIDs) wins, and this one returns its rows.
@@ -187,8 +196,12 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
             path=item.path,
             now=now,
         )
-        for destination in settings.destinations
-        for item in built
+        for destinations, items in (
+            (settings.destinations, built),  # DICOM objects to the PACS
+            (settings.hl7_destinations, messages),  # the ORU to the RIS
+        )
+        for destination in destinations
+        for item in items
     ]
     session.add_all(rows)
     superseded = _supersede_older(session, job, now)
@@ -341,6 +354,30 @@ def _encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _hl7_outputs(
+    settings: Settings, header: Dataset, draft: DraftReport, version: int, made_at: datetime
+) -> list[BuiltOutput]:
+    """The HL7 ORU draft, written durably, when MLLP destinations exist (else nothing)."""
+    if not settings.hl7_destinations:
+        return []
+    from cxrnode.hl7.oru import build_oru
+
+    oru = build_oru(
+        header,
+        draft,
+        version=version,
+        made_at=made_at,
+        sending_application=settings.hl7_sending_application,
+        sending_facility=settings.hl7_sending_facility,
+        receiving_application=settings.hl7_receiving_application,
+        receiving_facility=settings.hl7_receiving_facility,
+    )
+    relpath = f"{header.StudyInstanceUID}/{oru.uid}.hl7"
+    instance_relpath(str(header.StudyInstanceUID), oru.uid)  # both UIDs checked for the path
+    write_durably(output_path(settings, relpath), [oru.encode()], settings.tmp_dir)
+    return [BuiltOutput("hl7", "", oru.uid, relpath)]
 
 
 def _write(settings: Settings, ds: Dataset, kind: str) -> BuiltOutput:

@@ -27,6 +27,9 @@ Policy, after dcm4chee-arc and the lessons of MONAI's gateway (research/dicom-an
 Destinations (``DESTINATIONS``): ``AET@host:port`` (DICOM C-STORE), ``dicom-tls://AET@host:port``
 (C-STORE over DICOM TLS, verified against ``send_tls_ca``, optionally with a client
 certificate) and ``http(s)://…`` DICOMweb base URLs (STOW-RS, one request per study).
+``HL7_DESTINATIONS`` holds ``mllp://host:port`` entries: the HL7 ORU drafts (kind ``hl7``) go
+there over MLLP (:mod:`cxrnode.hl7.sender`), one connection per study, and the receiver's
+ACK decides: AA delivered, AE retried, AR dead.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from cxrnode.db import Job, Output, OutputState, Study, utcnow
 from cxrnode.settings import Settings, parse_destination
 
 __all__ = [
+    "HL7_KIND",
     "IN_FLIGHT",
     "KIND_ORDER",
     "LEGACY_SR_KIND",
@@ -62,6 +66,7 @@ __all__ = [
     "Verdict",
     "apply_outcome",
     "association_outcome",
+    "configured_for",
     "due_outputs",
     "lease_seconds",
     "next_due",
@@ -87,6 +92,9 @@ PERMANENT_STATUSES = {
     0x0124: "not authorised",
 }
 TLS_SCHEME = "dicom-tls"
+MLLP_SCHEME = "mllp"
+#: The outbox kind of the HL7 ORU draft; it goes to HL7_DESTINATIONS, the others to DESTINATIONS.
+HL7_KIND = "hl7"
 
 # ------------------------------------------------------------------------------ destinations
 
@@ -94,6 +102,7 @@ TLS_SCHEME = "dicom-tls"
 class DestinationKind(enum.StrEnum):
     dimse = "dimse"
     stow = "stow"
+    mllp = "mllp"
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,8 @@ class Destination:
 
     @classmethod
     def parse(cls, entry: str) -> Destination:
-        """Parse ``AET@host:port``, ``dicom-tls://AET@host:port`` or a DICOMweb URL.
+        """Parse ``AET@host:port``, ``dicom-tls://AET@host:port``, a DICOMweb URL or
+        ``mllp://host:port`` (HL7 v2 over MLLP).
 
         Raises
         ------
@@ -127,10 +137,19 @@ class Destination:
                     "https://pacs.example/dicom-web"
                 )
             return cls(text, DestinationKind.stow, host=parts.hostname, url=text.rstrip("/"))
+        if sep and scheme.lower() == MLLP_SCHEME:
+            host, colon, port = rest.rstrip("/").rpartition(":")
+            if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f"destination {entry!r} is not of the form mllp://host:port "
+                    "(e.g. mllp://ris.example:2575)"
+                )
+            return cls(text, DestinationKind.mllp, host=host.strip("[]"), port=int(port))
         if sep and scheme.lower() not in ("dicom", TLS_SCHEME):
             raise ValueError(
                 f"destination {entry!r} has the unknown scheme {scheme!r}; expected "
-                f"AET@host:port, {TLS_SCHEME}://AET@host:port or an http(s):// DICOMweb URL"
+                f"AET@host:port, {TLS_SCHEME}://AET@host:port, an http(s):// DICOMweb URL or "
+                f"{MLLP_SCHEME}://host:port"
             )
         aet, host, port = parse_destination(rest if sep else text)
         return cls(
@@ -148,7 +167,15 @@ class Destination:
         after an admin corrects a called AE title."""
         if self.kind == DestinationKind.stow:
             return ("stow", self.url, "")
+        if self.kind == DestinationKind.mllp:
+            return ("mllp", self.host.lower(), self.port)
         return ("dimse-tls" if self.tls else "dimse", self.host.lower(), self.port)
+
+
+def configured_for(kind: str, settings: Settings) -> list[str]:
+    """The configured destinations of an output kind: HL7_DESTINATIONS for the HL7 draft,
+    DESTINATIONS for the DICOM objects."""
+    return list(settings.hl7_destinations if kind == HL7_KIND else settings.destinations)
 
 
 def retarget(entry: str, configured: Sequence[str]) -> str:
@@ -449,7 +476,10 @@ def send_batch(
             item.output_id: Outcome(Verdict.dead, "bad-destination", str(exc)) for item in items
         }
     else:
-        transport = _send_stow if target.kind == DestinationKind.stow else _send_dimse
+        transport = {
+            DestinationKind.stow: _send_stow,
+            DestinationKind.mllp: _send_mllp,
+        }.get(target.kind, _send_dimse)
         try:
             outcomes = transport(settings, target, items)
         except Exception as exc:  # a bug or a library surprise must not strand the rows
@@ -573,6 +603,32 @@ def _send_dimse(
     return outcomes
 
 
+def _send_mllp(
+    settings: Settings, target: Destination, items: Sequence[_Item]
+) -> dict[int, Outcome]:
+    """HL7 drafts over MLLP (one connection), classified by the receiver's ACK."""
+    from cxrnode.hl7.sender import send_messages
+
+    outcomes: dict[int, Outcome] = {}
+    messages: list[tuple[int, bytes]] = []
+    for item in items:
+        try:
+            messages.append((item.output_id, item.path.read_bytes()))
+        except OSError as exc:
+            outcomes[item.output_id] = Outcome(
+                Verdict.dead,
+                "file-missing",
+                f"the output file {item.path} cannot be read ({exc}); rerun the study to "
+                "rebuild it",
+            )
+    if not messages:
+        return outcomes
+    answers = send_messages(target.host, target.port, messages, timeout=settings.send_timeout)
+    for output_id, answer in answers.items():
+        outcomes[output_id] = Outcome(Verdict(answer.verdict), answer.status, answer.detail)
+    return outcomes
+
+
 def _send_stow(
     settings: Settings, target: Destination, items: Sequence[_Item]
 ) -> dict[int, Outcome]:
@@ -688,7 +744,6 @@ def resend(
     if sum(x is not None and x is not False for x in (study_uid, output_id, dead)) != 1:
         raise ValueError("choose exactly one of: a study UID, an output id, or all dead outputs")
     now = now or utcnow()
-    configured = list(settings.destinations)
     if output_id is not None:
         row = session.get(Output, output_id)
         if row is None:
@@ -705,10 +760,10 @@ def resend(
             )
     chosen: dict[int, Output] = {}
     for row in rows:
-        target = _retargeted(session, row, configured)
+        target = _retargeted(session, row, configured_for(row.kind, settings))
         chosen[target.id] = target
     if study_uid is not None:
-        for row in _missing_destinations(session, rows, configured, now):
+        for row in _missing_destinations(session, rows, settings, now):
             chosen[row.id] = row
     for row in chosen.values():
         row.state = OutputState.pending
@@ -749,7 +804,7 @@ def _retargeted(session: Session, row: Output, configured: Sequence[str]) -> Out
 
 
 def _missing_destinations(
-    session: Session, rows: Sequence[Output], configured: Sequence[str], now: datetime
+    session: Session, rows: Sequence[Output], settings: Settings, now: datetime
 ) -> list[Output]:
     added = []
     objects = {(row.job_id, row.kind): row for row in rows}
@@ -759,7 +814,7 @@ def _missing_destinations(
                 select(Output.destination).where(Output.job_id == job_id, Output.kind == kind)
             )
         )
-        for destination in configured:
+        for destination in configured_for(kind, settings):
             if destination in have:
                 continue
             row = Output.pending(

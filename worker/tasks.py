@@ -28,9 +28,11 @@ from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.outputs import outbox
 from cxrnode.outputs.build import build_outputs as build
 from cxrnode.outputs.outbox import Verdict, send_batch
+from cxrnode.outputs.sc import fit_radiograph
 from cxrnode.prepare.display import ImagingError
-from cxrnode.prepare.images import decode_model_input, prepare_images
+from cxrnode.prepare.images import decode_model_input, keep_display, prepare_images
 from cxrnode.settings import get_settings
+from cxrnode.uids import OutputKind
 from model.contracts import GenerationParams, ModelResult, StudyContext
 from worker import app as worker_app
 from worker.app import app
@@ -75,7 +77,7 @@ def prepare_image(job_id: int, version: int) -> str:
         return "nothing to do"
     source = settings.instances_dir / work.instance_path
     try:
-        image = prepare_images(settings, source, work.study_instance_uid, work.sop_instance_uid)
+        images = prepare_images(settings, source, work.study_instance_uid, work.sop_instance_uid)
     except (ImagingError, OSError) as exc:
         log.warning("job %d: image cannot be prepared: %s", job_id, exc)
         with sessions()() as session:
@@ -92,7 +94,13 @@ def prepare_image(job_id: int, version: int) -> str:
         moved = states.transition(session, job_id, JobState.prepared, version=version)
     if not moved:
         return "superseded or already past prepare"
-    dispatcher().infer_report(job_id, version, image, context)
+    dispatcher().infer_report(job_id, version, images.model_input, context)
+    # While the model works: keep the display image at the size the Secondary Capture uses,
+    # so building the outputs after the answer neither decodes nor resamples the source.
+    if OutputKind.SC in settings.outputs:
+        keep_display(
+            settings, work.study_instance_uid, work.sop_instance_uid, fit_radiograph(images.display)
+        )
     return "prepared"
 
 

@@ -58,10 +58,13 @@ def skip_reason_for(instances: Sequence[Instance]) -> str:
     return "; ".join(sorted(reasons))
 
 
-def settle_due_studies(session: Session, now: datetime | None = None) -> list[int]:
+def settle_due_studies(
+    session: Session, now: datetime | None = None, *, commit: bool = True
+) -> list[int]:
     """Settle every study whose quiet period is over; return the ids of new jobs.
 
-    Runs in one transaction; rows are locked so two schedulers never settle a study twice.
+    Runs in one transaction (committed unless ``commit`` is False: the scheduler queues the
+    new jobs in the same one); rows are locked so two schedulers never settle a study twice.
     """
     now = now or utcnow()
     query = (
@@ -114,7 +117,10 @@ def settle_due_studies(session: Session, now: datetime | None = None) -> list[in
             JobEvent(job_id=job.id, at=now, from_state=None, to_state=JobState.pending.value)
         )
         new_jobs.append(job)
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     return [job.id for job in new_jobs]
 
 

@@ -56,8 +56,9 @@ class Scheduler:
     def run_once(self, now_monotonic: float | None = None) -> float:
         """Do everything due now; return the seconds until the next thing is due."""
         now_monotonic = time.monotonic() if now_monotonic is None else now_monotonic
-        if self.settle_studies() or not self._started:
-            self.queue_new_jobs()  # new jobs come only from settling (and from a previous run)
+        self.settle_studies()
+        if not self._started:
+            self.queue_new_jobs()  # jobs a previous run made and did not hand out
             self._started = True
         self.send_due_outputs()
         if now_monotonic >= self._next_reconcile:
@@ -65,14 +66,18 @@ class Scheduler:
             self._next_reconcile = now_monotonic + self.settings.reconcile_interval
         return self.seconds_until_due(now_monotonic)
 
-    def settle_studies(self) -> list[int]:
-        """Settle the studies whose quiet period is over; return the new jobs' ids."""
+    def settle_studies(self) -> None:
+        """Settle the studies whose quiet period is over and hand their new jobs to the
+        broker: one transaction makes and queues them, then the messages are published."""
         with self.readers() as session:
             due = next_settle_at(session)
         if due is None or due > utcnow():
-            return []  # read-only check first: no write lock when nothing is due
+            return  # read-only check first: no write lock when nothing is due
         with self.sessions() as session:
-            return settle_due_studies(session)
+            settle_due_studies(session, commit=False)
+            taken = states.take_pending(session)  # commits the new jobs as queued
+        for work in taken:
+            self.dispatch.prepare_image(work.job_id, work.version)
 
     def queue_new_jobs(self) -> None:
         with self.sessions() as session:

@@ -103,6 +103,23 @@ def full_text_hint(series: str | None) -> str:
     return hint
 
 
+def radiograph_size(shape: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) at which the Secondary Capture draws an image of ``shape``."""
+    image_height = CANVAS_HEIGHT - BANNER_HEIGHT
+    scale = min(image_height / shape[0], MAX_IMAGE_WIDTH / shape[1])
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def fit_radiograph(display: np.ndarray) -> np.ndarray:
+    """The display image at the size the Secondary Capture draws it (LANCZOS); an image
+    already that size is returned as it is, so the prepare step can scale it ahead of time."""
+    height, width = radiograph_size(display.shape[:2])
+    if display.shape[:2] == (height, width):
+        return display
+    image = Image.fromarray(np.ascontiguousarray(display), mode="L")
+    return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS))
+
+
 def render_draft_image(
     display: np.ndarray, draft: DraftReport, full_text_series: str | None = None
 ) -> np.ndarray:
@@ -138,9 +155,9 @@ def render_draft_image(
             f"shape {display.shape}"
         )
     image_height = CANVAS_HEIGHT - BANNER_HEIGHT
-    scale = min(image_height / display.shape[0], MAX_IMAGE_WIDTH / display.shape[1])
-    size = (max(1, round(display.shape[1] * scale)), max(1, round(display.shape[0] * scale)))
-    radiograph = Image.fromarray(display, mode="L").resize(size, Image.Resampling.LANCZOS)
+    fitted = fit_radiograph(display)
+    size = (fitted.shape[1], fitted.shape[0])
+    radiograph = Image.fromarray(fitted, mode="L")
 
     width = size[0] + PANEL_WIDTH
     canvas = Image.new("RGB", (width, CANVAS_HEIGHT), PANEL_RGB)

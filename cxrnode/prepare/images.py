@@ -3,8 +3,9 @@
 From one read of the source file it makes two images and keeps both under
 DATA_DIR/prepared/<study>/:
 
-- ``<sop>.display.npy``: the full-resolution 8-bit display image (what a radiologist sees);
-  the Secondary Capture is drawn from it, so the deliver step never decodes the source again;
+- ``<sop>.display.npy``: the 8-bit display image (what a radiologist sees), already scaled to
+  the size the Secondary Capture draws it at; it is made after the model input is on its way
+  to inference (off the critical path), and the outputs step never decodes the source again;
 - ``<sop>.input.npy``: the model's 512 x 512 input; it goes to the inference queue in the
   task message, and is kept so that a lost inference message is re-sent without decoding
   the source again.
@@ -18,13 +19,11 @@ array about 2 ms.
 from __future__ import annotations
 
 import base64
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cxrnode.ingest.storage import instance_relpath
 from cxrnode.prepare.display import ImagingError, display_image, model_input, read_dataset
@@ -32,9 +31,11 @@ from cxrnode.settings import Settings
 
 __all__ = [
     "MODEL_INPUT_SIZE",
+    "Prepared",
     "PreparedImages",
     "decode_model_input",
     "encode_model_input",
+    "keep_display",
     "kept_images",
     "load_display",
     "load_model_input",
@@ -73,8 +74,17 @@ def _load(path: Path) -> np.ndarray | None:
     return array if array.dtype == np.uint8 and array.ndim == 2 else None
 
 
-def prepare_images(settings: Settings, source: Path, study_uid: str, sop_uid: str) -> np.ndarray:
-    """Decode ``source`` once, keep its display image and model input; return the input.
+@dataclass(frozen=True)
+class Prepared:
+    """The two images made from one read of the source."""
+
+    display: np.ndarray  # full-resolution 8-bit display image
+    model_input: np.ndarray  # 512 x 512
+
+
+def prepare_images(settings: Settings, source: Path, study_uid: str, sop_uid: str) -> Prepared:
+    """Decode ``source`` once; keep its model input (the display image is kept by
+    :func:`keep_display`, once the model input is on its way). Return both images.
 
     Raises
     ------
@@ -85,10 +95,13 @@ def prepare_images(settings: Settings, source: Path, study_uid: str, sop_uid: st
     display = display_image(dataset)
     del dataset  # the decoded frame can be large; keep only the 8-bit image
     tensor = model_input(display, MODEL_INPUT_SIZE, exact=settings.exact_resize)
-    kept = kept_images(settings, study_uid, sop_uid)
-    _save(kept.display, display)
-    _save(kept.model_input, tensor)
-    return tensor
+    _save(kept_images(settings, study_uid, sop_uid).model_input, tensor)
+    return Prepared(display, tensor)
+
+
+def keep_display(settings: Settings, study_uid: str, sop_uid: str, display: np.ndarray) -> None:
+    """Keep the display image the outputs are drawn from (already at the size they need)."""
+    _save(kept_images(settings, study_uid, sop_uid).display, display)
 
 
 def load_display(settings: Settings, study_uid: str, sop_uid: str, source: Path) -> np.ndarray:
@@ -106,17 +119,28 @@ def load_model_input(settings: Settings, study_uid: str, sop_uid: str) -> np.nda
 
 
 def encode_model_input(image: np.ndarray) -> str:
-    """The model input for a JSON task message: PNG (lossless, ~100-200 KB) in base64."""
+    """The model input for a JSON task message: its 512 x 512 raw bytes in base64 (~350 KB).
 
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    Raw rather than PNG: encoding a PNG cost ~6 ms and decoding ~3 ms on each side of the
+    inference hop, for a message Redis carries as easily at twice the size.
+    """
+    if image.dtype != np.uint8 or image.shape != (MODEL_INPUT_SIZE, MODEL_INPUT_SIZE):
+        raise ImagingError(
+            f"the model input must be uint8 {MODEL_INPUT_SIZE} x {MODEL_INPUT_SIZE}; "
+            f"got {image.dtype} {image.shape}"
+        )
+    return base64.b64encode(np.ascontiguousarray(image).tobytes()).decode("ascii")
 
 
 def decode_model_input(payload: str) -> np.ndarray:
-
+    """The inverse of :func:`encode_model_input`."""
     try:
-        with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
-            return np.asarray(image.convert("L"))
-    except (OSError, ValueError) as exc:
-        raise ImagingError(f"the task message's image is not a readable PNG: {exc}") from exc
+        raw = base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ImagingError(f"the task message's image is not base64: {exc}") from exc
+    if len(raw) != MODEL_INPUT_SIZE * MODEL_INPUT_SIZE:
+        raise ImagingError(
+            f"the task message's image has {len(raw)} bytes; expected "
+            f"{MODEL_INPUT_SIZE * MODEL_INPUT_SIZE} (a {MODEL_INPUT_SIZE}² 8-bit image)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8).reshape(MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)

@@ -48,7 +48,10 @@ def _job_id(request: Any) -> int | None:
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global heartbeat
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
-    heartbeat = Heartbeat(redis_client(get_settings()), sender.hostname, queues).start()
+    heartbeat = Heartbeat(redis_client(get_settings()), sender.hostname, queues)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        heartbeat.state["gpu"] = os.environ["CUDA_VISIBLE_DEVICES"]  # `worker --gpus`
+    heartbeat.start()
 
 
 @signals.worker_shutdown.connect

@@ -105,8 +105,15 @@ def worker(
     concurrency: Annotated[
         int | None, typer.Option(help="Threads; default: BATCH_SIZE for infer, else 4.")
     ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="`all` or GPU indices (0,1): one inference process per GPU, each with its own "
+            "CUDA_VISIBLE_DEVICES and its own batch."
+        ),
+    ] = None,
 ) -> None:
-    """Run a Celery worker (e.g. `--queues infer` on a GPU host)."""
+    """Run a Celery worker (e.g. `--queues infer --gpus all` on a GPU host)."""
     from cxrnode.jobs.broker import QUEUES
 
     settings = _settings()
@@ -118,7 +125,8 @@ def worker(
     threads = concurrency or (max(settings.batch_size, 4) if "infer" in chosen else 4)
     # exec the worker package's own entry point: cxrnode never imports worker (or torch)
     command = [sys.executable, "-m", "worker", "--queues", ",".join(chosen)]
-    os.execv(sys.executable, [*command, "--concurrency", str(threads)])
+    command += ["--concurrency", str(threads)] + (["--gpus", gpus] if gpus else [])
+    os.execv(sys.executable, command)
 
 
 @db_app.command("upgrade")

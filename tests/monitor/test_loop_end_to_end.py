@@ -215,7 +215,14 @@ def test_drafts_go_out_as_sr_sc_and_hl7_and_final_reports_come_back_scored(site:
         return len(rows) == 6 and all(r.state == "delivered" for r in rows)
 
     wait_for(delivered, 300, "the SR, SC and HL7 drafts to be delivered")
-    assert sorted(r.kind for r in site.rows(Output)) == ["hl7", "hl7", "sc", "sc", "text_sr", "text_sr"]
+    assert sorted(r.kind for r in site.rows(Output)) == [
+        "hl7",
+        "hl7",
+        "sc",
+        "sc",
+        "text_sr",
+        "text_sr",
+    ]
     messages = {str(m.segment("OBR")(3)): m for m in site.ris.messages()}
     assert set(messages) == {accession for accession, _ in PATIENTS.values()}
     for key, (accession, patient_id) in PATIENTS.items():

@@ -197,3 +197,35 @@ def test_flushall_mid_flight_is_healed_by_the_reconciler(
             worker.wait(30)
         assert [job.attempts for job in jobs] == [1, 1, 1], "each lost message re-sent once"
         node.stop()
+
+
+def test_gpus_option_runs_one_inference_process_per_gpu(
+    make_node, tiny_model: Path, tmp_path: Path
+) -> None:
+    node = make_node("--no-workers", model=str(tiny_model), **FAST)
+    cxrnode = str(Path(node.env["PATH"].split(":")[0]) / "cxrnode")
+    workers = [
+        subprocess.Popen([cxrnode, "worker", "--queues", queues, *extra], env=node.env)
+        for queues, extra in (("infer", ["--gpus", "0,1"]), ("prepare,outputs,send", []))
+    ]
+    try:
+        send_studies(node, tmp_path, 2)
+        wait_done(f"sqlite:///{node.data_dir / 'cxrnode.db'}", 2, timeout=180)
+
+        def inference_workers() -> list[dict]:
+            listed = json.loads(node.cli("status", "--json").stdout)["workers"] or []
+            return [w for w in listed if w["queues"] == ["infer"]]
+
+        gpus = wait_for(
+            lambda: sorted(w.get("gpu") or "" for w in inference_workers()) == ["0", "1"]
+            or None,
+            60,
+            "two inference workers, one per GPU",
+        )
+        assert gpus
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(60)
+    assert wait_for(lambda: inference_workers() == [], 40, "the per-GPU workers to stop")

@@ -37,7 +37,7 @@ from pydicom.sr.coding import Code
 
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import one_line
-from cxrnode.uids import OutputKind, device_uid, is_valid_uid
+from cxrnode.uids import OutputKind, OutputUIDs, device_uid, is_valid_uid, output_uids
 
 __all__ = [
     "ALGORITHM_FAMILY",
@@ -303,6 +303,23 @@ def source_view(source: Dataset) -> Dataset:
         if keyword not in view:
             setattr(view, keyword, None)
     return view
+
+
+def source_and_uids(
+    source: Dataset, draft: DraftReport, kind: OutputKind, version: int
+) -> tuple[Dataset, OutputUIDs]:
+    """The source as the builders copy it (:func:`source_view`) and the deterministic UIDs
+    of the object of ``kind`` and ``version`` made from it for ``draft``."""
+    view = source_view(source)
+    uids = output_uids(
+        study_instance_uid=str(view.StudyInstanceUID),
+        source_sop_instance_uid=str(view.SOPInstanceUID),
+        model_hash=draft.model_hash,
+        pipeline_version=draft.pipeline_version,
+        kind=kind,
+        version=version,
+    )
+    return view, uids
 
 
 @contextmanager

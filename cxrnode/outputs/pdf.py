@@ -51,13 +51,13 @@ from cxrnode.outputs.common import (
     model_name,
     series_description,
     software_versions,
-    source_view,
+    source_and_uids,
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.report_sr import DOCUMENT_TITLE
 from cxrnode.outputs.text import multi_line, wrap
-from cxrnode.uids import OutputKind, output_uids
+from cxrnode.uids import OutputKind
 
 __all__ = ["BANNER_TEXT", "DOCUMENT_TITLE_TEXT", "build_pdf", "render_pdf"]
 
@@ -176,15 +176,7 @@ def build_pdf(
     ValueError
         If the source lacks required UIDs or ``version`` is invalid.
     """
-    view = source_view(source)
-    uids = output_uids(
-        study_instance_uid=str(view.StudyInstanceUID),
-        source_sop_instance_uid=str(view.SOPInstanceUID),
-        model_hash=draft.model_hash,
-        pipeline_version=draft.pipeline_version,
-        kind=OutputKind.PDF,
-        version=version,
-    )
+    view, uids = source_and_uids(source, draft, OutputKind.PDF, version)
     document = render_pdf(draft)
     with without_name_warnings():
         ds = hd.SOPClass(

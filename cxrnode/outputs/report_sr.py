@@ -68,12 +68,12 @@ from cxrnode.outputs.common import (
     previous_versions,
     series_description,
     software_versions,
-    source_view,
+    source_and_uids,
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import report_text
-from cxrnode.uids import OutputKind, device_uid, output_uids
+from cxrnode.uids import OutputKind, device_uid
 
 __all__ = [
     "DOCUMENT_TITLE",
@@ -129,15 +129,7 @@ def build_report_sr(
         If the source lacks required UIDs, ``version`` is invalid, or the predecessor is
         this very instance.
     """
-    view = source_view(source)
-    uids = output_uids(
-        study_instance_uid=str(view.StudyInstanceUID),
-        source_sop_instance_uid=str(view.SOPInstanceUID),
-        model_hash=draft.model_hash,
-        pipeline_version=draft.pipeline_version,
-        kind=OutputKind.TEXT_SR,
-        version=version,
-    )
+    view, uids = source_and_uids(source, draft, OutputKind.TEXT_SR, version)
     previous = previous_versions(predecessor, uids.sop_instance_uid)
 
     root = hd.sr.ContainerContentItem(name=DOCUMENT_TITLE)

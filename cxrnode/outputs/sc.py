@@ -54,12 +54,12 @@ from cxrnode.outputs.common import (
     model_name,
     series_description,
     software_versions,
-    source_view,
+    source_and_uids,
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import iter_lines, multi_line, wrap
-from cxrnode.uids import OutputKind, output_uids
+from cxrnode.uids import OutputKind
 
 __all__ = [
     "BANNER_HEIGHT",
@@ -294,15 +294,7 @@ def build_sc(
         If the source lacks required UIDs, ``display`` is not an 8-bit grey image or
         ``version`` is invalid.
     """
-    view = source_view(source)
-    uids = output_uids(
-        study_instance_uid=str(view.StudyInstanceUID),
-        source_sop_instance_uid=str(view.SOPInstanceUID),
-        model_hash=draft.model_hash,
-        pipeline_version=draft.pipeline_version,
-        kind=OutputKind.SC,
-        version=version,
-    )
+    view, uids = source_and_uids(source, draft, OutputKind.SC, version)
     pixels = render_draft_image(display, draft, full_text_series)
     with without_name_warnings():
         sc = hd.sc.SCImage.from_ref_dataset(

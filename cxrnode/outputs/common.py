@@ -36,7 +36,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from cxrnode.outputs.draft import DraftReport
-from cxrnode.outputs.text import one_line
+from cxrnode.outputs.text import multi_line, one_line
 from cxrnode.uids import OutputKind, OutputUIDs, device_uid, is_valid_uid, output_uids
 
 __all__ = [
@@ -225,6 +225,25 @@ def coded_findings_summary(draft: DraftReport) -> list[str]:
         if names:
             lines.append(f"{label}: {', '.join(names)}")
     return lines
+
+
+NOTHING_CODED = "None of the tracked findings was mentioned."
+
+
+def printed_sections(draft: DraftReport) -> list[tuple[str, str]]:
+    """(heading, text) in reading order for the objects that print the draft (the SC and the
+    PDF): the coded findings, then each non-empty section of the report."""
+    findings, impression = (multi_line(part) for part in draft.sections)
+    sections = [("Coded findings", "\n".join(coded_findings_summary(draft)) or NOTHING_CODED)]
+    for heading, text in (
+        ("Findings", findings),
+        ("Impression", impression),
+        ("Differential diagnosis", multi_line(draft.differential)),
+        ("Recommendation", multi_line(draft.recommendation)),
+    ):
+        if text:
+            sections.append((heading, text))
+    return sections
 
 
 def long_string(text: str) -> str:

@@ -45,10 +45,10 @@ from cxrnode.outputs.common import (
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
     ai_contributing_equipment,
-    coded_findings_summary,
     font_path,
     long_string,
     model_name,
+    printed_sections,
     series_description,
     software_versions,
     source_and_uids,
@@ -56,7 +56,7 @@ from cxrnode.outputs.common import (
 )
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.report_sr import DOCUMENT_TITLE
-from cxrnode.outputs.text import multi_line, wrap
+from cxrnode.outputs.text import wrap
 from cxrnode.uids import OutputKind
 
 __all__ = ["BANNER_TEXT", "DOCUMENT_TITLE_TEXT", "build_pdf", "render_pdf"]
@@ -125,22 +125,10 @@ def render_pdf(draft: DraftReport) -> bytes:
     if draft.paediatric_prompt:
         pdf.paragraph(PAEDIATRIC_NOTE, size=10.5, rgb=BANNER_RGB)
 
-    pdf.heading("Coded findings")
-    coded = coded_findings_summary(draft)
-    text = "\n".join(coded) or "None of the tracked findings was mentioned."
-    pdf.paragraph(text, size=10.5, rgb=TEXT_RGB)
-
-    findings, impression = (multi_line(part) for part in draft.sections)
-    for heading, body in (
-        ("Findings", findings),
-        ("Impression", impression),
-        ("Differential diagnosis", multi_line(draft.differential)),
-        ("Recommendation", multi_line(draft.recommendation)),
-    ):
-        if body:
-            pdf.heading(heading)
-            pdf.paragraph(body, size=10.5, rgb=TEXT_RGB)
-    if not findings and not impression:
+    for heading, body in printed_sections(draft):
+        pdf.heading(heading)
+        pdf.paragraph(body, size=10.5, rgb=TEXT_RGB)
+    if not any(part.strip() for part in draft.sections):
         pdf.heading("Findings")
         pdf.paragraph(EMPTY_REPORT_NOTE, size=10.5, rgb=NOTE_RGB)
     return bytes(pdf.output())

@@ -47,18 +47,18 @@ from cxrnode.outputs.common import (
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
     ai_contributing_equipment,
-    coded_findings_summary,
     drop_acquisition_equipment,
     font_path,
     long_string,
     model_name,
+    printed_sections,
     series_description,
     software_versions,
     source_and_uids,
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
-from cxrnode.outputs.text import iter_lines, multi_line, wrap
+from cxrnode.outputs.text import iter_lines, wrap
 from cxrnode.uids import OutputKind
 
 __all__ = [
@@ -196,22 +196,10 @@ def _panel_blocks(draft: DraftReport) -> list[tuple[str, str, int, tuple[int, in
     ]
     if draft.paediatric_prompt:
         blocks.append(("t", PAEDIATRIC_NOTE, 19, NOTE_RGB))
-    coded = coded_findings_summary(draft)
-    blocks.append(("h", "CODED FINDINGS", 20, HEADING_RGB))
-    blocks.append(
-        ("t", "\n".join(coded) or "None of the tracked findings was mentioned.", 20, TEXT_RGB)
-    )
-    findings, impression = (multi_line(part) for part in draft.sections)
-    for heading, text in (
-        ("FINDINGS", findings),
-        ("IMPRESSION", impression),
-        ("DIFFERENTIAL DIAGNOSIS", multi_line(draft.differential)),
-        ("RECOMMENDATION", multi_line(draft.recommendation)),
-    ):
-        if text:
-            blocks.append(("h", heading, 20, HEADING_RGB))
-            blocks.append(("t", text, 21, TEXT_RGB))
-    if not findings and not impression:
+    for heading, text in printed_sections(draft):
+        blocks.append(("h", heading.upper(), 20, HEADING_RGB))
+        blocks.append(("t", text, 20 if heading == "Coded findings" else 21, TEXT_RGB))
+    if not any(part.strip() for part in draft.sections):
         blocks.append(("t", EMPTY_REPORT_NOTE, 21, NOTE_RGB))
     return blocks
 

@@ -100,10 +100,13 @@ class Instance(Base):
     #: The header attributes later steps need (patient and study modules, UIDs, geometry), as
     #: DICOM JSON, recorded at ingest so no later step parses the file's header again.
     header: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: When retention removed the file (the row stays: cxrnode.retention).
+    purged_at: Mapped[datetime | None]
 
 
 class Study(Base):
     __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_purged_last_arrival", "purged_at", "last_arrival"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -115,6 +118,8 @@ class Study(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     chosen_instance_id: Mapped[int | None] = mapped_column(Integer)  # instances.id (no FK: cycle)
     version: Mapped[int] = mapped_column(Integer, default=0)  # number of jobs made so far
+    #: When retention removed the study's files (the rows stay: cxrnode.retention).
+    purged_at: Mapped[datetime | None]
 
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
 
@@ -177,6 +182,8 @@ class Output(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: When retention removed the file (the row stays: cxrnode.retention).
+    purged_at: Mapped[datetime | None]
 
     @classmethod
     def pending(

@@ -76,8 +76,8 @@ def root_note(settings: Settings) -> str | None:
     if not running_as_root() or settings.allow_root:
         return None
     return (
-        "running as root: better run cxrnode as its own user (docs/operations.md, "
-        '"Run as a dedicated user"); CXRNODE_ALLOW_ROOT=true acknowledges it and hides this note'
+        "running as root: better as its own user (docs/operations.md); "
+        "CXRNODE_ALLOW_ROOT=true hides this"
     )
 
 
@@ -353,8 +353,8 @@ def startup_summary(
     ]
     lines += [f"  {name:<{width}}{value}" for name, value in rows]
     lines.append(
-        f"  {'try it':<{width}}cxrnode demo --send   "
-        "(a synthetic chest radiograph to this node; then `cxrnode status`)"
+        f"  {'try it':<{width}}cxrnode demo --send   (a synthetic chest radiograph; then "
+        "cxrnode status)"
     )
     return "\n".join(lines)
 
@@ -367,31 +367,39 @@ def _safe_url(url: str) -> str:
 
 
 def _mode_line(settings: Settings) -> str:
+    if is_embedded(settings) and not settings.database_url:
+        socket_file = Path(broker_url(settings).split("://", 1)[1])
+        where = (
+            "both in the data dir"
+            if socket_file.is_relative_to(settings.data_dir)
+            else f"redis socket {socket_file}"
+        )
+        return f"embedded: SQLite cxrnode.db and a redis-server of its own, {where}"
     if settings.database_url:
-        database = f"database {_safe_url(settings.database_url)}"
+        database = _safe_url(settings.database_url)
     else:
         database = f"SQLite {settings.data_dir / 'cxrnode.db'}"
-    if is_embedded(settings):
-        broker = f"broker: redis-server started here on {broker_url(settings).split('://', 1)[1]}"
-    else:
-        broker = f"broker {_safe_url(settings.broker_url or '')}"
-    kind = "embedded" if is_embedded(settings) and not settings.database_url else "distributed"
-    return f"{kind}: {database}; {broker}"
+    broker = (
+        "redis-server started here"
+        if is_embedded(settings)
+        else _safe_url(settings.broker_url or "")
+    )
+    return f"distributed: database {database}; broker {broker}"
 
 
 def _workers_line(settings: Settings, workers: bool) -> str:
     if workers:
         return "started here: " + " and ".join(WORKER_QUEUES)
     return (
-        "none started here (--no-workers): run `cxrnode worker --queues prepare,outputs,send` "
-        "beside the node and `cxrnode worker --queues infer` on each GPU host"
+        "none here (--no-workers): run `cxrnode worker --queues prepare,outputs,send` "
+        "and, per GPU, `--queues infer`"
     )
 
 
 def _outputs_line(settings: Settings) -> str:
     kinds = ", ".join(settings.outputs)
     if not settings.destinations:
-        return f"{kinds}; no DESTINATIONS: drafts are written under the data dir, not sent"
+        return f"{kinds}; no DESTINATIONS: drafts are kept in the data dir, not sent"
     return f"{kinds} -> {', '.join(settings.destinations)}"
 
 
@@ -405,11 +413,11 @@ def _model_line(settings: Settings, workers: bool, live: Sequence[WorkerInfo] | 
         )
     if not settings.model:
         return (
-            "not set: studies are received and stored, jobs wait in waiting_model until "
-            "CXRNODE_MODEL names a CXR-LLaVA v2 checkpoint (docs/operations.md)"
+            "not set: images are stored, jobs wait in waiting_model until CXRNODE_MODEL "
+            "names a checkpoint"
         )
     path = Path(settings.model).expanduser()
-    later = "hash shown once an inference worker has loaded it (`cxrnode status`)"
+    later = "hash once a worker has loaded it"
     if path.is_dir():
         found = [n for n in ("config.json", "model.safetensors.index.json") if (path / n).is_file()]
         shards = len(list(path.glob("*.safetensors")))
@@ -430,4 +438,4 @@ def _web_url(settings: Settings) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.http_port}/ (admin web app and API)"
+    return f"http://{host}:{settings.http_port}/ (admin web app)"

@@ -53,8 +53,8 @@ def test_scripts_serve_on_a_fresh_data_dir_prints_the_summary_and_the_readme_exa
         assert "CXRNODE" in lines[1] and lines[1].split()[:2] == ["AE", "title"]
         assert f"0.0.0.0:{dicom_port}" in summary
         assert f"data dir   {data_dir}" in summary
-        assert f"embedded: SQLite {data_dir / 'cxrnode.db'}" in summary
-        assert "model      not set: studies are received and stored" in summary
+        assert "embedded: SQLite cxrnode.db and a redis-server" in summary
+        assert "model      not set: images are stored, jobs wait in waiting_model" in summary
         assert f"http://127.0.0.1:{http_port}/" in summary
         assert ("running as root" in summary) == (os.geteuid() == 0)
 

@@ -173,7 +173,7 @@ def test_the_compose_stack_runs_natively_and_a_routed_study_comes_back_with_its_
         assert f":{dicom_port}" in summary and "CXRNODE" in summary
         assert "distributed: database postgresql+psycopg://" in summary
         assert f"broker redis://127.0.0.1:{redis_port}/0" in summary
-        assert "none started here (--no-workers)" in summary
+        assert "none here (--no-workers)" in summary
         assert re.search(rf"model +{re.escape(str(tiny_model))} \(config.json", summary)
 
         # a modality sends a chest radiograph to the PACS, which routes it to the node

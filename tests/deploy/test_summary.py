@@ -31,13 +31,16 @@ def test_the_summary_names_identity_ports_data_mode_outputs_model_and_web(tmp_pa
     assert "AICXR" in row(text, "AE") and "callers: any calling AE title" in row(text, "AE")
     assert row(text, "DICOM").endswith("0.0.0.0:104, 2 listener processes")
     assert str(tmp_path / "data") in row(text, "data")
-    assert "embedded: SQLite" in row(text, "mode") and "redis-server started here" in text
+    assert row(text, "mode").startswith(
+        "  mode       embedded: SQLite cxrnode.db and a redis-server"
+    )
     assert "started here: prepare,outputs,send and infer" in row(text, "workers")
     assert "no DESTINATIONS" in row(text, "outputs")
     assert "not set" in row(text, "model") and "waiting_model" in row(text, "model")
     assert row(text, "web").split()[1] == "http://127.0.0.1:8081/"
     assert "30 days after delivery" in row(text, "retention")
     assert "cxrnode demo --send" in row(text, "try")
+    assert max(len(line) for line in text.splitlines()) <= 110, "fits a terminal"
 
 
 def test_distributed_mode_hides_passwords_and_tells_where_the_workers_go(tmp_path: Path) -> None:
@@ -56,9 +59,10 @@ def test_distributed_mode_hides_passwords_and_tells_where_the_workers_go(tmp_pat
         4,
     )
     assert "s3cret" not in text and "hunter2" not in text
-    assert "distributed: database postgresql+psycopg://cxrnode:***@db/cxrnode" in text
-    assert "none started here (--no-workers)" in row(text, "workers")
-    assert "cxrnode worker --queues infer" in row(text, "workers")
+    assert "distributed: database postgresql+psycopg://cxrnode:***@db/cxrnode;" in text
+    assert "broker redis://:***@redis:6379/0" in text
+    assert "none here (--no-workers)" in row(text, "workers")
+    assert "--queues infer" in row(text, "workers")
     assert row(text, "outputs").endswith("text_sr, sc -> PACS@10.0.0.5:104")
     assert "callers: PACS@10.0.0.5" in row(text, "AE")
     assert "DICOM TLS on 2762" in row(text, "DICOM")
@@ -72,7 +76,7 @@ def test_the_model_line_says_what_the_node_knows_without_loading_it(tmp_path: Pa
     (checkpoint / "model-00002-of-00002.safetensors").write_bytes(b"")
     text = startup_summary(settings(tmp_path, model=str(checkpoint)), True, 1)
     assert f"{checkpoint} (config.json, 2 safetensors file(s))" in row(text, "model")
-    assert "hash shown once an inference worker has loaded it" in row(text, "model")
+    assert "hash once a worker has loaded it" in row(text, "model")
     hub = startup_summary(settings(tmp_path, model="ECOFRI/CXR-LLAVA-v2"), True, 1)
     assert "hub id ECOFRI/CXR-LLAVA-v2" in row(hub, "model")
     elsewhere = startup_summary(settings(tmp_path, model="/models/cxr-llava"), False, 1)

@@ -2,9 +2,12 @@
 
 It applies migrations, starts the embedded broker (unless BROKER_URL names one), the DICOM
 listener processes (sharing the port), the monitor process (final reports over HL7 MLLP when
-HL7_PORT is set, and the agreement sweep), optionally the Celery workers, and runs the scheduler
-(:mod:`cxrnode.jobs.scheduler`) in the main thread. Children die with the supervisor
-(PR_SET_PDEATHSIG); a watcher thread restarts one that exits unexpectedly.
+HL7_PORT is set, and the agreement sweep), optionally the Celery workers, prints the start-up
+summary (:func:`startup_summary`) and runs the scheduler (:mod:`cxrnode.jobs.scheduler`) in
+the main thread. Children die with the supervisor (PR_SET_PDEATHSIG); a watcher thread
+restarts one that exits unexpectedly and says when an inference worker reports its model; a
+retention thread removes delivered studies' files after RETENTION_DAYS
+(:mod:`cxrnode.retention`).
 """
 
 from __future__ import annotations
@@ -12,21 +15,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.db.migrate import upgrade
 from cxrnode.ingest.storage import clean_tmp
-from cxrnode.jobs.broker import EmbeddedBroker, is_embedded
+from cxrnode.jobs.broker import EmbeddedBroker, broker_url, is_embedded, redis_client
 from cxrnode.jobs.scheduler import Scheduler
+from cxrnode.jobs.tracking import WorkerInfo, live_workers
 from cxrnode.monitor.service import run_monitor
 from cxrnode.net.listener import die_with_parent, run_listener
+from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +46,14 @@ log = logging.getLogger(__name__)
 WORKER_QUEUES = ("prepare,outputs,send", "infer")
 #: seconds between two looks at the children
 WATCH_SECONDS = 2.0
+#: seconds the start-up summary waits for the DICOM port to accept connections
+LISTEN_WAIT_SECONDS = 120.0
+#: seconds between two looks for a model reported by an inference worker's heartbeat
+MODEL_WATCH_SECONDS = 15.0
+#: Celery prints a multi-line warning when a worker runs as root. The filter (a PYTHONWARNINGS
+#: entry matching the start of its message) silences it; `serve` and `worker` say it in one
+#: line instead, or not at all with ALLOW_ROOT (:func:`root_note`).
+CELERY_ROOT_WARNING_FILTER = "ignore:You're running the worker with superuser privileges"
 
 
 def prepare_data_dir(settings: Settings) -> None:
@@ -50,6 +69,39 @@ def prepare_data_dir(settings: Settings) -> None:
         log.info("removed %d partial files left by an earlier crash", removed)
 
 
+def running_as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def root_note(settings: Settings) -> str | None:
+    """One line for a process running as root without ALLOW_ROOT; None otherwise."""
+    if not running_as_root() or settings.allow_root:
+        return None
+    return (
+        "running as root: better as its own user (docs/operations.md); "
+        "CXRNODE_ALLOW_ROOT=true hides this"
+    )
+
+
+#: Set in the environment of the workers `serve` starts: its summary already said the rest.
+SUPERVISED_ENV = "_CXRNODE_SUPERVISED"
+
+
+def worker_environment(
+    base: Mapping[str, str] | None = None, *, supervised: bool = False
+) -> dict[str, str]:
+    """The environment of a worker process: ``base`` (default: ours) with Celery's root
+    warning filtered (see :data:`CELERY_ROOT_WARNING_FILTER`)."""
+    env = dict(os.environ if base is None else base)
+    if supervised:
+        env[SUPERVISED_ENV] = "1"
+    filters = [f for f in env.get("PYTHONWARNINGS", "").split(",") if f]
+    if CELERY_ROOT_WARNING_FILTER not in filters:
+        filters.append(CELERY_ROOT_WARNING_FILTER)
+    env["PYTHONWARNINGS"] = ",".join(filters)
+    return env
+
+
 class WorkerProcess:
     """A `cxrnode worker` subprocess, with the same interface as multiprocessing's."""
 
@@ -58,6 +110,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("cxrnode")), "worker", "--queues", queues],
             preexec_fn=die_with_parent,
+            env=worker_environment(supervised=True),
         )
 
     def is_alive(self) -> bool:
@@ -90,6 +143,8 @@ class Supervisor:
         self.engine = make_engine(settings.effective_database_url)
         self.reader = make_engine(settings.effective_database_url, read_only=True)
         self.broker: EmbeddedBroker | None = None
+        self._models_seen: dict[str, str] = {}  # worker name -> model hash it reported
+        self._next_model_watch = 0.0
 
     def _start_listener(self, index: int, processes: int) -> None:
         name = f"listener-{index}"
@@ -125,6 +180,65 @@ class Supervisor:
             self.settings.dicom_port,
             processes,
         )
+        threading.Thread(target=self._announce, name="announce", daemon=True).start()
+
+    def _announce(self) -> None:
+        """Print the start-up summary once the DICOM port accepts connections (spawning the
+        listener processes takes seconds on a busy machine: a newcomer who reads the summary
+        and sends at once must not be refused)."""
+        host = self.settings.dicom_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        deadline = time.monotonic() + LISTEN_WAIT_SECONDS
+        listening = False
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((host, self.settings.dicom_port), timeout=1),
+            ):
+                listening = True
+                break
+            self.stop.wait(0.2)
+        if self.stop.is_set():
+            return
+        workers = self._live_workers()
+        self._note_models(workers or [], announce=False)
+        summary = startup_summary(
+            self.settings, self.workers, self.settings.effective_scp_processes, workers
+        )
+        if not listening:
+            summary += (
+                f"\n  (the DICOM port did not accept a connection within "
+                f"{LISTEN_WAIT_SECONDS:.0f} s: see the log above)"
+            )
+        sys.stdout.write(summary + "\n")
+        sys.stdout.flush()
+
+    def _live_workers(self) -> list[WorkerInfo] | None:
+        """Workers alive now (None: the broker does not answer)."""
+        try:
+            client = redis_client(self.settings, timeout=2)
+            try:
+                return live_workers(client)
+            finally:
+                client.close()
+        except Exception:
+            return None
+
+    def _note_models(self, workers: Sequence[WorkerInfo], *, announce: bool = True) -> None:
+        """Say once per worker which model it loaded (and again if that changes)."""
+        for worker in workers:
+            model_hash = worker.state.get("model_hash")
+            if not model_hash or self._models_seen.get(worker.name) == model_hash:
+                continue
+            self._models_seen[worker.name] = str(model_hash)
+            if announce:
+                log.info(
+                    "model ready: %s, hash %s, on %s (worker %s)",
+                    worker.state.get("model_id") or self.settings.model,
+                    model_hash,
+                    worker.state.get("device") or "?",
+                    worker.name,
+                )
 
     def _watch_children(self) -> None:
         processes = self.settings.effective_scp_processes
@@ -148,6 +262,9 @@ class Supervisor:
                 self._watch_children()
             except Exception:
                 log.exception("restarting a child failed; trying again")
+            if time.monotonic() >= self._next_model_watch:
+                self._next_model_watch = time.monotonic() + MODEL_WATCH_SECONDS
+                self._note_models(self._live_workers() or [])
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
@@ -155,6 +272,18 @@ class Supervisor:
         self.start()
         watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
         watcher.start()
+        retention = threading.Thread(
+            target=run_retention,
+            args=(
+                self.settings,
+                make_sessionmaker(self.engine),
+                make_sessionmaker(self.reader),
+                self.stop,
+            ),
+            name="retention",
+            daemon=True,
+        )
+        retention.start()
         try:
             scheduler = Scheduler(
                 self.settings, make_sessionmaker(self.engine), make_sessionmaker(self.reader)
@@ -181,3 +310,150 @@ class Supervisor:
         self.engine.dispose()
         self.reader.dispose()
         log.info("cxrnode stopped")
+
+
+# ------------------------------------------------------------------------ start-up summary
+
+
+def startup_summary(
+    settings: Settings,
+    workers: bool,
+    processes: int,
+    live: Sequence[WorkerInfo] | None = None,
+) -> str:
+    """The first screen of `cxrnode serve`: who the node is, where it listens and keeps its
+    data, which mode it runs in, where drafts go, the model's state and the web URL.
+
+    Pure: it reads the settings, the model directory's file names and the workers' heartbeats
+    given in ``live``; it imports no model code (the node never loads the model).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("cxrnode")
+    except PackageNotFoundError:
+        release = "(source tree)"
+    callers = ", ".join(settings.allowed_calling_aets) or "any calling AE title"
+    called = "called AE title checked" if settings.require_called_aet else "any called AE title"
+    dicom = f"{settings.dicom_host}:{settings.dicom_port}, {processes} listener process"
+    dicom += "es" if processes != 1 else ""
+    if settings.tls_port:
+        dicom += f"; DICOM TLS on {settings.tls_port}"
+        dicom += " (mutual)" if settings.tls_client_ca else ""
+    rows = [
+        ("AE title", f"{settings.ae_title} ({called}; callers: {callers})"),
+        ("DICOM", dicom),
+        ("data dir", str(settings.data_dir)),
+        ("mode", _mode_line(settings)),
+        ("workers", _workers_line(settings, workers)),
+        ("outputs", _outputs_line(settings)),
+        (
+            "HL7",
+            f"final reports in on MLLP {settings.hl7_host}:{settings.hl7_port}"
+            if settings.hl7_port
+            else "no MLLP listener (HL7_PORT unset); final reports come in as SR by C-STORE",
+        ),
+        ("model", _model_line(settings, workers, live)),
+        ("web", _web_url(settings)),
+        (
+            "retention",
+            f"files removed {settings.retention_days:g} days after delivery"
+            if settings.retention_days > 0
+            else "off: files are kept forever",
+        ),
+    ]
+    note = root_note(settings)
+    if note:
+        rows.append(("note", note))
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [
+        f"cxrnode {release}: AI draft chest radiograph reports (unverified, not for diagnosis)"
+    ]
+    lines += [f"  {name:<{width}}{value}" for name, value in rows]
+    lines.append(
+        f"  {'try it':<{width}}cxrnode demo --send   (a synthetic chest radiograph; then "
+        "cxrnode status)"
+    )
+    return "\n".join(lines)
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", url)
+
+
+def _mode_line(settings: Settings) -> str:
+    if is_embedded(settings) and not settings.database_url:
+        socket_file = Path(broker_url(settings).split("://", 1)[1])
+        where = (
+            "both in the data dir"
+            if socket_file.is_relative_to(settings.data_dir)
+            else f"redis socket {socket_file}"
+        )
+        return f"embedded: SQLite cxrnode.db and a redis-server of its own, {where}"
+    if settings.database_url:
+        database = _safe_url(settings.database_url)
+    else:
+        database = f"SQLite {settings.data_dir / 'cxrnode.db'}"
+    broker = (
+        "redis-server started here"
+        if is_embedded(settings)
+        else _safe_url(settings.broker_url or "")
+    )
+    return f"distributed: database {database}; broker {broker}"
+
+
+def _workers_line(settings: Settings, workers: bool) -> str:
+    if workers:
+        return "started here: " + " and ".join(WORKER_QUEUES)
+    return (
+        "none here (--no-workers): run `cxrnode worker --queues prepare,outputs,send` "
+        "and, per GPU, `--queues infer`"
+    )
+
+
+def _outputs_line(settings: Settings) -> str:
+    kinds = ", ".join(settings.outputs)
+    if not settings.destinations:
+        return f"{kinds}; no DESTINATIONS: drafts are kept in the data dir, not sent"
+    return f"{kinds} -> {', '.join(settings.destinations)}"
+
+
+def _model_line(settings: Settings, workers: bool, live: Sequence[WorkerInfo] | None) -> str:
+    reported = [w for w in live or () if w.state.get("model_hash")]
+    if reported:
+        first = reported[0]
+        return (
+            f"{first.state.get('model_id') or settings.model}: loaded by {len(reported)} "
+            f"inference worker(s), hash {first.state['model_hash']}"
+        )
+    if not settings.model:
+        return (
+            "not set: images are stored, jobs wait in waiting_model until CXRNODE_MODEL "
+            "names a checkpoint"
+        )
+    path = Path(settings.model).expanduser()
+    later = "hash once a worker has loaded it"
+    if path.is_dir():
+        found = [n for n in ("config.json", "model.safetensors.index.json") if (path / n).is_file()]
+        shards = len(list(path.glob("*.safetensors")))
+        if "config.json" not in found:
+            return f"{path}: no config.json there; jobs will wait in waiting_model"
+        return f"{path} (config.json, {shards} safetensors file(s)); {later}"
+    if path.exists():
+        return f"{path} is a file, not a checkpoint directory; jobs will wait in waiting_model"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", settings.model):
+        return f"hub id {settings.model}: downloaded by the inference worker; {later}"
+    where = "here" if workers else "on this host (inference workers elsewhere may have it)"
+    return f"{path}: not found {where}; jobs wait in waiting_model until it appears"
+
+
+def _web_url(settings: Settings) -> str:
+    host = settings.http_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http_port}/ (admin web app)"

@@ -387,6 +387,29 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
+    # --- retention ----------------------------------------------------------------------------
+    retention_days: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "Days a study's files (received instances, prepared images, emitted objects) are "
+            "kept after it is delivered: every output delivered or superseded, no job open, no "
+            "dead letter. The database keeps its records (marked purged). 0 keeps everything."
+        ),
+    )
+    retention_interval_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds between two retention passes of `serve` (one cheap query when idle).",
+    )
+    allow_root: bool = Field(
+        False,
+        description=(
+            "Acknowledge running as root (bare metal): the workers then say nothing about it. "
+            "Better: run cxrnode as a dedicated user (the images do)."
+        ),
+    )
+
     # --- validation ---------------------------------------------------------------------------
     @field_validator("allowed_calling_aets", "destinations", "outputs", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from cxrnode.db import (
 )
 from cxrnode.jobs.broker import queue_depths, redis_client
 from cxrnode.jobs.tracking import live_workers
+from cxrnode.retention import retention_counts
 from cxrnode.settings import Settings
 
 
@@ -42,6 +43,10 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "outputs": _counts(session, Output.state, OutputState),
             }
             report["dead_letters"] = _dead_letters(session)
+            report["retention"] = {
+                "days": settings.retention_days,
+                **retention_counts(session),
+            }
     finally:
         engine.dispose()
     report["queues"] = queue_depths(settings)
@@ -106,6 +111,15 @@ def render_status(report: dict[str, Any]) -> str:
             f"{'dead':<10} output {dead['id']} ({dead['kind']}) to {dead['destination']}: "
             f"{dead['last_error'] or dead['last_status']} - `cxrnode resend --output {dead['id']}`"
         )
+    retention = report.get("retention")
+    if retention:
+        kept = f"kept {retention['days']:g} days after delivery" if retention["days"] else "off"
+        lines.append(
+            f"{'retention':<10} {kept}; purged studies {retention['purged_studies']}, "
+            f"instances {retention['purged_instances']}, outputs {retention['purged_outputs']}"
+            f" ({retention['purged_instance_bytes'] / 1e6:.1f} MB received)"
+            + (f", last {retention['last_purge']}" if retention["last_purge"] else "")
+        )
     workers = report.get("workers")
     if workers is None:
         lines.append(f"{'workers':<10} unknown (the broker does not answer)")
@@ -113,6 +127,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"{'workers':<10} none alive")
     for worker in workers or []:
         model = f", model {worker['model']}" if worker.get("model") else ""
+        if worker.get("model_hash"):
+            model += f" {str(worker['model_hash'])[:12]}"
         lines.append(
             f"{'worker':<10} {worker['name']}: {','.join(worker['queues'])}, "
             f"{worker['jobs']} jobs held{model}"

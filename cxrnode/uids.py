@@ -2,7 +2,7 @@
 
 Why deterministic: a redelivered task, a manual re-run or a resend must produce the *same*
 SR, SC and PDF instances, so that the PACS replaces what it already has instead of piling up
-copies (DESIGN.md, invariant 3). So every UID we mint is a pure function of its inputs.
+copies (docs/dicom.md, promise 3). So every UID we mint is a pure function of its inputs.
 
 How: DICOM PS3.5 §B.2 allows UIDs of the form ``2.25.<integer>`` where the integer is the
 128-bit value of a UUID (ISO/IEC 9834-8). We take a name-based UUID (version 5, SHA-1) of

@@ -1,6 +1,6 @@
 """CXR-LLaVA v2, re-implemented natively on top of transformers' LLaMA.
 
-The package reads top to bottom like the architecture (see ``specs/cxr-llava-v2.md``):
+The package reads top to bottom like the architecture (see ``docs/model.md``):
 
 ``config``      the published ``config.json``, parsed and validated
 ``preprocess``  8-bit grayscale image -> LANCZOS shortest edge -> centre crop -> normalise (no torch)

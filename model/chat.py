@@ -1,7 +1,7 @@
 """The LLaMA-2 chat template and the ``<image>`` splice, as the reference produces them.
 
 The checkpoint's ``tokenizer_config.json`` has no chat template, so the reference fell back to
-transformers 4.36's class default for ``LlamaTokenizer`` (spec §2.2), which later transformers
+transformers 4.36's class default for ``LlamaTokenizer`` (docs/model.md, "Prompt and chat template"), which later transformers
 releases removed. It is written out here:
 
 * a leading system message is folded into the first user turn as
@@ -10,7 +10,7 @@ releases removed. It is written out here:
 * assistant turn: ``" " + content.strip() + " </s>"``.
 
 The rendered string is split on the literal ``<image>`` and each chunk is tokenized with BOS
-(spec §2.3); the first chunk keeps its BOS, later chunks lose theirs, and the sentinel
+(docs/model.md, "The image in the prompt"); the first chunk keeps its BOS, later chunks lose theirs, and the sentinel
 ``IMAGE_TOKEN_INDEX`` (-200) marks where the 1024 image embeddings go. Because chunk 0 starts
 with a literal ``<s>`` that the tokenizer also maps to BOS, prompts begin with two BOS ids.
 """

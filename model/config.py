@@ -1,6 +1,6 @@
 """The checkpoint's ``config.json``, parsed into plain dataclasses (no torch import).
 
-The published file (spec §1.2) carries the vision tower as a partial open_clip ``CLIPVisionCfg``
+The published file (docs/model.md, "config.json") carries the vision tower as a partial open_clip ``CLIPVisionCfg``
 (only ``image_size``, ``layers``, ``patch_size`` and ``width``; every other field takes the
 dataclass default), the one-channel normalisation constants, the projector width and the full
 serialised ``LlamaConfig`` under ``llama``. Every size used to build the model comes from here;

@@ -1,6 +1,6 @@
 """How the next token is chosen: the reference's sampling rules, per row, on the device.
 
-Sampling follows the reference's generate (transformers 4.36, spec §2.4): ``do_sample`` iff
+Sampling follows the reference's generate (transformers 4.36, docs/model.md, "Decoding"): ``do_sample`` iff
 ``temperature > 0.001``; warpers in the order temperature -> top-k -> top-p; greedy is argmax.
 Every rule is applied per row with the row's own parameters (``RowSampling``), so studies with
 different ``GenerationParams`` can share a decode step, and nothing here reads a value back to
@@ -28,7 +28,7 @@ MAX_NEW_TOKENS = 512  # the reference's cap on one answer
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings; the defaults are the reference helpers' (spec §2.4).
+    """Decoding settings; the defaults are the reference helpers' (docs/model.md, "Decoding").
 
     ``ignore_eos`` makes every row generate exactly ``max_new_tokens`` tokens (benchmarks).
     """

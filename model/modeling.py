@@ -1,6 +1,6 @@
 """CXR-LLaVA v2: vision tower -> linear projector -> LLaMA decoder -> untied LM head.
 
-Module tree (names are the checkpoint's, spec §1.8; no renaming table)::
+Module tree (names are the checkpoint's, docs/model.md, "Checkpoint"; no renaming table)::
 
     vision_tower   VisionTransformer            [B, 1, 512, 512] -> [B, 1024, 1024]
     mm_projector   nn.Linear(1024 -> hidden)    one linear layer with bias, not an MLP

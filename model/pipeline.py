@@ -1,6 +1,6 @@
 """``ReportEngine``: chest radiographs in, draft report + differential + recommendation out.
 
-A study runs the reference's multi-turn use of the model (spec §2.2): the report prompt with
+A study runs the reference's multi-turn use of the model (docs/model.md, "Prompt and chat template"): the report prompt with
 the image, then the differential question, then the recommendation question, each answer
 appended to the same chat (``StudyConversation``). What we add to the reference:
 

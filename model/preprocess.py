@@ -1,7 +1,7 @@
 """Image preprocessing for CXR-LLaVA v2, numpy + PIL only (importable without torch).
 
 The reference feeds an 8-bit grayscale array to transformers' slow ``CLIPImageProcessor``
-configured as (spec §2.1)::
+configured as (docs/model.md, "Preprocessing")::
 
     do_resize=True, size={"shortest_edge": 512}, resample=1 (PIL LANCZOS),
     do_center_crop=True, crop_size=512, do_rescale=True, rescale_factor=1/255,

@@ -1,6 +1,6 @@
 """Prompts for the three-turn conversation, with the variants a study can get.
 
-The defaults are the reference's own strings (spec §2.2): the system prompt and report prompt
+The defaults are the reference's own strings (docs/model.md, "Prompt and chat template"): the system prompt and report prompt
 of ``write_radiologic_report``, the question of ``write_differential_diagnosis`` as the second
 turn, and the README's multi-turn follow-up "Should additional radiologic study needed?" (sic)
 as the third. The image is sent once, in the first user message; follow-ups are plain text.

@@ -2,7 +2,7 @@
 
 Only the decoder's linear layers (q, k, v, o, gate, up, down: 6.5 of the 7.05 B parameters) are
 quantized. The vision tower, the projector, the embeddings and the LM head stay in the model
-dtype, as the T4 users of the reference did (spec §1.7): they are small, and the image path and
+dtype, as the T4 users of the reference did (docs/model.md, "Precision"): they are small, and the image path and
 the last projection are where rounding would show most.
 
 * ``"int8"``: per-output-channel int8 weights (``Int8WeightOnlyConfig``), about 7 GB of LLaMA

@@ -14,7 +14,7 @@ So a slot freed by a finished study takes the next waiting study between two dec
 a study's later turns join the running batch as soon as its previous answer ends.
 
 Turns are given as the row's *complete* token sequence, exactly what a full re-prefill would
-feed (the reference re-renders and re-tokenizes the whole chat every turn, spec §2.2). The slot
+feed (the reference re-renders and re-tokenizes the whole chat every turn, docs/model.md, "Prompt and chat template"). The slot
 keeps the longest prefix that its cache already holds and feeds only the rest, so the chat
 prefix, the 1024 image embeddings included, is computed once. Re-tokenized answers usually
 match the generated ids; where they do not, the row is cut back at the first difference.

@@ -184,7 +184,7 @@ def train_tokenizer(vocab_size: int = 1300) -> bytes:
 
 
 def tiny_config_dict(sizes: TinySizes, vocab_size: int) -> dict:
-    """config.json with the published field set (spec §1.2) at tiny sizes."""
+    """config.json with the published field set (docs/model.md, "config.json") at tiny sizes."""
     return {
         "_name_or_path": SYSTEM_NAME,
         "architectures": ["CXRLLAVAModel"],

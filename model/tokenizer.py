@@ -1,6 +1,6 @@
 """The checkpoint's SentencePiece tokenizer, behaving exactly like the reference's.
 
-The reference runs transformers 4.36's *slow* ``LlamaTokenizer`` (spec §1.9, §2.3). Its output
+The reference runs transformers 4.36's *slow* ``LlamaTokenizer`` (docs/model.md, "Tokenizer" and "The image in the prompt"). Its output
 is what the model was prompted with, so token-for-token agreement needs its quirks, not a
 "clean" SentencePiece call:
 

@@ -1,6 +1,6 @@
 """The grayscale vision tower: open_clip's ``VisionTransformer`` in the layout the checkpoint uses.
 
-Tensor names (``vision_tower.`` prefix added by the parent module, spec §1.8)::
+Tensor names (``vision_tower.`` prefix added by the parent module, docs/model.md, "Checkpoint")::
 
     conv1.weight                        [W, 1, P, P]      patch embedding, no bias
     class_embedding                     [W]
@@ -15,7 +15,7 @@ Tensor names (``vision_tower.`` prefix added by the parent module, spec §1.8)::
     ln_post.{weight,bias}               [W]
     proj                                [W, clip_embed_dim]  (CLIP head; unused by the LLM path)
 
-The forward used for the LLM is the reference's ``encode_images`` (spec §1.4), not open_clip's
+The forward used for the LLM is the reference's ``encode_images`` (docs/model.md, "Architecture"), not open_clip's
 ``VisionTransformer.forward``: ``ln_post`` is applied to *all* tokens, then the CLS token is
 dropped and the patch tokens go to the projector. Attention is ``torch.nn.MultiheadAttention``
 run sequence-first, exactly as open_clip calls it, so the packed ``in_proj`` semantics are

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from cxrnode.cli.demo import demo_command
 from cxrnode.cli.label import eval_command, label_command
 from cxrnode.cli.model import model_app
 from cxrnode.cli.monitor import monitor_command
@@ -30,6 +31,7 @@ app.command("label")(label_command)
 app.command("eval")(eval_command)
 app.command("resend")(resend_command)
 app.command("monitor")(monitor_command)
+app.command("demo")(demo_command)
 
 
 def _settings() -> Settings:
@@ -123,10 +125,15 @@ def worker(
         typer.echo(f"cxrnode worker: unknown queue(s) {unknown}; choose from {QUEUES}", err=True)
         raise typer.Exit(2)
     threads = concurrency or (max(settings.batch_size, 4) if "infer" in chosen else 4)
+    from cxrnode.node import SUPERVISED_ENV, root_note, worker_environment
+
+    note = root_note(settings)
+    if note and not os.environ.get(SUPERVISED_ENV):
+        typer.echo(f"cxrnode worker: {note}", err=True)
     # exec the worker package's own entry point: cxrnode never imports worker (or torch)
     command = [sys.executable, "-m", "worker", "--queues", ",".join(chosen)]
     command += ["--concurrency", str(threads)] + (["--gpus", gpus] if gpus else [])
-    os.execv(sys.executable, command)
+    os.execve(sys.executable, command, worker_environment())
 
 
 @db_app.command("upgrade")

@@ -101,10 +101,13 @@ class Instance(Base):
     #: The header attributes later steps need (patient and study modules, UIDs, geometry), as
     #: DICOM JSON, recorded at ingest so no later step parses the file's header again.
     header: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: When retention removed the file (the row stays: cxrnode.retention).
+    purged_at: Mapped[datetime | None]
 
 
 class Study(Base):
     __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_purged_last_arrival", "purged_at", "last_arrival"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -119,6 +122,8 @@ class Study(Base):
     #: AccessionNumber of the study's images (the first one given), so that a final report
     #: that names only the accession number finds its study.
     accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: When retention removed the study's files (the rows stay: cxrnode.retention).
+    purged_at: Mapped[datetime | None]
 
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
 
@@ -181,6 +186,8 @@ class Output(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: When retention removed the file (the row stays: cxrnode.retention).
+    purged_at: Mapped[datetime | None]
 
     @classmethod
     def pending(

@@ -35,7 +35,8 @@ UNLABELLED_RANK = 2
 def choose_frontal(candidates: Sequence[Instance]) -> Instance | None:
     """Best image for the model among readable instances: PA, then AP, then unlabelled;
     among equals, the most recently received (a repeat film is usually the better one)."""
-    readable = [i for i in candidates if i.state == InstanceState.stored]
+    # a purged instance's file is gone (retention): it cannot be read again
+    readable = [i for i in candidates if i.state == InstanceState.stored and i.purged_at is None]
     if not readable:
         return None
     return min(

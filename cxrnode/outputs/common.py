@@ -346,7 +346,7 @@ def without_name_warnings() -> Iterator[None]:
     """Silence highdicom's warning about single-component person names.
 
     The warning quotes the name (patient or referring physician) and would put personal
-    data into the logs (DESIGN.md, invariant 5); the value is the source's and is copied
+    data into the logs (docs/dicom.md, promise 5); the value is the source's and is copied
     unchanged either way.
     """
     with warnings.catch_warnings():

@@ -1,11 +1,11 @@
 """The outbox sender: deliver recorded outputs (SRs, SC, PDF) to each destination, with retries.
 
-The database is the truth (DESIGN.md, invariant 2). Every object to send is an
+The database is the truth (docs/dicom.md, promise 2). Every object to send is an
 :class:`~cxrnode.db.Output` row; this module claims due rows, sends them and records what
 happened on each row. A lost task message, a killed worker or a restarted node therefore
 loses nothing: the scheduler finds the rows again.
 
-Policy, after dcm4chee-arc and the lessons of MONAI's gateway (research/dicom-anchors.md):
+Policy, after dcm4chee-arc and the lessons of MONAI's gateway (docs/dicom.md, "Sending"):
 
 - **One association per study and destination** carries all of that study's due objects,
   the report before its picture and older versions before newer ones.

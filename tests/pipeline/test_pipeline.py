@@ -217,8 +217,7 @@ def test_gpus_option_runs_one_inference_process_per_gpu(
             return [w for w in listed if w["queues"] == ["infer"]]
 
         gpus = wait_for(
-            lambda: sorted(w.get("gpu") or "" for w in inference_workers()) == ["0", "1"]
-            or None,
+            lambda: sorted(w.get("gpu") or "" for w in inference_workers()) == ["0", "1"] or None,
             60,
             "two inference workers, one per GPU",
         )

@@ -1,9 +1,11 @@
 """`cxrnode serve`: the supervisor of one node.
 
 It applies migrations, starts the embedded broker (unless BROKER_URL names one), the DICOM
-listener processes (sharing the port), optionally the Celery workers, and runs the scheduler
-(:mod:`cxrnode.jobs.scheduler`) in the main thread. Children die with the supervisor
-(PR_SET_PDEATHSIG); a watcher thread restarts one that exits unexpectedly.
+listener processes (sharing the port), the admin web app (:mod:`cxrnode.web`, on HTTP_PORT),
+optionally the Celery workers, and runs the scheduler (:mod:`cxrnode.jobs.scheduler`) in the
+main thread. Children die with the supervisor (PR_SET_PDEATHSIG); a watcher thread restarts
+one that exits unexpectedly. Before any child starts, the Prometheus multiprocess directory
+is emptied and named in the environment the children inherit (:mod:`cxrnode.web.metrics`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import multiprocessing
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +29,8 @@ from cxrnode.jobs.broker import EmbeddedBroker, is_embedded
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.net.listener import die_with_parent, run_listener
 from cxrnode.settings import Settings
+from cxrnode.web.metrics import prepare_metrics_dir
+from cxrnode.web.server import exposure_problem, run_web
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +102,54 @@ class Supervisor:
         process.start()
         self.children[name] = process
 
+    def _start_web(self) -> None:
+        process = self.context.Process(
+            target=run_web, args=(self.settings,), name="web", daemon=True
+        )
+        process.start()
+        self.children["web"] = process
+
+    def _check_web(self) -> None:
+        """Refuse to start (exit 2) when the web app may not or cannot listen."""
+        settings = self.settings
+        problem = exposure_problem(settings)
+        if problem is None:
+            try:
+                family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((settings.http_host, settings.http_port))
+            except OSError as exc:
+                problem = (
+                    f"the admin web app cannot listen on {settings.http_host}:"
+                    f"{settings.http_port} ({exc.strerror}); choose another CXRNODE_HTTP_PORT"
+                )
+        if problem:
+            log.error("%s", problem)
+            raise SystemExit(2)
+
     def start(self) -> None:
+        self._check_web()
         prepare_data_dir(self.settings)
         upgrade(self.engine)
+        prepare_metrics_dir(self.settings)  # before any child: they inherit its name
         if is_embedded(self.settings):
             self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()
         processes = self.settings.effective_scp_processes
         for index in range(processes):
             self._start_listener(index, processes)
+        self._start_web()
         if self.workers:
             for queues in WORKER_QUEUES:
                 self.children[f"worker-{queues}"] = WorkerProcess(queues)
         log.info(
-            "cxrnode %s listening on %s:%d with %d processes",
+            "cxrnode %s listening on %s:%d with %d processes; admin web app on http://%s:%d",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.settings.dicom_port,
             processes,
+            self.settings.http_host,
+            self.settings.http_port,
         )
 
     def _watch_children(self) -> None:
@@ -127,6 +163,8 @@ class Supervisor:
             log.error("%s exited with %s; restarting it", name, process.exitcode)
             if name.startswith("listener-"):
                 self._start_listener(int(name.split("-")[1]), processes)
+            elif name == "web":
+                self._start_web()
             elif isinstance(process, WorkerProcess):
                 self.children[name] = WorkerProcess(process.queues)
 

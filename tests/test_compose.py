@@ -16,8 +16,9 @@ NATIVE = {
     "postgres": "tests/services.py postgres_server (node and pipeline tests)",
     "orthanc": "tests/e2e (Debian Orthanc)",
     "node": "tests/services.py Node: cxrnode serve",
-    "node-worker": "cxrnode worker --queues prepare,deliver,send (started by serve)",
+    "node-worker": "cxrnode worker --queues prepare,outputs,send (started by serve)",
     "gpu-worker": "cxrnode worker --queues infer (started by serve)",
+    "flower": "tests/web/test_flower.py: celery flower on a node's broker",
 }
 
 

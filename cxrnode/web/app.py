@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from importlib.metadata import PackageNotFoundError, version
@@ -27,14 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.orm import Session
 
 from cxrnode.db import make_engine, make_sessionmaker, utcnow
-from cxrnode.jobs.broker import redis_client
 from cxrnode.settings import Settings
+from cxrnode.status import quick_redis
 from cxrnode.web import api, dashboard
 from cxrnode.web.actions import Actions
 from cxrnode.web.auth import Auth, LoginRequired, require_token_or_session
@@ -64,7 +71,7 @@ class Resources:
         self.writer_engine = make_engine(settings.effective_database_url)
         self.readers = make_sessionmaker(self.reader_engine)
         self.writers = make_sessionmaker(self.writer_engine)
-        self.redis = redis_client(settings, timeout=2)
+        self.redis = quick_redis(settings)
         self.actions = Actions(settings, self.writers, self.redis)
         self.stages = StageHistograms()
         self.registry = build_registry(
@@ -150,9 +157,9 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
     metrics_guard = [] if settings.metrics_open else [Depends(require_token_or_session)]
 
     @app.get("/healthz", tags=["health"], dependencies=guard)
-    def healthz() -> dict[str, str]:
-        """Liveness: the web process answers."""
-        return {"status": "alive"}
+    def healthz() -> dict[str, str | int]:
+        """Liveness: the web process answers (with its process id)."""
+        return {"status": "alive", "pid": os.getpid()}
 
     @app.get(
         "/readyz",
@@ -179,6 +186,10 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
         except Exception:
             log.warning("stage latencies not updated this scrape", exc_info=True)
         return Response(generate_latest(resources.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
     app.include_router(api.router)
     app.include_router(dashboard.router)

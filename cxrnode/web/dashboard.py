@@ -324,25 +324,27 @@ def studies_page(
     request: Request,
     session: PageSession,
     state: str | None = None,
-    received_from: Annotated[date | None, Query(alias="from")] = None,
-    received_to: Annotated[date | None, Query(alias="to")] = None,
+    received_from: Annotated[str | None, Query(alias="from")] = None,
+    received_to: Annotated[str | None, Query(alias="to")] = None,
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> Response:
+    """The filter form sends empty fields as empty strings: they mean "any"."""
     state = state if state in STATE_FILTERS else None
+    start, end = _date(received_from), _date(received_to)
     per_page = 50
     with request.app.state.resources.readers() as db:
         found = list_studies(
             db,
             state=state,
-            received_from=received_from,
-            received_to=received_to,
+            received_from=start,
+            received_to=end,
             limit=per_page,
             offset=(page - 1) * per_page,
         )
     filters = {
         "state": state,
-        "from": received_from.isoformat() if received_from else None,
-        "to": received_to.isoformat() if received_to else None,
+        "from": start.isoformat() if start else None,
+        "to": end.isoformat() if end else None,
     }
     query = {k: v for k, v in filters.items() if v}
     return render(
@@ -360,6 +362,13 @@ def studies_page(
     )
 
 
+def _date(text: str | None) -> date | None:
+    try:
+        return date.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, session: PageSession, study_uid: str) -> Response:
     with request.app.state.resources.readers() as db:
@@ -367,6 +376,10 @@ def study_page(request: Request, session: PageSession, study_uid: str) -> Respon
     if found is None:
         raise HTTPException(404, f"no study {study_uid} was received")
     latest = found.jobs[0] if found.jobs else None
+    newest_outputs: dict[str, int] = {}
+    for output in found.outputs:
+        if output.version == found.version:
+            newest_outputs[output.state] = newest_outputs.get(output.state, 0) + 1
     answered = next((job for job in found.jobs if job.result is not None), None)
     return render(
         request,
@@ -376,6 +389,7 @@ def study_page(request: Request, session: PageSession, study_uid: str) -> Respon
         study=found,
         latest=latest,
         answered=answered,
+        newest_outputs=newest_outputs,
     )
 
 

@@ -42,6 +42,15 @@
     if (timer === null && !document.hidden) timer = window.setTimeout(refresh, PERIOD_MS);
   }
 
+  // A notice after an action ("queued again") belongs to that moment: a reload should not
+  // show it again.
+  if (window.location.search.indexOf("notice=") !== -1 && window.history.replaceState) {
+    var url = new URL(window.location.href);
+    url.searchParams.delete("notice");
+    url.searchParams.delete("n");
+    window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
+
   document.addEventListener("visibilitychange", function () {
     if (document.hidden) {
       if (timer !== null) window.clearTimeout(timer);

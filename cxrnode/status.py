@@ -196,6 +196,17 @@ def _counts(session: Session, column: Any, states: type) -> dict[str, int]:
     return counts
 
 
+def quick_redis(settings: Settings) -> Any:
+    """A client of the broker's Redis that gives up at once when it does not answer (redis-py
+    retries ten times with backoff by default: seconds per call while the broker is down)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis_client(settings, timeout=2)
+    client.set_retry(Retry(NoBackoff(), 1))
+    return client
+
+
 def broker_view(
     settings: Settings, redis: Any = None
 ) -> tuple[dict[str, int | None], list[WorkerStatus] | None]:
@@ -204,7 +215,7 @@ def broker_view(
     client = redis
     try:
         if client is None:
-            client = redis_client(settings, timeout=2)
+            client = quick_redis(settings)
         with client.pipeline(transaction=False) as pipe:
             for queue in QUEUES:
                 pipe.llen(queue)

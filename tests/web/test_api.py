@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from conftest import Site, delivered, status_json
+from webnode import Site, delivered, status_json
 
 
 def test_summary_counts_every_state_with_live_workers_and_the_model(site: Site) -> None:

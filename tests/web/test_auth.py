@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import TOKEN, Site
 from services import BIN, node_env, port_open, wait_for
+from webnode import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, TOKEN, Site
 
 from cxrnode.settings import Settings
 from cxrnode.web.server import exposure_problem
@@ -99,8 +99,6 @@ def test_health_and_metrics_are_open_by_default(site: Site) -> None:
 
 
 def test_the_token_and_the_patient_never_reach_the_log(site: Site) -> None:
-    from conftest import BIRTH_DATE, PATIENT_ID, PATIENT_NAME
-
     log = site.node.log()
     assert "dashboard login" in log and "admin action" in log
     for secret in (TOKEN, PATIENT_ID, BIRTH_DATE, *PATIENT_NAME.split("^")):

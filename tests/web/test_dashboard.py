@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import ARTIFACTS, TOKEN, Site
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from webnode import ARTIFACTS, TOKEN, Site
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

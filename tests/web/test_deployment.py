@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 import yaml
-from conftest import Site
+from webnode import Site
 
 from cxrnode.jobs.broker import QUEUES
 

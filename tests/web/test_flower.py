@@ -6,8 +6,8 @@ from __future__ import annotations
 import subprocess
 
 import requests
-from conftest import Site
 from services import BIN, free_port, port_open, wait_for
+from webnode import Site
 
 from cxrnode.jobs.broker import broker_url
 from cxrnode.settings import Settings

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import time
 
-from conftest import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, Site, chest, delivered, metrics_text
 from prometheus_client.parser import text_string_to_metric_families
 from services import wait_for
+from webnode import (
+    BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    Site,
+    chest,
+    delivered,
+    metrics_text,
+    study_uid,
+)
 
 from cxrnode.web.metrics import SETTLE_SECONDS
 
@@ -87,8 +96,6 @@ def test_the_series_move_when_a_study_is_processed(site: Site) -> None:
     before = quiet(site)
     image = chest(site.tmp, "metrics", seed=40)
     site.send(image)
-    from conftest import study_uid
-
     site.wait_study(study_uid(image), delivered, "the study to be delivered")
 
     def stages_observed() -> dict | None:

@@ -165,10 +165,10 @@ def collect_status(
             engine.dispose()
     now = utcnow()
     counts = {
-        "instances": _counts(session, Instance.state, InstanceState),
-        "studies": _counts(session, Study.state, StudyState),
-        "jobs": _counts(session, Job.state, JobState),
-        "outputs": _counts(session, Output.state, OutputState),
+        "instances": counts_by_state(session, Instance.state, InstanceState),
+        "studies": counts_by_state(session, Study.state, StudyState),
+        "jobs": counts_by_state(session, Job.state, JobState),
+        "outputs": counts_by_state(session, Output.state, OutputState),
     }
     oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state.in_(OPEN_JOB_STATES)))
     queues, workers = broker_view(settings, redis)
@@ -189,7 +189,7 @@ def collect_status(
     return summary
 
 
-def _counts(session: Session, column: Any, states: type) -> dict[str, int]:
+def counts_by_state(session: Session, column: Any, states: type) -> dict[str, int]:
     counts = {state.value: 0 for state in states}
     for state, count in session.execute(select(column, func.count()).group_by(column)):
         counts[str(state.value if hasattr(state, "value") else state)] = count
@@ -345,6 +345,14 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _size(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit in ("B", "KiB", "MiB") else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def _nonzero(values: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in values.items() if v) or "none"
 
@@ -367,8 +375,8 @@ def render_status(summary: Summary) -> str:
     )
     free, reserve = summary.disk.free_bytes, summary.disk.reserve_bytes
     lines.append(
-        f"{'disk':<10} {free / 2**30:.1f} GiB free of {summary.disk.total_bytes / 2**30:.1f} "
-        f"(reserve {reserve / 2**30:.1f}){'  BELOW RESERVE' if free < reserve else ''}"
+        f"{'disk':<10} {_size(free)} free of {_size(summary.disk.total_bytes)} "
+        f"(reserve {_size(reserve)}){'  BELOW THE RESERVE: C-STOREs refused' if free < reserve else ''}"
     )
     for failure in summary.failures:
         lines.append(

@@ -64,14 +64,15 @@ def readiness(settings: Settings, readers: sessionmaker, redis: Any) -> Readines
     checks["broker"] = _timed(lambda: _broker(redis))
     checks["data_dir"] = _timed(lambda: _data_dir(settings))
     checks["scp"] = _timed(lambda: _scp(settings))
-    workers: list[Any] = []
+    workers: list[Any] | None = None
 
     def fetch_workers() -> tuple[bool, str]:
-        workers.extend(live_workers(redis))
+        nonlocal workers
+        workers = live_workers(redis)
         return _workers(workers)
 
     checks["workers"] = _timed(fetch_workers)
-    checks["model"] = _timed(lambda: _model(workers, checks["workers"]))
+    checks["model"] = _timed(lambda: _model(workers))
     return Readiness(ready=all(c.ok for c in checks.values()), checks=checks)
 
 
@@ -127,11 +128,11 @@ def _workers(workers: list[Any]) -> tuple[bool, str]:
     return True, f"live: {summary}"
 
 
-def _model(workers: list[Any], workers_check: Check) -> tuple[bool, str]:
+def _model(workers: list[Any] | None) -> tuple[bool, str]:
+    if workers is None:
+        return False, "unknown: the broker cannot be asked"
     inference = [w for w in workers if "infer" in w.queues]
     if not inference:
-        if not workers_check.ok and "Error" in workers_check.detail:
-            return False, "unknown: the broker cannot be asked"
         return False, "no live inference worker"
     loaded = [w for w in inference if w.state.get("model") == "loaded"]
     if loaded:

@@ -114,12 +114,12 @@ class NodeCollector:
         self.redis = redis
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from cxrnode.status import OPEN_JOB_STATES, _counts, broker_view, disk
+        from cxrnode.status import OPEN_JOB_STATES, broker_view, counts_by_state, disk
 
         database_up = _gauge("cxrnode_database_up", "1 when the database answered this scrape.")
         try:
             with self.readers() as session:
-                families = self._database(session, _counts, OPEN_JOB_STATES)
+                families = self._database(session, counts_by_state, OPEN_JOB_STATES)
                 session.rollback()
             database_up.add_metric([], 1)
             yield from families

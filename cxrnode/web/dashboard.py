@@ -189,7 +189,7 @@ def chart(hour: LastHour, width: int = 560, height: int = 170) -> Chart:
             cy = top + plot_h * (1 - bucket.median_seconds / latency_max)
             points.append(f"{cx:.1f},{cy:.1f}")
             dots.append((cx, cy, f"{when} UTC: median {duration(bucket.median_seconds)}"))
-        if i % 3 == 0:
+        if i % 3 == 0 and i:
             labels.append((left + i * slot, when))
     return Chart(
         width, height, top, bottom, bars, " ".join(points), dots, count_max, latency_max, labels

@@ -30,18 +30,23 @@ def test_flower_sees_the_pipeline_tasks_from_their_events(site: Site) -> None:
     try:
         wait_for(lambda: port_open(port) or flower.poll() is not None, 60, "flower")
         assert flower.poll() is None, flower.stderr.read().decode() if flower.stderr else ""
-        uid = site.delivered[2]
-        answer = site.api("POST", f"/api/v1/studies/{uid}/rerun")
+
+        def metrics() -> str:
+            return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+        # listening is not yet receiving: a worker's heartbeat event (every 10 s) shows it is
+        wait_for(lambda: "flower_worker_online{" in metrics(), 60, "flower to hear a worker")
+        answer = site.api("POST", f"/api/v1/studies/{site.delivered[2]}/rerun")
         assert answer.status_code == 202
 
         def seen() -> bool:
-            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            text = metrics()
             return all(
                 f'task="cxrnode.{task}",type="task-succeeded"' in text
                 for task in ("prepare_image", "infer_report", "record_result", "send_outputs")
             )
 
-        wait_for(seen, 90, "flower to count the tasks' events", interval=1)
+        wait_for(seen, 60, "flower to count the tasks' events", interval=1)
     finally:
         flower.terminate()
         flower.wait(20)

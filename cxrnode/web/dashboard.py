@@ -257,7 +257,9 @@ def _back(target: str | None, default: str = "/", **notice: Any) -> RedirectResp
 def login_page(request: Request, next: str = "/") -> Response:  # noqa: A002
     if not auth_of(request).required:
         return _back(next)
-    return render(request, "login.html", auth_of(request).new_session(), title="Log in", next=next)
+    return render(
+        request, "login.html", auth_of(request).new_session(), title="Log in", next=next, bare=True
+    )
 
 
 @router.post("/login")
@@ -270,7 +272,13 @@ def login(
     if not auth.token_matches(token):
         log.warning("dashboard login refused from %s (wrong token)", client_of(request))
         response = render(
-            request, "login.html", auth.new_session(), title="Log in", next=next, failed=True
+            request,
+            "login.html",
+            auth.new_session(),
+            title="Log in",
+            next=next,
+            failed=True,
+            bare=True,
         )
         response.status_code = 401
         return response

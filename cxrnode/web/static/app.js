@@ -39,6 +39,7 @@
   }
 
   function schedule() {
+    if (!document.querySelector("[data-refresh][id]")) return;  // e.g. the login page
     if (timer === null && !document.hidden) timer = window.setTimeout(refresh, PERIOD_MS);
   }
 

@@ -1,13 +1,15 @@
 """`cxrnode serve`: the supervisor of one node.
 
 It applies migrations, starts the embedded broker (unless BROKER_URL names one), the DICOM
-listener processes (sharing the port), the monitor process (final reports over HL7 MLLP when
-HL7_PORT is set, and the agreement sweep), optionally the Celery workers, prints the start-up
-summary (:func:`startup_summary`) and runs the scheduler (:mod:`cxrnode.jobs.scheduler`) in
-the main thread. Children die with the supervisor (PR_SET_PDEATHSIG); a watcher thread
-restarts one that exits unexpectedly and says when an inference worker reports its model; a
-retention thread removes delivered studies' files after RETENTION_DAYS
-(:mod:`cxrnode.retention`).
+listener processes (sharing the port), the admin web app (:mod:`cxrnode.web`, on HTTP_PORT),
+the monitor process (final reports over HL7 MLLP when HL7_PORT is set, and the agreement
+sweep), optionally the Celery workers, prints the start-up summary (:func:`startup_summary`)
+and runs the scheduler (:mod:`cxrnode.jobs.scheduler`) in the main thread. Children die with
+the supervisor (PR_SET_PDEATHSIG); a watcher thread restarts one that exits unexpectedly and
+says when an inference worker reports its model; a retention thread removes delivered
+studies' files after RETENTION_DAYS (:mod:`cxrnode.retention`). Before any child starts, the
+Prometheus multiprocess directory is emptied and named in the environment the children
+inherit (:mod:`cxrnode.web.metrics`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from cxrnode.monitor.service import run_monitor
 from cxrnode.net.listener import die_with_parent, run_listener
 from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
+from cxrnode.web.metrics import prepare_metrics_dir
+from cxrnode.web.server import exposure_problem, run_web
 
 log = logging.getLogger(__name__)
 
@@ -161,24 +165,55 @@ class Supervisor:
         process.start()
         self.children["monitor"] = process
 
+    def _start_web(self) -> None:
+        process = self.context.Process(
+            target=run_web, args=(self.settings,), name="web", daemon=True
+        )
+        process.start()
+        self.children["web"] = process
+
+    def _check_web(self) -> None:
+        """Refuse to start (exit 2) when the web app may not or cannot listen."""
+        settings = self.settings
+        problem = exposure_problem(settings)
+        if problem is None:
+            try:
+                family = socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((settings.http_host, settings.http_port))
+            except OSError as exc:
+                problem = (
+                    f"the admin web app cannot listen on {settings.http_host}:"
+                    f"{settings.http_port} ({exc.strerror}); choose another CXRNODE_HTTP_PORT"
+                )
+        if problem:
+            log.error("%s", problem)
+            raise SystemExit(2)
+
     def start(self) -> None:
+        self._check_web()
         prepare_data_dir(self.settings)
         upgrade(self.engine)
+        prepare_metrics_dir(self.settings)  # before any child: they inherit its name
         if is_embedded(self.settings):
             self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()
         processes = self.settings.effective_scp_processes
         for index in range(processes):
             self._start_listener(index, processes)
         self._start_monitor()
+        self._start_web()
         if self.workers:
             for queues in WORKER_QUEUES:
                 self.children[f"worker-{queues}"] = WorkerProcess(queues)
         log.info(
-            "cxrnode %s listening on %s:%d with %d processes",
+            "cxrnode %s listening on %s:%d with %d processes; admin web app on http://%s:%d",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.settings.dicom_port,
             processes,
+            self.settings.http_host,
+            self.settings.http_port,
         )
         threading.Thread(target=self._announce, name="announce", daemon=True).start()
 
@@ -253,6 +288,8 @@ class Supervisor:
                 self._start_listener(int(name.split("-")[1]), processes)
             elif name == "monitor":
                 self._start_monitor()
+            elif name == "web":
+                self._start_web()
             elif isinstance(process, WorkerProcess):
                 self.children[name] = WorkerProcess(process.queues)
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -382,8 +382,34 @@ class Settings(BaseSettings):
         return self
 
     # --- admin --------------------------------------------------------------------------------
-    api_token: str | None = Field(
-        None, description="Bearer token for the admin API and dashboard (None: loopback only)."
+    api_token: SecretStr | None = Field(
+        None,
+        description=(
+            "Bearer token for the admin API, the dashboard and every action (use 16 or more "
+            "random characters). Unset: no authentication, which the web app allows only on a "
+            "loopback HTTP_HOST (see HTTP_ALLOW_NO_TOKEN)."
+        ),
+    )
+    http_allow_no_token: bool = Field(
+        False,
+        description=(
+            "Let the web app listen on a non-loopback HTTP_HOST without API_TOKEN (behind a "
+            "reverse proxy that authenticates): anyone who reaches the port can then act."
+        ),
+    )
+    health_open: bool = Field(
+        True,
+        description="/healthz and /readyz answer without the token (compose, load balancers).",
+    )
+    metrics_open: bool = Field(
+        True,
+        description=(
+            "/metrics answers without the token; false: Prometheus must send it "
+            "(authorization: credentials in the scrape config)."
+        ),
+    )
+    session_hours: float = Field(
+        12.0, gt=0, description="Hours a dashboard login lasts before the token is asked again."
     )
     log_level: str = Field("INFO", description="Python logging level.")
 

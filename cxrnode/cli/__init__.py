@@ -92,11 +92,12 @@ def echo(
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
-    """Counts of instances, studies and jobs by state (and queues once workers exist)."""
+    """What the node is doing: counts by state, queues, live workers (both modes), the oldest
+    open job, the last hour, disk, failures and dead letters (the dashboard's summary)."""
     from cxrnode.status import collect_status, render_status
 
-    report = collect_status(_settings())
-    typer.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    summary = collect_status(_settings())
+    typer.echo(summary.model_dump_json(indent=2) if as_json else render_status(summary))
 
 
 @app.command()

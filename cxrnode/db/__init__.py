@@ -114,7 +114,7 @@ class Study(Base):
     state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16))
     skip_reason: Mapped[str | None] = mapped_column(Text)
     first_arrival: Mapped[datetime] = mapped_column(default=utcnow)
-    last_arrival: Mapped[datetime] = mapped_column(default=utcnow)
+    last_arrival: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     settle_at: Mapped[datetime] = mapped_column(index=True)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     chosen_instance_id: Mapped[int | None] = mapped_column(Integer)  # instances.id (no FK: cycle)
@@ -157,6 +157,7 @@ class JobEvent(Base):
     """One accepted state change of a job: its history, and the stage timings."""
 
     __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_to_state_at", "to_state", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
@@ -302,6 +303,26 @@ class Agreement(Base):
     model_id: Mapped[str] = mapped_column(String(512))
     reported_at: Mapped[datetime]  # the chosen report's received_at: what windows count by
     scored_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OutputAttempt(Base):
+    """One try to deliver an output, and each admin resend: the output's delivery history.
+
+    Written by a database trigger on ``outputs.attempts`` (migration 0003a), so every process
+    that records a try (the sender, ``cxrnode resend``, the admin API) leaves a row without
+    knowing about this table: ``attempt`` is the try's number (0 for a resend, which resets
+    the count), ``state``/``status``/``error`` are the output's after that try.
+    """
+
+    __tablename__ = "output_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime]
+    state: Mapped[str] = mapped_column(String(24))
+    status: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class AssociationLog(Base):

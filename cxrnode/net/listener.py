@@ -28,6 +28,7 @@ import socketserver
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from math import ceil
 from pathlib import Path
@@ -51,6 +52,7 @@ from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import Waker
 from cxrnode.net.receive import request_handler
 from cxrnode.settings import Settings
+from cxrnode.web.metrics import observe_store
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +223,11 @@ class Handlers:
         # run_listener turns on pynetdicom's chunked receive: the dataset is already a file
         report = received["sop_class_uid"] in REPORT_SOP_CLASSES  # for the monitor
         receiver = self.reports if report else self.ingest
+        started = time.perf_counter()
         outcome = receiver.receive_file(Path(event.dataset_path), **received)
+        observe_store(
+            outcome.status, outcome.duplicate, outcome.size_bytes, time.perf_counter() - started
+        )
         if outcome.status == SUCCESS and self.waker is not None and not report:
             self.waker.poke()  # a study's quiet period (re)starts: the scheduler recomputes
         row_id = getattr(event.assoc, "cxrnode_log_id", None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 from celery import signals
@@ -52,6 +53,19 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         heartbeat.state["gpu"] = os.environ["CUDA_VISIBLE_DEVICES"]  # `worker --gpus`
     heartbeat.start()
+    if "infer" in queues:  # load the model now, not with the first study: readiness is true
+        threading.Thread(target=_load_model, name="model-loader", daemon=True).start()
+
+
+def _load_model() -> None:
+    import worker.tasks
+    from worker.batcher import ModelUnavailable
+
+    try:
+        worker.tasks.model_host().server()
+    except ModelUnavailable as exc:  # retried with the first study; the heartbeat says why
+        if heartbeat is not None:
+            heartbeat.set_state(model="unavailable", model_error=str(exc))
 
 
 @signals.worker_shutdown.connect

@@ -36,7 +36,7 @@ from cxrnode.retention import (
     run_retention,
 )
 from cxrnode.settings import Settings
-from cxrnode.status import render_status
+from cxrnode.status import collect_status, render_status
 
 NOW = datetime(2026, 6, 1, 12, 0, 0)
 OLD = NOW - timedelta(days=40)
@@ -328,21 +328,15 @@ def test_the_retention_thread_runs_a_pass_per_interval_and_stops(
     assert purged(sessions, made)
 
 
-def test_status_shows_what_retention_removed() -> None:
-    report = {
-        "retention": {
-            "days": 30,
-            "purged_studies": 3,
-            "purged_instances": 5,
-            "purged_outputs": 8,
-            "purged_instance_bytes": 52_000_000,
-            "last_purge": "2026-06-01T12:00:00Z",
-        },
-        "workers": [],
-    }
-    line = next(x for x in render_status(report).splitlines() if x.startswith("retention"))
-    assert "kept 30 days after delivery" in line and "purged studies 3" in line
-    assert "instances 5" in line and "outputs 8" in line and "52.0 MB" in line
+def test_status_shows_what_retention_removed(settings: Settings, sessions) -> None:
+    make_study(sessions, settings)
+    purge_due(settings, sessions, now=NOW)
+    with sessions() as session:
+        summary = collect_status(settings, session=session)  # no broker: workers unknown
+    assert (summary.retention.days, summary.retention.purged_studies) == (30, 1)
+    line = next(x for x in render_status(summary).splitlines() if x.startswith("retention"))
+    assert "files kept 30 days after delivery" in line and "1 studies, 2 instances" in line
+    assert "2 outputs" in line and "10 KiB" in line and "last 2026-06-01T12:00:00" in line
 
 
 def test_on_postgresql_the_same_pass_locks_and_purges_only_what_is_due(

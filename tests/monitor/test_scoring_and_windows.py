@@ -225,7 +225,7 @@ def test_the_migration_backfills_accession_numbers_from_recorded_headers(
             ),
             {"n": now, "h": '{"00080050": {"vr": "SH", "Value": ["ACC-OLD"]}}'},
         )
-    upgrade(engine)
+    upgrade(engine, "0003b")
     assert current_revision(engine) == "0003b"
     with engine.connect() as conn:
         assert conn.scalar(sa.text("SELECT accession_number FROM studies")) == "ACC-OLD"

@@ -218,7 +218,7 @@ def test_gpus_option_runs_one_inference_process_per_gpu(
 
         gpus = wait_for(
             lambda: sorted(w.get("gpu") or "" for w in inference_workers()) == ["0", "1"] or None,
-            60,
+            120,
             "two inference workers, one per GPU",
         )
         assert gpus

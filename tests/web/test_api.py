@@ -67,7 +67,7 @@ def test_study_detail_has_history_timings_draft_findings_and_delivery_attempts(
     result = job["result"]
     assert isinstance(result["report"], str) and len(result["findings"]) == 9
     assert result["timings"]["total"] > 0
-    assert {o["kind"] for o in detail["outputs"]} == {"sr", "sc"}
+    assert {o["kind"] for o in detail["outputs"]} == {"text_sr", "sc"}
     for output in detail["outputs"]:
         assert output["state"] == "delivered"
         assert [(a["attempt"], a["state"], a["status"]) for a in output["history"]] == [

@@ -26,6 +26,7 @@ from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import EmbeddedBroker, is_embedded
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.monitor.service import run_monitor
+from cxrnode.net.cap import AssociationCap
 from cxrnode.net.listener import die_with_parent, run_listener
 from cxrnode.settings import Settings
 
@@ -90,11 +91,16 @@ class Supervisor:
         self.engine = make_engine(settings.effective_database_url)
         self.reader = make_engine(settings.effective_database_url, read_only=True)
         self.broker: EmbeddedBroker | None = None
+        # one cap for all listener processes (MAX_ASSOCIATIONS is node-wide)
+        self.cap = AssociationCap(
+            settings.max_associations, settings.effective_scp_processes, self.context
+        )
 
-    def _start_listener(self, index: int, processes: int) -> None:
+    def _start_listener(self, index: int) -> None:
         name = f"listener-{index}"
+        self.cap.reset(index)  # a dead listener's associations died with it
         process = self.context.Process(
-            target=run_listener, args=(self.settings, processes), name=name, daemon=True
+            target=run_listener, args=(self.settings, self.cap, index), name=name, daemon=True
         )
         process.start()
         self.children[name] = process
@@ -113,7 +119,7 @@ class Supervisor:
             self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()
         processes = self.settings.effective_scp_processes
         for index in range(processes):
-            self._start_listener(index, processes)
+            self._start_listener(index)
         self._start_monitor()
         if self.workers:
             for queues in WORKER_QUEUES:
@@ -127,7 +133,6 @@ class Supervisor:
         )
 
     def _watch_children(self) -> None:
-        processes = self.settings.effective_scp_processes
         if self.broker is not None and not self.broker.is_alive():
             log.error("the embedded broker exited with %s; restarting it", self.broker.exitcode)
             self.broker.start()
@@ -136,7 +141,7 @@ class Supervisor:
                 continue
             log.error("%s exited with %s; restarting it", name, process.exitcode)
             if name.startswith("listener-"):
-                self._start_listener(int(name.split("-")[1]), processes)
+                self._start_listener(int(name.split("-")[1]))
             elif name == "monitor":
                 self._start_monitor()
             elif isinstance(process, WorkerProcess):

@@ -102,7 +102,7 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 #: Most bytes the header parser may read (values longer than 4 KiB are skipped, not read):
 #: a real header is tens of KiB; a dataset of millions of tiny elements would otherwise cost
 #: gigabytes of Python objects before anything could refuse it.
-MAX_HEADER_READ_BYTES = 4 * 1024 * 1024
+MAX_HEADER_READ_BYTES = 2 * 1024 * 1024
 
 
 class _BoundedReader:
@@ -202,13 +202,21 @@ def read_header(stream: BinaryIO, transfer_syntax: str, start: int = 0) -> tuple
     return ds, total
 
 
-def _check_pixels(ds: Dataset, total: int) -> None:
+def _check_pixels(ds: Dataset, total: int, transfer_syntax: str) -> None:
     raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
     if raw is None:
         raise Refused(DOES_NOT_MATCH_SOP_CLASS, "image instance without Pixel Data")
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
-    if length is None or length == UNDEFINED_LENGTH or tell is None:
+    encapsulated = length == UNDEFINED_LENGTH
+    if encapsulated != UID(transfer_syntax).is_encapsulated:
+        raise Refused(
+            CANNOT_UNDERSTAND,
+            "Pixel Data "
+            + ("encapsulated" if encapsulated else "not encapsulated")
+            + f" under transfer syntax {transfer_syntax}: the transfer syntax does not match",
+        )
+    if length is None or encapsulated or tell is None:
         return  # encapsulated: pydicom already read through to the sequence delimiter
     if tell + length > total:
         raise Refused(CANNOT_UNDERSTAND, f"Pixel Data truncated: {total - tell} of {length} bytes")
@@ -304,7 +312,7 @@ def _inspect(
         refusal = secondary_capture_refusal(ds)
         if refusal:
             raise Refused(SOP_CLASS_NOT_SUPPORTED, refusal)
-    _check_pixels(ds, total)
+    _check_pixels(ds, total, transfer_syntax)
 
     view = classify_view(ds)
     skip_reason = chest_skip_reason(ds, max_frame_bytes)

@@ -529,6 +529,18 @@ def display_image(source: str | os.PathLike | Dataset) -> np.ndarray:
         interpretation or transfer syntax, or a decoder failure.
     """
     ds = read_dataset(source)
+    try:
+        return _display(ds)
+    except ImagingError:
+        raise
+    except Exception as exc:  # an attribute pydicom cannot convert (a broken VR, a bad number)
+        raise ImagingError(
+            f"the image's attributes cannot be read ({type(exc).__name__}: {exc}); the file "
+            "is damaged — ask the sender to re-send it"
+        ) from exc
+
+
+def _display(ds: Dataset) -> np.ndarray:
     _check_image(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):

@@ -49,10 +49,13 @@ class Case:
     expect: frozenset[int] = REFUSED
     skip_reason: str | None = None  # a substring of the recorded skip, when stored
     tags: tuple[str, ...] = field(default=())
+    whole_file: bytes | None = None  # a fuzzing find: the Part-10 bytes as they were
 
     def part10(self) -> bytes:
         """The file pynetdicom's chunked receive writes: preamble, File Meta from the
         request, then the dataset bytes as they came."""
+        if self.whole_file is not None:
+            return self.whole_file
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = self.sop_class
         meta.MediaStorageSOPInstanceUID = self.sop_instance
@@ -70,6 +73,10 @@ def encode(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
     buffer.is_little_endian = syntax != ExplicitVRBigEndian
     write_dataset(buffer, ds)
     return buffer.getvalue()
+
+
+#: The SOP Instance UID of the fuzzing seed (its finds are replayed under it).
+SEED_UID = "1.2.826.0.1.3680043.8.498.4711"
 
 
 def good_dataset(**kwargs: object) -> Dataset:
@@ -327,8 +334,9 @@ def structural(base_factory) -> Iterator[Case]:  # noqa: ANN001 - a callable of 
     for path in sorted(CRASHES.glob("*.bin")):
         yield Case(
             f"crash-{path.stem}",
-            path.read_bytes(),
-            sop_instance="1.2.3.4",
+            b"",
+            whole_file=path.read_bytes(),
+            sop_instance=SEED_UID,
             expect=ANY | {NOT_SUPPORTED},
             tags=("crash",),
         )

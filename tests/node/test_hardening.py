@@ -153,7 +153,12 @@ def test_an_instance_uid_reused_in_another_study_is_refused_and_recorded(
 
 
 def secondary_capture(
-    path: Path, *, modality: str = "CR", body_part: str = "CHEST", frames: int | None = None
+    path: Path,
+    *,
+    modality: str = "CR",
+    body_part: str = "CHEST",
+    frames: int | None = None,
+    conversion: str = "DF",
 ) -> Path:
     """An SC of a chest radiograph as a film digitiser or a re-wrapping PACS makes it:
     8-bit MONOCHROME2, Modality CR, BodyPartExamined CHEST, compressed to JPEG baseline
@@ -163,7 +168,7 @@ def secondary_capture(
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.Modality = modality
     ds.BodyPartExamined = body_part
-    ds.ConversionType = "DF"
+    ds.ConversionType = conversion
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "PixelSpacing"):
         if keyword in ds:
@@ -193,7 +198,7 @@ def test_a_chest_secondary_capture_is_accepted_and_other_scs_refused(
     assert stored[SC_CLASS].state == "stored" and stored[SC_CLASS].skip_reason is None
     assert stored[MULTIFRAME_BYTE_SC].state == "stored"
 
-    drafts_like = secondary_capture(tmp_path / "sc-ot.dcm", modality="OT")
+    drafts_like = secondary_capture(tmp_path / "sc-ot.dcm", modality="OT", conversion="WSD")
     hand = secondary_capture(tmp_path / "sc-hand.dcm", body_part="HAND")
     three_frames = secondary_capture(tmp_path / "sc-three.dcm", frames=3)
     for path in (drafts_like, hand, three_frames):
@@ -274,9 +279,7 @@ def test_logs_go_to_a_rotating_file_per_process_and_carry_no_patient_data(
         "worker-prepare-outputs-send.log",
         "worker-infer.log",
     }
-    wait_for(
-        lambda: expected <= {p.name for p in logs.glob("*.log")}, 90, f"log files {expected}"
-    )
+    wait_for(lambda: expected <= {p.name for p in logs.glob("*.log")}, 90, f"log files {expected}")
     text = "".join(p.read_text() for p in logs.glob("*.log"))
     assert "refused" in text
     assert "PID-SECRET-99" not in text and "SYNTHETIC" not in text

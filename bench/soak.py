@@ -8,12 +8,13 @@ as the PACS that receives the drafts, and `cxrnode serve` with its workers and a
 all with default settings except a one-second quiet period and short answers. Studies (one
 chest image each) go in from sender threads, each its own pynetdicom association; a load
 phase keeps ``--associations`` associations open at once. Faults, one at a time, spread over
-the run: kill -9 of the inference worker, of the node-side worker, of the whole node (then
-restarted), Redis killed and restarted empty, the destination stopped and started.
+the run: kill -9 of the whole node (then restarted), of the inference worker, of the
+node-side worker, Redis killed and restarted empty, the destination stopped for 15 s.
 
 Printed: instances/s, p95 C-STORE latency, refusals by reason, RSS at start and end of each
-node process (by role) and its growth, the recovery time after each fault (from the fault to
-the first draft delivered that was made after it), and the end check: every study has exactly
+node process (by role and pid) and its growth, the recovery time after each fault (from the
+fault until every job open at that moment is done with its drafts delivered, and a draft
+made after the fault is delivered), and the end check: every study has exactly
 one SR and one SC at the destination, and the database agrees (lost, duplicate, repeated).
 ``tests/faults`` runs a short version of the same code.
 """
@@ -250,8 +251,22 @@ class Soak:
             redis.kill()
             self.engine.dispose()
 
-    def _delivered_after(self, moment: float) -> bool:
-        """A draft made after ``moment`` (time.time()) has been delivered."""
+    def _open_jobs(self) -> set[int]:
+        """Jobs not finished, or whose drafts are not all delivered yet."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id FROM jobs WHERE state NOT IN ('done', 'failed', 'superseded') "
+                    "UNION SELECT job_id FROM outputs WHERE state = 'pending'"
+                )
+            )
+            return {row[0] for row in rows}
+
+    def _recovered(self, in_flight: set[int], moment: float) -> bool:
+        """Every job open at the fault is finished and delivered, and a draft made after
+        the fault was delivered (the pipeline moves again)."""
+        if in_flight & self._open_jobs():
+            return False
         with self.engine.connect() as conn:
             count = conn.execute(
                 text(
@@ -329,10 +344,16 @@ class Soak:
             while time.monotonic() < moment:
                 time.sleep(0.5)
             at = time.time()
+            in_flight = self._open_jobs()
             self._inject(fault, node, redis, orthanc)
             fault_times.append((fault, at))
             try:
-                wait_for(lambda at=at: self._delivered_after(at), 180, f"recovery from {fault}", 1)
+                wait_for(
+                    lambda at=at, jobs=in_flight: self._recovered(jobs, at),
+                    180,
+                    f"recovery from {fault}",
+                    1,
+                )
                 self.recoveries[fault] = time.time() - at
             except TimeoutError:
                 self.recoveries[fault] = None

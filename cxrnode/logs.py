@@ -10,8 +10,10 @@ processes rotating one file lose each other's lines. ``LOG_FORMAT=json`` writes 
 object a line (time, level, process, pid, logger, message, and the exception when there is one).
 
 Expected network failures are one line: :func:`expected_network_failures` silences
-pynetdicom's own ERROR lines (and its tracebacks) in the calling thread while a send whose
-failures the caller classifies and logs itself is under way.
+pynetdicom's own ERROR lines (and its tracebacks) in this process while a send whose
+failures the caller classifies and logs itself is under way. Process-wide, not per thread:
+pynetdicom connects and logs from the association's own thread; the processes that send
+(the node-side worker) use pynetdicom for nothing else.
 """
 
 from __future__ import annotations
@@ -37,24 +39,27 @@ __all__ = ["JsonFormatter", "expected_network_failures", "process_role", "setup_
 #: Roles of the processes that write a log file (short CLI commands log to stderr only).
 FILE_ROLES = ("serve", "listener", "monitor", "worker")
 
-_quiet = threading.local()
+_quiet_lock = threading.Lock()
+_quiet_sends = 0
 
 
 @contextlib.contextmanager
 def expected_network_failures() -> Iterator[None]:
-    """Within the block, this thread's pynetdicom records are dropped: the caller turns every
-    failure into an outcome and logs one line for it."""
-    depth = getattr(_quiet, "depth", 0)
-    _quiet.depth = depth + 1
+    """While the block runs, pynetdicom's records in this process are dropped: the caller
+    turns every failure into an outcome and logs one line for it."""
+    global _quiet_sends
+    with _quiet_lock:
+        _quiet_sends += 1
     try:
         yield
     finally:
-        _quiet.depth = depth
+        with _quiet_lock:
+            _quiet_sends -= 1
 
 
 class _QuietNetworkFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (getattr(_quiet, "depth", 0) and record.name.startswith("pynetdicom"))
+        return not (_quiet_sends and record.name.startswith("pynetdicom"))
 
 
 class JsonFormatter(logging.Formatter):

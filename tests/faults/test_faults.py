@@ -4,7 +4,8 @@
   refusal (A-ASSOCIATE-RJ transient, provider, local limit exceeded); listener RSS flat.
 - 50 studies while the node, each worker type, Redis (restarted empty) and the destination
   fail in turn, with default recovery settings: every study ends with exactly one SR and one
-  SC at the PACS, the database agrees, and each fault is recovered from within 60 s.
+  SC at the PACS, the database agrees, and each fault is recovered from within 60 s
+  (default settings but SEND_TIMEOUT, whose 10x lease bounds the recovery of a lost send).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def test_fifty_studies_survive_kills_an_empty_redis_and_a_destination_outage(
         studies=50,
         load=False,
         model_dir=tiny_model,
+        # the outbox re-sends a claimed output whose send message was lost after a lease of
+        # 10 x SEND_TIMEOUT: 300 s by default (docs/hardening.md); 5 s makes it 50 s
+        settings={"send_timeout": "5"},
         log=lambda line: print(line, flush=True),
     )
     soak.workdir.mkdir()

@@ -23,7 +23,7 @@ from typing import Any
 
 from pynetdicom.transport import RequestHandler
 
-__all__ = ["AssociationCap", "SlotReleasingHandler", "releasing"]
+__all__ = ["AssociationCap", "SlotReleasingHandler", "give_back", "releasing"]
 
 
 class AssociationCap:
@@ -62,6 +62,16 @@ class AssociationCap:
 SLOT_ATTRIBUTE = "cxrnode_slot"
 
 
+def give_back(assoc: Any) -> None:
+    """Return the slot ``assoc`` holds, once (EVT_RELEASED/EVT_ABORTED, and the thread's end
+    as the fallback: a peer that reconnects right after its release must find it free)."""
+    slot = getattr(assoc, SLOT_ATTRIBUTE, None)
+    if slot is not None:
+        setattr(assoc, SLOT_ATTRIBUTE, None)
+        cap, index = slot
+        cap.release(index)
+
+
 def releasing(base: type[RequestHandler]) -> type[RequestHandler]:
     """``base`` with :class:`SlotReleasingHandler`'s behaviour (tuned or stock handler)."""
     return type(f"SlotReleasing{base.__name__}", (SlotReleasingHandler, base), {})
@@ -84,9 +94,4 @@ class SlotReleasingHandler(RequestHandler):
             if assoc is not None:
                 assoc.join()
         finally:
-            assoc = getattr(self, "cxrnode_assoc", None)
-            slot = getattr(assoc, SLOT_ATTRIBUTE, None)
-            if slot is not None:
-                setattr(assoc, SLOT_ATTRIBUTE, None)
-                cap, index = slot
-                cap.release(index)
+            give_back(getattr(self, "cxrnode_assoc", None))

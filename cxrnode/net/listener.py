@@ -52,7 +52,7 @@ from cxrnode.ingest.receive import SUCCESS, Ingest
 from cxrnode.ingest.reports import REPORT_SOP_CLASSES, ReportIngest
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import Waker
-from cxrnode.net.cap import SLOT_ATTRIBUTE, AssociationCap, releasing
+from cxrnode.net.cap import SLOT_ATTRIBUTE, AssociationCap, give_back, releasing
 from cxrnode.net.receive import request_handler
 from cxrnode.settings import Settings
 
@@ -267,6 +267,7 @@ class Handlers:
         return status
 
     def on_closed(self, event: Any) -> None:
+        give_back(event.assoc)  # the peer may reconnect at once: its slot is free now
         # A transfer cut short leaves pynetdicom's partial file in DATA_DIR/tmp; a file
         # untouched for longer than the network timeout belongs to no live association.
         clean_tmp(self.settings.tmp_dir, older_than=2 * self.settings.network_timeout)

@@ -1,25 +1,158 @@
 """Logging setup shared by every cxrnode process.
 
 Log lines carry UIDs, AE titles, statuses and reasons; never patient names, IDs or dates.
+
+Where lines go is a setting (``LOG_TARGETS``): stderr, and for the node's long-running
+processes (``serve``, its listener and monitor children, the workers) a rotating file per
+process under ``DATA_DIR/logs`` (``serve.log``, ``listener-0.log``, ``worker-infer.log``...).
+One file per process because Python's rotating handler is safe within one process only: two
+processes rotating one file lose each other's lines. ``LOG_FORMAT=json`` writes one JSON
+object a line (time, level, process, pid, logger, message, and the exception when there is one).
+
+Expected network failures are one line: :func:`expected_network_failures` silences
+pynetdicom's own ERROR lines (and its tracebacks) in this process while a send whose
+failures the caller classifies and logs itself is under way. Process-wide, not per thread:
+pynetdicom connects and logs from the association's own thread; the processes that send
+(the node-side worker) use pynetdicom for nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import logging.handlers
+import multiprocessing
 import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxrnode.settings import Settings
+
+__all__ = ["JsonFormatter", "expected_network_failures", "process_role", "setup_logging"]
+
+#: Roles of the processes that write a log file (short CLI commands log to stderr only).
+FILE_ROLES = ("serve", "listener", "monitor", "worker")
+
+_quiet_lock = threading.Lock()
+_quiet_sends = 0
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Configure the root logger once per process (idempotent)."""
+@contextlib.contextmanager
+def expected_network_failures() -> Iterator[None]:
+    """While the block runs, pynetdicom's records in this process are dropped: the caller
+    turns every failure into an outcome and logs one line for it."""
+    global _quiet_sends
+    with _quiet_lock:
+        _quiet_sends += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_sends -= 1
+
+
+class _QuietNetworkFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_quiet_sends and record.name.startswith("pynetdicom"))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; an exception becomes a ``exception`` string field."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "process": self.role,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def process_role(argv: list[str] | None = None) -> str:
+    """A short name of this process for its log file: ``listener-0`` and ``monitor`` (children
+    of ``serve``, by their multiprocessing name), ``worker-<queues>``, or the CLI command."""
+    name = multiprocessing.current_process().name
+    if name != "MainProcess":
+        return name
+    args = list(sys.argv if argv is None else argv)
+    if len(args) >= 1 and Path(args[0]).parent.name == "worker":  # python -m worker
+        queues = args[args.index("--queues") + 1] if "--queues" in args[:-1] else "all"
+        return "worker-" + queues.replace(",", "-")
+    command = next((a for a in args[1:] if not a.startswith("-")), "cxrnode")
+    if command == "worker":
+        return "worker"
+    return command
+
+
+def _handlers(settings: Settings | None, role: str) -> list[logging.Handler]:
+    targets = settings.log_targets if settings is not None else ["stderr"]
+    handlers: list[logging.Handler] = []
+    if "stderr" in targets:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    if settings is not None and "file" in targets and role.startswith(FILE_ROLES):
+        directory = settings.data_dir / "logs"
+        directory.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                directory / f"{role}.log",
+                maxBytes=settings.log_file_max_mb * 1024 * 1024,
+                backupCount=settings.log_file_backups,
+                encoding="utf-8",
+            )
+        )
+    if not handlers:  # a CLI command with LOG_TARGETS=file: its messages still show
+        handlers.append(logging.StreamHandler(sys.stderr))
+    return handlers
+
+
+def _settings_or_none() -> Settings | None:
+    from cxrnode.settings import get_settings
+
+    try:
+        return get_settings()
+    except Exception:  # invalid settings: the caller reports them; log to stderr meanwhile
+        return None
+
+
+def setup_logging(level: str = "INFO", settings: Settings | None = None) -> None:
+    """Configure the root logger once per process (idempotent).
+
+    ``settings`` gives the targets and format; without it the process's own settings
+    (environment and CXRNODE_CONFIG) are read.
+    """
     root = logging.getLogger()
     if getattr(root, "_cxrnode_configured", False):
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s [{os.getpid()}] %(name)s: %(message)s")
-    )
-    root.handlers[:] = [handler]
+    settings = settings if settings is not None else _settings_or_none()
+    role = process_role()
+    if settings is not None and settings.log_format == "json":
+        formatter: logging.Formatter = JsonFormatter(role)
+    else:
+        formatter = logging.Formatter(
+            f"%(asctime)s %(levelname)s [{role} {os.getpid()}] %(name)s: %(message)s"
+        )
+    quiet = _QuietNetworkFilter()
+    handlers = _handlers(settings, role)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(quiet)
+    root.handlers[:] = handlers
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO/DEBUG; keep it quiet unless asked for.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

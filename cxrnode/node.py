@@ -38,6 +38,7 @@ from cxrnode.jobs.broker import EmbeddedBroker, broker_url, is_embedded, redis_c
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.jobs.tracking import WorkerInfo, live_workers
 from cxrnode.monitor.service import run_monitor
+from cxrnode.net.cap import AssociationCap
 from cxrnode.net.listener import die_with_parent, run_listener
 from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
@@ -149,11 +150,16 @@ class Supervisor:
         self.broker: EmbeddedBroker | None = None
         self._models_seen: dict[str, str] = {}  # worker name -> model hash it reported
         self._next_model_watch = 0.0
+        # one cap for all listener processes (MAX_ASSOCIATIONS is node-wide)
+        self.cap = AssociationCap(
+            settings.max_associations, settings.effective_scp_processes, self.context
+        )
 
-    def _start_listener(self, index: int, processes: int) -> None:
+    def _start_listener(self, index: int) -> None:
         name = f"listener-{index}"
+        self.cap.reset(index)  # a dead listener's associations died with it
         process = self.context.Process(
-            target=run_listener, args=(self.settings, processes), name=name, daemon=True
+            target=run_listener, args=(self.settings, self.cap, index), name=name, daemon=True
         )
         process.start()
         self.children[name] = process
@@ -200,7 +206,7 @@ class Supervisor:
             self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()
         processes = self.settings.effective_scp_processes
         for index in range(processes):
-            self._start_listener(index, processes)
+            self._start_listener(index)
         self._start_monitor()
         self._start_web()
         if self.workers:
@@ -276,7 +282,6 @@ class Supervisor:
                 )
 
     def _watch_children(self) -> None:
-        processes = self.settings.effective_scp_processes
         if self.broker is not None and not self.broker.is_alive():
             log.error("the embedded broker exited with %s; restarting it", self.broker.exitcode)
             self.broker.start()
@@ -285,7 +290,7 @@ class Supervisor:
                 continue
             log.error("%s exited with %s; restarting it", name, process.exitcode)
             if name.startswith("listener-"):
-                self._start_listener(int(name.split("-")[1]), processes)
+                self._start_listener(int(name.split("-")[1]))
             elif name == "monitor":
                 self._start_monitor()
             elif name == "web":

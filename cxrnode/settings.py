@@ -148,6 +148,64 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- hardening and logs -------------------------------------------------------------------
+    tls_only: bool = Field(
+        False,
+        description=(
+            "Serve DICOM over TLS only: the plain DICOM_PORT is not opened. Needs TLS_PORT, "
+            "TLS_CERT and TLS_KEY."
+        ),
+    )
+    max_image_mb: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Largest decoded image frame (Rows x Columns x samples x bytes) the node prepares, "
+            "in MiB. A larger image is stored, answered 0x0000 and recorded as skipped; "
+            "preparing one takes at most about 2x this in memory (docs/hardening.md)."
+        ),
+    )
+    log_targets: CommaList = Field(
+        default_factory=lambda: ["stderr", "file"],
+        description=(
+            "Where the node's long-running processes log, comma-separated: stderr, file "
+            "(rotating files DATA_DIR/logs/<process>.log). Short CLI commands log to stderr."
+        ),
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log line format: text, or json (one JSON object a line)."
+    )
+    log_file_max_mb: int = Field(
+        20, ge=1, description="Size in MiB at which a log file is rotated."
+    )
+    log_file_backups: int = Field(5, ge=0, description="Rotated log files kept per process.")
+
+    @field_validator("log_targets", mode="before")
+    @classmethod
+    def _log_targets_comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("log_targets")
+    @classmethod
+    def _valid_log_targets(cls, value: list[str]) -> list[str]:
+        targets = [entry.strip().lower() for entry in value]
+        wrong = [entry for entry in targets if entry not in ("stderr", "file")]
+        if wrong or not targets:
+            raise ValueError(
+                f"LOG_TARGETS {value} names no or unknown targets; expected stderr, file or "
+                "both (comma-separated)"
+            )
+        return list(dict.fromkeys(targets))
+
+    @model_validator(mode="after")
+    def _tls_only_needs_tls(self) -> Settings:
+        if self.tls_only and not (self.tls_port and self.tls_cert and self.tls_key):
+            raise ValueError(
+                "TLS_ONLY closes the plain DICOM port, so it needs TLS_PORT, TLS_CERT and "
+                "TLS_KEY; set them or turn TLS_ONLY off"
+            )
+        return self
+
     # --- study grouping and jobs --------------------------------------------------------------
     settle_seconds: float = Field(
         5.0, ge=0, description="Quiet period after the last arrival before a study is processed."

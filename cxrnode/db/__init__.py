@@ -340,6 +340,27 @@ class AssociationLog(Base):
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class Refusal(Base):
+    """A C-STORE answered with a failure status: what was refused, from whom, and why.
+
+    UIDs, AE titles and the reason only (no patient data). ``kind`` groups them for admins:
+    ``uid-conflict`` (an SOP Instance UID already received under another Study Instance UID),
+    ``unreadable``, ``mismatch``, ``not-supported``, ``out-of-resources``.
+    """
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    calling_aet: Mapped[str] = mapped_column(AET)
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)  # only when a valid UID
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)  # only when a valid UID
+    status: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

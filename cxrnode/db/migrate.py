@@ -56,6 +56,17 @@ def _migrate(engine: Engine, step: Any, revision: str) -> None:
                 raw.execute("PRAGMA foreign_keys=ON")
 
 
+def head_revision() -> str:
+    """The newest revision this release ships (what :func:`upgrade` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None, "the package ships no migrations"
+    return head
+
+
 def current_revision(engine: Engine) -> str | None:
     from alembic.migration import MigrationContext
 

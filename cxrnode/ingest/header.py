@@ -7,6 +7,7 @@ arriving instance and records the answers, so later steps never read the header 
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import date
 from typing import Any
@@ -19,10 +20,15 @@ from model.contracts import StudyContext
 
 __all__ = [
     "RADIOGRAPH_SOP_CLASSES",
+    "SECONDARY_CAPTURE_SOP_CLASSES",
     "age_years",
+    "chest_skip_reason",
     "classify_view",
+    "clean_text",
+    "decoded_frame_bytes",
     "is_chest",
     "is_radiograph",
+    "secondary_capture_refusal",
     "study_context",
 ]
 
@@ -34,6 +40,20 @@ RADIOGRAPH_SOP_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.1.1.1",
     }
 )
+
+#: Secondary Capture Image Storage and the multi-frame grayscale byte and word SC classes:
+#: digitised films and re-wrapped radiographs arrive so. Accepted only when the header says
+#: chest radiograph (:func:`secondary_capture_refusal`).
+SECONDARY_CAPTURE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.7.2",
+        "1.2.840.10008.5.1.4.1.1.7.3",
+    }
+)
+
+#: Modalities of a projection radiograph. A CT slice sent under the CR SOP class is not one.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
 
 # --------------------------------------------------------------------------- study facts
 
@@ -267,6 +287,115 @@ def is_radiograph(ds: Dataset) -> bool:
     return str(ds.get("SOPClassUID", "")) in RADIOGRAPH_SOP_CLASSES
 
 
+# --------------------------------------------------------------------------- the chest filter
+
+#: Geometry no chest radiograph has: fewer pixels on an edge, a field whose longer edge is
+#: shorter (a dental or finger detector, a fluoroscopy crop; a neonatal chest is ~15 cm),
+#: or a strip longer than this ratio (a spine or leg stitch).
+MIN_EDGE_PIXELS = 128
+MIN_FIELD_MM = 120.0
+MAX_ASPECT_RATIO = 2.5
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip().upper()
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _frames(ds: Dataset) -> int:
+    return _int_or_none(ds.get("NumberOfFrames")) or 1
+
+
+def decoded_frame_bytes(ds: Dataset) -> int | None:
+    """Bytes of one decoded frame (Rows x Columns x Samples per Pixel x whole bytes per
+    sample), or None when the header does not say."""
+    rows, cols = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
+    bits = _int_or_none(ds.get("BitsAllocated"))
+    samples = _int_or_none(ds.get("SamplesPerPixel", 1)) or 1
+    if not rows or not cols or not bits:
+        return None
+    return rows * cols * samples * ((bits + 7) // 8)
+
+
+def _geometry_reason(ds: Dataset) -> str | None:
+    rows, cols = _int_or_none(ds.get("Rows")) or 0, _int_or_none(ds.get("Columns")) or 0
+    if _frames(ds) > 1:
+        return f"multi-frame image ({_frames(ds)} frames), not a single radiograph"
+    if min(rows, cols) < MIN_EDGE_PIXELS:
+        return f"image of {rows} x {cols} pixels is too small for a chest radiograph"
+    if max(rows, cols) > MAX_ASPECT_RATIO * min(rows, cols):
+        return f"image of {rows} x {cols} pixels is too elongated for a chest radiograph"
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        spacing = ds.get(keyword)
+        try:
+            row_mm, col_mm = (float(v) for v in spacing)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            continue
+        if row_mm > 0 and col_mm > 0:
+            field = max(rows * row_mm, cols * col_mm)
+            if field < MIN_FIELD_MM:
+                return f"field of view {field:.0f} mm is too small for a chest radiograph"
+            break
+    return None
+
+
+def chest_skip_reason(ds: Dataset, max_frame_bytes: int | None = None) -> str | None:
+    """Why the model should not read this image, from its header alone; None when it may.
+
+    In order: Modality (CR or DX; an image whose SOP class says radiograph but whose
+    Modality says CT is not one; an empty Modality is taken at the SOP class's word), body
+    part (:func:`is_chest`), geometry (one frame, at least :data:`MIN_EDGE_PIXELS` on each
+    edge, no longer than :data:`MAX_ASPECT_RATIO`, a field of at least :data:`MIN_FIELD_MM`
+    where the pixel spacing is known), size (a decoded frame of more than
+    ``max_frame_bytes`` is not prepared), and view (laterals are not read).
+    """
+    modality = _text(ds, "Modality")
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        return f"Modality {modality[:16]} is not a radiograph (CR or DX)"
+    if not is_chest(ds):
+        return "not a chest radiograph (body part / descriptions)"
+    geometry = _geometry_reason(ds)
+    if geometry:
+        return geometry
+    size = decoded_frame_bytes(ds)
+    if max_frame_bytes is not None and size is not None and size > max_frame_bytes:
+        return (
+            f"image of {size / 2**20:.0f} MiB decoded exceeds MAX_IMAGE_MB "
+            f"({max_frame_bytes / 2**20:.0f} MiB)"
+        )
+    if classify_view(ds) == "LATERAL":
+        return "lateral view"
+    return None
+
+
+def secondary_capture_refusal(ds: Dataset) -> str | None:
+    """Why a Secondary Capture is refused, or None when its header says chest radiograph.
+
+    Accepted: Modality CR or DX (a re-wrapped radiograph), or Conversion Type DF (a
+    digitised film), with a body part, anatomic region or description that names the chest
+    (silence is not enough here), and one frame. Everything else, our own drafts (Modality
+    OT, Conversion Type WSD) included, is refused as before SC was accepted.
+    """
+    modality = _text(ds, "Modality")
+    conversion = _text(ds, "ConversionType")
+    if modality not in RADIOGRAPH_MODALITIES and conversion != "DF":
+        return (
+            "Secondary Capture accepted only for radiographs (Modality CR or DX, or "
+            f"Conversion Type DF); found Modality {modality[:16] or '(none)'}"
+        )
+    if not is_chest(ds, default=False):
+        return "Secondary Capture accepted only when its header names the chest"
+    if _frames(ds) > 1:
+        return f"Secondary Capture of {_frames(ds)} frames; one frame expected"
+    return None
+
+
 # --------------------------------------------------------------------------- recorded header
 
 #: The attributes ingest records for every instance, so that no later step reads the header
@@ -317,6 +446,14 @@ _RECORDED_TAGS = tuple((keyword, tag_for_keyword(keyword)) for keyword in RECORD
 _NUMBER_VRS = {"DS": float, "FL": float, "FD": float, "IS": int, "US": int, "SS": int, "UL": int}
 
 
+def clean_text(value: Any, limit: int | None = None) -> str:
+    """``value`` as text a database accepts: no NUL, no lone surrogates (what a wrong or
+    unknown character set can leave), at most ``limit`` characters."""
+    text = "" if value is None else str(value)
+    text = text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return text[:limit] if limit is not None else text
+
+
 def recorded_header(ds: Dataset) -> dict[str, Any]:
     """The :data:`RECORDED_KEYWORDS` present in ``ds``, as a DICOM JSON object (PS3.18 F.2).
 
@@ -335,13 +472,22 @@ def recorded_header(ds: Dataset) -> dict[str, Any]:
             continue
         values = list(value) if isinstance(value, MultiValue | list) else [value]
         if vr == "PN":
-            encoded: list[Any] = [{"Alphabetic": str(v)} for v in values]
+            encoded: list[Any] = [{"Alphabetic": clean_text(v)} for v in values]
         elif vr in _NUMBER_VRS:
-            encoded = [_NUMBER_VRS[vr](v) for v in values]
+            encoded = [n for n in (_number(_NUMBER_VRS[vr], v) for v in values) if n is not None]
         else:
-            encoded = [str(v) for v in values]
+            encoded = [clean_text(v) for v in values]
         out[f"{tag:08X}"] = {"vr": vr, "Value": encoded}
     return out
+
+
+def _number(kind: type, value: Any) -> float | int | None:
+    """A finite number, or None for what JSON (and PostgreSQL's jsonb) cannot hold."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def header_dataset(recorded: dict[str, Any] | None) -> Dataset:

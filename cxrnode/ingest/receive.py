@@ -29,8 +29,15 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from cxrnode.db import Instance, InstanceState, Study, StudyState, make_engine, utcnow
-from cxrnode.ingest.header import classify_view, is_chest, recorded_header
+from cxrnode.db import Instance, InstanceState, Refusal, Study, StudyState, make_engine, utcnow
+from cxrnode.ingest.header import (
+    SECONDARY_CAPTURE_SOP_CLASSES,
+    chest_skip_reason,
+    classify_view,
+    clean_text,
+    recorded_header,
+    secondary_capture_refusal,
+)
 from cxrnode.ingest.storage import (
     adopt_durably,
     free_bytes,
@@ -41,8 +48,9 @@ from cxrnode.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 Annex B.2.3)
+# C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2.1.4)
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -91,14 +99,51 @@ _COUNT_AND_REARM = _COUNT_IN_STUDY.values(_REARM)
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
+#: Most bytes the header parser may read (values longer than 4 KiB are skipped, not read):
+#: a real header is tens of KiB; a dataset of millions of tiny elements would otherwise cost
+#: gigabytes of Python objects before anything could refuse it.
+MAX_HEADER_READ_BYTES = 2 * 1024 * 1024
+
+
+class _BoundedReader:
+    """A read-only file wrapper that fails once more than ``limit`` bytes were read."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream = stream
+        self._left = limit
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._left -= len(data)
+        if self._left < 0:
+            raise Refused(
+                CANNOT_UNDERSTAND,
+                f"header larger than {MAX_HEADER_READ_BYTES >> 20} MiB of elements: refused",
+            )
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+#: How refusals are grouped in the ``refusals`` table, by status.
+REFUSAL_KINDS = {
+    CANNOT_UNDERSTAND: "unreadable",
+    DOES_NOT_MATCH_SOP_CLASS: "mismatch",
+    SOP_CLASS_NOT_SUPPORTED: "not-supported",
+    OUT_OF_RESOURCES: "out-of-resources",
+}
+UID_CONFLICT = "uid-conflict"
+
 
 class Refused(Exception):
     """The instance cannot be accepted; ``status`` is the DICOM status to answer with."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, kind: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.kind = kind or REFUSAL_KINDS.get(status, "other")
 
 
 @dataclass(frozen=True)
@@ -142,7 +187,14 @@ def read_header(stream: BinaryIO, transfer_syntax: str, start: int = 0) -> tuple
     if not ts.is_transfer_syntax:
         raise Refused(CANNOT_UNDERSTAND, f"unknown transfer syntax {transfer_syntax}")
     try:
-        ds = read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian, defer_size=4096)
+        ds = read_dataset(
+            _BoundedReader(stream, MAX_HEADER_READ_BYTES),  # type: ignore[arg-type]
+            ts.is_implicit_VR,
+            ts.is_little_endian,
+            defer_size=4096,
+        )
+    except Refused:
+        raise
     except Exception as exc:  # pydicom raises many types for broken encodings
         raise Refused(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}") from exc
     if len(ds) == 0:
@@ -150,13 +202,21 @@ def read_header(stream: BinaryIO, transfer_syntax: str, start: int = 0) -> tuple
     return ds, total
 
 
-def _check_pixels(ds: Dataset, total: int) -> None:
+def _check_pixels(ds: Dataset, total: int, transfer_syntax: str) -> None:
     raw = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
     if raw is None:
         raise Refused(DOES_NOT_MATCH_SOP_CLASS, "image instance without Pixel Data")
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
-    if length is None or length == UNDEFINED_LENGTH or tell is None:
+    encapsulated = length == UNDEFINED_LENGTH
+    if encapsulated != UID(transfer_syntax).is_encapsulated:
+        raise Refused(
+            CANNOT_UNDERSTAND,
+            "Pixel Data "
+            + ("encapsulated" if encapsulated else "not encapsulated")
+            + f" under transfer syntax {transfer_syntax}: the transfer syntax does not match",
+        )
+    if length is None or encapsulated or tell is None:
         return  # encapsulated: pydicom already read through to the sequence delimiter
     if tell + length > total:
         raise Refused(CANNOT_UNDERSTAND, f"Pixel Data truncated: {total - tell} of {length} bytes")
@@ -201,10 +261,35 @@ def inspect(
     affected_sop_class: str,
     affected_sop_instance: str,
     start: int = 0,
+    max_frame_bytes: int | None = None,
 ) -> Header:
     """Check a received dataset (beginning at offset ``start``) and extract the header the
-    node records."""
+    node records; raise :class:`Refused` with the status to answer.
+
+    Never raises anything else for bad input: a header that parses but whose values cannot
+    be read (a wrong character set, a malformed number) is refused as not understood.
+    """
     ds, total = read_header(stream, transfer_syntax, start)
+    try:
+        return _inspect(
+            ds, total, transfer_syntax, affected_sop_class, affected_sop_instance, max_frame_bytes
+        )
+    except Refused:
+        raise
+    except Exception as exc:  # values pydicom could not convert when they were read
+        raise Refused(
+            CANNOT_UNDERSTAND, f"header values cannot be read: {type(exc).__name__}"
+        ) from exc
+
+
+def _inspect(
+    ds: Dataset,
+    total: int,
+    transfer_syntax: str,
+    affected_sop_class: str,
+    affected_sop_instance: str,
+    max_frame_bytes: int | None,
+) -> Header:
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     study = str(ds.get("StudyInstanceUID", "") or "")
@@ -223,26 +308,26 @@ def inspect(
             DOES_NOT_MATCH_SOP_CLASS,
             "SOP Class/Instance UID in the dataset differ from the C-STORE request",
         )
-    _check_pixels(ds, total)
+    if sop_class in SECONDARY_CAPTURE_SOP_CLASSES:
+        refusal = secondary_capture_refusal(ds)
+        if refusal:
+            raise Refused(SOP_CLASS_NOT_SUPPORTED, refusal)
+    _check_pixels(ds, total, transfer_syntax)
 
     view = classify_view(ds)
-    skip_reason = None
-    if not is_chest(ds):
-        skip_reason = "not a chest radiograph (body part / descriptions)"
-    elif view == "LATERAL":
-        skip_reason = "lateral view"
+    skip_reason = chest_skip_reason(ds, max_frame_bytes)
     return Header(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
         study_instance_uid=study,
         series_instance_uid=series,
-        modality=str(ds.get("Modality", "") or "") or None,
-        body_part=str(ds.get("BodyPartExamined", "") or "")[:64] or None,
+        modality=clean_text(ds.get("Modality"), 16) or None,
+        body_part=clean_text(ds.get("BodyPartExamined"), 64) or None,
         view=view,
         transfer_syntax_uid=str(transfer_syntax),
         skip_reason=skip_reason,
         recorded=recorded_header(ds),
-        accession_number=str(ds.get("AccessionNumber", "") or "").strip()[:64] or None,
+        accession_number=clean_text(ds.get("AccessionNumber"), 64).strip() or None,
     )
 
 
@@ -278,27 +363,29 @@ class Ingest:
         if self.disk_low():
             log.warning("free space below the reserve: answering 0xA700 (sop=%s)", sop_instance_uid)
             return Outcome(OUT_OF_RESOURCES, "free disk space below the configured reserve")
+        peer = (calling_aet, peer_host, sop_class_uid, sop_instance_uid)
         try:
             with open(path, "rb") as part10:
                 start = dataset_offset(part10)
-                header = inspect(part10, transfer_syntax, sop_class_uid, sop_instance_uid, start)
+                header = inspect(
+                    part10,
+                    transfer_syntax,
+                    sop_class_uid,
+                    sop_instance_uid,
+                    start,
+                    max_frame_bytes=self.settings.max_image_mb * 1024 * 1024,
+                )
         except Refused as refused:
-            log.warning(
-                "refused instance from %s: 0x%04X %s", calling_aet, refused.status, refused.reason
-            )
-            return Outcome(refused.status, refused.reason)
+            return self._refuse(refused, *peer)
 
         existing = self._find(header.sop_instance_uid)
         if existing is not None and existing.study_instance_uid != header.study_instance_uid:
-            log.warning(
-                "refused %s from %s: 0xA900 already received in another study",
-                header.sop_instance_uid,
-                calling_aet,
-            )
-            return Outcome(
+            conflict = Refused(
                 DOES_NOT_MATCH_SOP_CLASS,
                 "SOP Instance UID already received under another Study Instance UID",
+                UID_CONFLICT,
             )
+            return self._refuse(conflict, *peer)
         if existing is not None and self.settings.duplicates == "keep_first":
             log.info("duplicate %s kept as first received", header.sop_instance_uid)
             return Outcome(SUCCESS, "duplicate: first copy kept", existing.id, duplicate=True)
@@ -317,6 +404,46 @@ class Ingest:
             log.exception("cannot record %s", header.sop_instance_uid)
             return Outcome(OUT_OF_RESOURCES, f"database unavailable: {type(exc).__name__}")
         return Outcome(SUCCESS, None, instance_id, duplicate, size)
+
+    def _refuse(
+        self,
+        refused: Refused,
+        calling_aet: str,
+        peer_host: str | None,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+    ) -> Outcome:
+        """Log one line and record the refusal (UIDs only when valid: a hostile UID is
+        neither stored nor logged); the answer never waits on the record."""
+        sop_class = sop_class_uid if is_valid_uid(sop_class_uid) else None
+        sop_instance = sop_instance_uid if is_valid_uid(sop_instance_uid) else None
+        log.warning(
+            "refused %s from %s: 0x%04X %s (%s)",
+            sop_instance or "an instance with an invalid UID",
+            calling_aet,
+            refused.status,
+            refused.kind,
+            refused.reason,
+        )
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(
+                    insert(Refusal.__table__),
+                    {
+                        "received_at": utcnow(),
+                        "calling_aet": clean_text(calling_aet, 16),
+                        "peer_host": clean_text(peer_host, 64) if peer_host else None,
+                        "sop_class_uid": sop_class,
+                        "sop_instance_uid": sop_instance,
+                        "status": refused.status,
+                        "kind": refused.kind,
+                        "reason": clean_text(refused.reason, 500),
+                    },
+                )
+                conn.commit()
+        except Exception as exc:  # bookkeeping must never change the answer
+            log.warning("cannot record the refusal: %s", type(exc).__name__)
+        return Outcome(refused.status, refused.reason)
 
     def _find(self, sop_instance_uid: str) -> Any:
         """The row of an instance already received (id, study_id, study_instance_uid) or None.

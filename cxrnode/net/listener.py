@@ -1,4 +1,5 @@
-"""The DICOM listener: C-ECHO and C-STORE for CR and DX, as a thin adapter over ``ingest``
+"""The DICOM listener: C-ECHO and C-STORE for CR, DX and chest Secondary Captures, as a thin
+adapter over ``ingest``
 (and C-STORE of radiologists' SR reports, handed to :mod:`cxrnode.ingest.reports`).
 
 Several listener processes share the port with SO_REUSEPORT, so associations spread over
@@ -30,7 +31,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from math import ceil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
@@ -50,6 +53,7 @@ from cxrnode.ingest.receive import SUCCESS, Ingest
 from cxrnode.ingest.reports import REPORT_SOP_CLASSES, ReportIngest
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import Waker
+from cxrnode.net.cap import SLOT_ATTRIBUTE, AssociationCap, give_back, releasing
 from cxrnode.net.receive import request_handler
 from cxrnode.settings import Settings
 from cxrnode.web.metrics import observe_store
@@ -60,6 +64,11 @@ STORAGE_CLASSES = (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    # digitised films and re-wrapped radiographs; ingest refuses (0x0122) an SC whose header
+    # does not say chest radiograph (cxrnode.ingest.header.secondary_capture_refusal)
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
 )
 
 #: Image transfer syntaxes we accept, in order of preference. pynetdicom's acceptor takes the
@@ -100,6 +109,7 @@ REJECTED_PERMANENT, REJECTED_TRANSIENT = 0x01, 0x02
 SOURCE_USER, SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
 DIAG_CALLING_AET_NOT_RECOGNISED = 0x03
 DIAG_TEMPORARY_CONGESTION = 0x01
+DIAG_LOCAL_LIMIT_EXCEEDED = 0x02
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -111,7 +121,7 @@ class ReusePortServer(ThreadedAssociationServer):
         super().server_bind()
 
 
-def build_ae(settings: Settings, processes: int) -> AE:
+def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -119,7 +129,9 @@ def build_ae(settings: Settings, processes: int) -> AE:
         ae.add_supported_context(sop_class, list(REPORT_TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.maximum_pdu_size = settings.max_pdu_size
-    ae.maximum_associations = max(1, ceil(settings.max_associations / processes))
+    # The node-wide cap (cxrnode.net.cap) decides; pynetdicom's own per-process count is
+    # only a backstop that never refuses first.
+    ae.maximum_associations = settings.max_associations
     ae.require_called_aet = settings.require_called_aet
     ae.network_timeout = settings.network_timeout
     ae.acse_timeout = 30
@@ -150,8 +162,12 @@ class Handlers:
         sessions: Any,
         waker: Waker | None = None,
         reports: ReportIngest | None = None,
+        cap: AssociationCap | None = None,
+        index: int = 0,
     ) -> None:
         self.settings = settings
+        self.cap = cap or AssociationCap(settings.max_associations, 1)
+        self.index = index
         self.ingest = ingest
         self.sessions = sessions
         self.waker = waker
@@ -200,6 +216,19 @@ class Handlers:
                 assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_TEMPORARY_CONGESTION
             )
             return
+        if not self.cap.try_acquire(self.index):
+            log.warning(
+                "association from %s@%s refused: %d associations open, the node's cap",
+                calling,
+                host,
+                self.cap.limit,
+            )
+            self._log_association(assoc, False, "association cap reached (MAX_ASSOCIATIONS)")
+            _reject(
+                assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_LOCAL_LIMIT_EXCEEDED
+            )
+            return
+        setattr(assoc, SLOT_ATTRIBUTE, (self.cap, self.index))  # given back when it ends
         reason = None
         if self.settings.require_called_aet and called != self.settings.ae_title:
             reason = f"called AE title {called!r} is not ours"  # pynetdicom rejects it next
@@ -244,6 +273,7 @@ class Handlers:
         return status
 
     def on_closed(self, event: Any) -> None:
+        give_back(event.assoc)  # the peer may reconnect at once: its slot is free now
         # A transfer cut short leaves pynetdicom's partial file in DATA_DIR/tmp; a file
         # untouched for longer than the network timeout belongs to no live association.
         clean_tmp(self.settings.tmp_dir, older_than=2 * self.settings.network_timeout)
@@ -281,12 +311,13 @@ def die_with_parent() -> None:
         pass
 
 
-def run_listener(settings: Settings, processes: int) -> None:
-    """Body of one listener process: serve until SIGTERM."""
+def run_listener(settings: Settings, cap: AssociationCap | None = None, index: int = 0) -> None:
+    """Body of listener process ``index``: serve until SIGTERM. ``cap`` is the node-wide
+    association cap shared by all listener processes (see :mod:`cxrnode.net.cap`)."""
     die_with_parent()
     from cxrnode.logs import setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings)
     # Receive datasets straight into files in DATA_DIR/tmp, on the file system of their final
     # place, so storing one is fsync + link (cxrnode.ingest.receive.Ingest.receive_file).
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -299,17 +330,19 @@ def run_listener(settings: Settings, processes: int) -> None:
     engine = make_engine(settings.effective_database_url)
     sessions = make_sessionmaker(engine)
     ingest = Ingest(settings, sessions)
-    handlers = Handlers(settings, ingest, sessions, Waker(settings))
-    ae = build_ae(settings, processes)
-    handler_class = request_handler(settings.receive_tuning)
-    servers = [
-        ae.make_server(
-            (settings.dicom_host, settings.dicom_port),
-            evt_handlers=handlers.bindings(),
-            server_class=ReusePortServer,
-            request_handler=handler_class,
+    handlers = Handlers(settings, ingest, sessions, Waker(settings), cap=cap, index=index)
+    ae = build_ae(settings)
+    handler_class = releasing(request_handler(settings.receive_tuning))
+    servers = []
+    if not settings.tls_only:
+        servers.append(
+            ae.make_server(
+                (settings.dicom_host, settings.dicom_port),
+                evt_handlers=handlers.bindings(),
+                server_class=ReusePortServer,
+                request_handler=handler_class,
+            )
         )
-    ]
     if settings.tls_port:
         servers.append(
             ae.make_server(
@@ -333,7 +366,14 @@ def run_listener(settings: Settings, processes: int) -> None:
     for thread in threads:
         thread.start()
     log.info(
-        "listener %d serving %s on port %d", os.getpid(), settings.ae_title, settings.dicom_port
+        "listener %d serving %s on %s",
+        os.getpid(),
+        settings.ae_title,
+        ", ".join(
+            f"port {port}{' (TLS)' if port == settings.tls_port else ''}"
+            for port in ([] if settings.tls_only else [settings.dicom_port]) + [settings.tls_port]
+            if port
+        ),
     )
     stop.wait()
     for server in servers:

@@ -52,6 +52,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Job, Output, OutputState, Study, utcnow
+from cxrnode.logs import expected_network_failures
 from cxrnode.settings import Settings, parse_destination
 
 __all__ = [
@@ -481,16 +482,19 @@ def send_batch(
             DestinationKind.mllp: _send_mllp,
         }.get(target.kind, _send_dimse)
         try:
-            outcomes = transport(settings, target, items)
+            with expected_network_failures():  # each failure is an outcome, logged below
+                outcomes = transport(settings, target, items)
         except Exception as exc:  # a bug or a library surprise must not strand the rows
             log.exception("sending to %s failed unexpectedly", destination)
             failure = Outcome(Verdict.retry, "error", f"unexpected error while sending: {exc!r}")
             outcomes = {item.output_id: failure for item in items}
-        log.info(
-            "study %s to %s: %s",
+        failed = [o for o in outcomes.values() if o.verdict in (Verdict.retry, Verdict.dead)]
+        (log.warning if failed else log.info)(
+            "study %s to %s: %s%s",
             study_uid,
             destination,
             ", ".join(f"{item.kind} {outcomes[item.output_id].status}" for item in items),
+            f" ({failed[0].detail})" if failed else "",
         )
 
     with session_factory() as session:

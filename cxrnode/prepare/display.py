@@ -14,6 +14,14 @@ and avoids the float64 image copies of the textbook per-pixel pipeline.  Native
 (uncompressed) pixel data is viewed in place with ``np.frombuffer``; compressed pixel data is
 decoded by the fastest licence-compatible pydicom plugin for its transfer syntax.
 
+**Memory.** A file is read with its large values deferred (:func:`read_dataset`), so the
+Pixel Data of an uncompressed image never sits in memory whole: it is read from the file in
+slices of :data:`_SLICE_BYTES`, once for the histogram (only when there is no VOI) and once
+through the table. Preparing such an image takes the 8-bit output (Rows x Columns bytes)
+plus a few MiB; a compressed one takes its encoded bytes plus the decoded frame, which
+ingest bounds with MAX_IMAGE_MB (docs/hardening.md). Histograms are counted in slices too:
+``np.bincount`` of a whole 16-bit image would first copy it as 64-bit indices (4x its size).
+
 Nothing here imports torch: the node process runs this in its "prepare" step.
 """
 
@@ -84,6 +92,13 @@ _FALLBACK_PERCENTILE = 0.005
 
 _CHUNK = 1 << 16  # pixels per np.take call: keeps the int index buffer in cache
 
+#: Values longer than this stay in the file until used (Pixel Data above all).
+_DEFER_BYTES = 1 << 20
+#: Bytes of uncompressed Pixel Data read from the file at a time.
+_SLICE_BYTES = 4 << 20
+_PIXEL_DATA_TAG = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
 
 # --------------------------------------------------------------------------- reading
 
@@ -101,7 +116,11 @@ def read_dataset(
     if isinstance(source, Dataset):
         return source
     try:
-        return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, defer_size=_DEFER_BYTES)
+        if _transfer_syntax_or_none(ds) == DeflatedExplicitVRLittleEndian:
+            # inflated in memory when read: deferred values could not be read back later
+            ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
+        return ds
     except InvalidDicomError as exc:
         raise ImagingError(
             f"{os.fspath(source)!r} is not a DICOM Part-10 file (no DICM preamble): {exc}; "
@@ -149,6 +168,12 @@ def _check_image(ds: Dataset) -> None:
         raise ImagingError(f"image has Rows={rows}, Columns={cols}; expected both > 0")
 
 
+def _transfer_syntax_or_none(ds: Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(ts) if ts is not None else None
+
+
 def _transfer_syntax(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -174,6 +199,67 @@ def _native_frame(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> np.
             f"{bits_allocated}-bit samples needs {need}; the file is truncated — re-send it"
         )
     return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+
+
+def _deferred_native(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> Any:
+    """(file name, offset, dtype) of uncompressed little-endian Pixel Data that is still in
+    its file (deferred when read), or None when it is in memory or not plain."""
+    if _transfer_syntax_or_none(ds) not in _NATIVE_LE or bits_allocated not in (8, 16):
+        return None
+    raw = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    filename = getattr(ds, "filename", None)
+    if getattr(raw, "value", b"") is not None or not isinstance(filename, str):
+        return None
+    if raw.length == _UNDEFINED_LENGTH or raw.value_tell is None:
+        return None
+    dtype = np.dtype("<u2") if bits_allocated == 16 else np.dtype("u1")
+    need = rows * cols * dtype.itemsize
+    if raw.length < need:
+        raise ImagingError(
+            f"Pixel Data holds {raw.length} bytes but one {rows}x{cols} frame of "
+            f"{bits_allocated}-bit samples needs {need}; the file is truncated — re-send it"
+        )
+    return filename, raw.value_tell, dtype
+
+
+def _file_slices(filename: str, offset: int, count: int, dtype: np.dtype) -> Iterable[np.ndarray]:
+    """``count`` samples of ``dtype`` from ``offset`` of a file, in slices."""
+    per_slice = max(1, _SLICE_BYTES // dtype.itemsize)
+    with open(filename, "rb") as handle:
+        handle.seek(offset)
+        for start in range(0, count, per_slice):
+            block = np.empty(min(per_slice, count - start), dtype=dtype)
+            if handle.readinto(memoryview(block).cast("B")) != block.nbytes:
+                raise ImagingError("Pixel Data ends early; the file is truncated — re-send it")
+            yield block
+
+
+def _histogram(slices: Iterable[np.ndarray], size: int) -> np.ndarray:
+    """How many pixels hold each word, counted a slice at a time."""
+    hist = np.zeros(size, dtype=np.int64)
+    for block in slices:
+        flat = block.reshape(-1)
+        for start in range(0, flat.size, 16 * _CHUNK):
+            hist += np.bincount(flat[start : start + 16 * _CHUNK], minlength=size)
+    return hist
+
+
+def _display_from_file(ds: Dataset, source: Any, rows: int, cols: int) -> np.ndarray:
+    """The display image of deferred uncompressed pixels, read from the file in slices: the
+    histogram pass (only when there is no VOI) and the table pass."""
+    filename, offset, dtype = source
+    index_bits = 8 * dtype.itemsize
+    table = _lut_for(
+        ds,
+        index_bits,
+        lambda: _histogram(_file_slices(filename, offset, rows * cols, dtype), 1 << index_bits),
+    )
+    out = np.empty(rows * cols, dtype=np.uint8)
+    position = 0
+    for block in _file_slices(filename, offset, rows * cols, dtype):
+        out[position : position + block.size] = _apply(table, block)
+        position += block.size
+    return out.reshape(rows, cols)
 
 
 def _decoded_frame(ds: Dataset, ts: UID, *, raw: bool = True) -> np.ndarray:
@@ -377,6 +463,12 @@ def display_lut(ds: Dataset, raw: np.ndarray) -> np.ndarray:
     index_bits = 8 * raw.dtype.itemsize
     if raw.dtype.kind != "u" or index_bits > 16:
         raise ImagingError(f"raw stored words must be uint8 or uint16, got {raw.dtype}")
+    return _lut_for(ds, index_bits, lambda: _histogram([raw], 1 << index_bits))
+
+
+def _lut_for(ds: Dataset, index_bits: int, histogram: Callable[[], np.ndarray]) -> np.ndarray:
+    """:func:`display_lut` for words of ``index_bits`` bits; ``histogram`` returns, lazily,
+    how many pixels hold each word (only an image without VOI needs it)."""
     bits_stored = min(_int(ds, "BitsStored", _int(ds, "BitsAllocated")), index_bits)
     signed = _int(ds, "PixelRepresentation", 0) == 1
     mask = (1 << bits_stored) - 1
@@ -391,7 +483,7 @@ def display_lut(ds: Dataset, raw: np.ndarray) -> np.ndarray:
     stored = np.arange(smin, smin + (1 << bits_stored), dtype=np.int64)
 
     def counts() -> np.ndarray:
-        hist = np.bincount(raw.reshape(-1), minlength=1 << index_bits)
+        hist = histogram()
         per_value = np.bincount(stored_of_word - smin, weights=hist, minlength=stored.size)
         padding = ds.get("PixelPaddingValue")
         if padding is not None and smin <= int(padding) < smin + stored.size:
@@ -437,6 +529,18 @@ def display_image(source: str | os.PathLike | Dataset) -> np.ndarray:
         interpretation or transfer syntax, or a decoder failure.
     """
     ds = read_dataset(source)
+    try:
+        return _display(ds)
+    except ImagingError:
+        raise
+    except Exception as exc:  # an attribute pydicom cannot convert (a broken VR, a bad number)
+        raise ImagingError(
+            f"the image's attributes cannot be read ({type(exc).__name__}: {exc}); the file "
+            "is damaged — ask the sender to re-send it"
+        ) from exc
+
+
+def _display(ds: Dataset) -> np.ndarray:
     _check_image(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
@@ -444,6 +548,13 @@ def display_image(source: str | os.PathLike | Dataset) -> np.ndarray:
             raise ImagingError(
                 f"{photometric} image has SamplesPerPixel {ds.SamplesPerPixel}; expected 1"
             )
+        rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+        in_file = _deferred_native(ds, rows, cols, _int(ds, "BitsAllocated"))
+        if in_file is not None:
+            bits_stored = _int(ds, "BitsStored", _int(ds, "BitsAllocated"))
+            if not 1 <= bits_stored <= 16:
+                raise ImagingError(f"BitsStored is {bits_stored}; expected 1..16 for a radiograph")
+            return _display_from_file(ds, in_file, rows, cols)
         raw = _stored_frame(ds)
         return _apply(display_lut(ds, raw), raw)
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select, text
 
 from cxrnode.db import Instance, Job, Output, make_engine, make_sessionmaker
-from cxrnode.db.migrate import current_revision, downgrade, upgrade
+from cxrnode.db.migrate import current_revision, downgrade, head_revision, upgrade
 
 MODEL_HASH = "cd" * 32
 
@@ -86,6 +86,7 @@ def test_a_first_release_database_upgrades_to_the_current_schema_with_its_data(
         assert session.scalars(select(Output.state)).all() == ["delivered"]
         assert session.scalars(select(Output.kind)).all() == ["sr"]  # read as air_sr later
     head = current_revision(engine)
+    assert head == head_revision()
 
     # and back: an operator can undo an upgrade to the previous release's schema
     downgrade(engine, "0001")

@@ -788,3 +788,36 @@ def pydicom_data_chest(kind: str = "RG1_UNCR") -> Path:
             "pydicom-data is not installed; install the project's [test] extra"
         ) from exc
     return Path(DataStore().get_path(f"{kind}.dcm"))
+
+
+def chest_secondary_capture(
+    path: Path,
+    *,
+    modality: str = "CR",
+    body_part: str = "CHEST",
+    frames: int | None = None,
+    conversion: str = "DF",
+) -> Path:
+    """An SC of a chest radiograph as a film digitiser or a re-wrapping PACS makes it:
+    8-bit MONOCHROME2, Modality CR, BodyPartExamined CHEST, compressed to JPEG baseline
+    with dcmtk (dcmcjpeg +eb), as the real sample that Orthanc failed to route."""
+    ds = build_chest(modality="CR", rows=512, cols=480, bits_stored=8)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.2" if frames else "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = modality
+    ds.BodyPartExamined = body_part
+    ds.ConversionType = conversion
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "PixelSpacing"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    pixels = (np.add.outer(np.arange(512), np.arange(480)) % 256).astype(np.uint8)
+    if frames:
+        ds.NumberOfFrames = frames
+        ds.FrameIncrementPointer = 0x00181063
+        pixels = np.repeat(pixels[None], frames, axis=0)
+    ds.PixelData = pixels.tobytes()
+    plain = path.with_suffix(".plain.dcm")
+    ds.save_as(plain, enforce_file_format=True)
+    subprocess.run(["/usr/bin/dcmcjpeg", "+eb", str(plain), str(path)], check=True)
+    return path

@@ -10,6 +10,7 @@ subprocesses, and Orthanc's REST API as the viewer that checks what arrived.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -292,3 +293,25 @@ def test_a_wrong_called_ae_title_is_a_dead_letter_until_resend_after_the_fix(
     )
     assert {o.destination for o in outputs(fixed)} == {orthanc.destination}
     assert fixed.cli("resend", "--dead").stdout.strip().endswith("0 output(s) queued again")
+
+
+def test_a_digitised_chest_film_is_routed_by_the_pacs_and_drafted(
+    e2e_node: Callable[..., Node], orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """A Secondary Capture with Modality CR and BodyPartExamined CHEST (JPEG baseline, as film
+    digitisers make them) goes PACS -> node -> draft, like a CR."""
+    node = e2e_node()
+    orthanc.start()
+    node.start()
+    film = dicomgen.chest_secondary_capture(tmp_path / "film.dcm")
+    sent = subprocess.run(  # dcmsend proposes the file's own (JPEG) transfer syntax
+        ["/usr/bin/dcmsend", "-aec", orthanc.aet, "127.0.0.1", str(orthanc.dicom_port), str(film)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_for_reports(orthanc, node, [uid_of(film)])
+    (instance,) = instances(node)
+    assert instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
+    assert instance.state == "stored" and instance.skip_reason is None

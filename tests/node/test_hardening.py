@@ -152,45 +152,12 @@ def test_an_instance_uid_reused_in_another_study_is_refused_and_recorded(
 # ------------------------------------------------------------------- Secondary Captures
 
 
-def secondary_capture(
-    path: Path,
-    *,
-    modality: str = "CR",
-    body_part: str = "CHEST",
-    frames: int | None = None,
-    conversion: str = "DF",
-) -> Path:
-    """An SC of a chest radiograph as a film digitiser or a re-wrapping PACS makes it:
-    8-bit MONOCHROME2, Modality CR, BodyPartExamined CHEST, compressed to JPEG baseline
-    with dcmtk (dcmcjpeg +eb), as the real sample that Orthanc failed to route."""
-    ds = dicomgen.build_chest(modality="CR", rows=512, cols=480, bits_stored=8)
-    ds.SOPClassUID = MULTIFRAME_BYTE_SC if frames else SC_CLASS
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.Modality = modality
-    ds.BodyPartExamined = body_part
-    ds.ConversionType = conversion
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "PixelSpacing"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    pixels = (np.add.outer(np.arange(512), np.arange(480)) % 256).astype(np.uint8)
-    if frames:
-        ds.NumberOfFrames = frames
-        ds.FrameIncrementPointer = 0x00181063
-        pixels = np.repeat(pixels[None], frames, axis=0)
-    ds.PixelData = pixels.tobytes()
-    plain = path.with_suffix(".plain.dcm")
-    ds.save_as(plain, enforce_file_format=True)
-    subprocess.run(["/usr/bin/dcmcjpeg", "+eb", str(plain), str(path)], check=True)
-    return path
-
-
 def test_a_chest_secondary_capture_is_accepted_and_other_scs_refused(
     make_node, tmp_path: Path
 ) -> None:
     node = make_node(settle_seconds="1")
-    chest = secondary_capture(tmp_path / "sc-chest.dcm")
-    one_frame = secondary_capture(tmp_path / "sc-one-frame.dcm", frames=1)
+    chest = dicomgen.chest_secondary_capture(tmp_path / "sc-chest.dcm")
+    one_frame = dicomgen.chest_secondary_capture(tmp_path / "sc-one-frame.dcm", frames=1)
     assert pydicom.dcmread(chest).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
     sent = dcmsend(node.port, chest, one_frame)
     assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -198,9 +165,11 @@ def test_a_chest_secondary_capture_is_accepted_and_other_scs_refused(
     assert stored[SC_CLASS].state == "stored" and stored[SC_CLASS].skip_reason is None
     assert stored[MULTIFRAME_BYTE_SC].state == "stored"
 
-    drafts_like = secondary_capture(tmp_path / "sc-ot.dcm", modality="OT", conversion="WSD")
-    hand = secondary_capture(tmp_path / "sc-hand.dcm", body_part="HAND")
-    three_frames = secondary_capture(tmp_path / "sc-three.dcm", frames=3)
+    drafts_like = dicomgen.chest_secondary_capture(
+        tmp_path / "sc-ot.dcm", modality="OT", conversion="WSD"
+    )
+    hand = dicomgen.chest_secondary_capture(tmp_path / "sc-hand.dcm", body_part="HAND")
+    three_frames = dicomgen.chest_secondary_capture(tmp_path / "sc-three.dcm", frames=3)
     for path in (drafts_like, hand, three_frames):
         refused = dcmsend(node.port, path)
         answer = (refused.stdout + refused.stderr).lower()

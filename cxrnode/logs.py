@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["JsonFormatter", "expected_network_failures", "process_role", "setup_logging"]
 
 #: Roles of the processes that write a log file (short CLI commands log to stderr only).
-FILE_ROLES = ("serve", "listener", "monitor", "worker")
+FILE_ROLES = ("serve", "listener", "monitor", "web", "worker")
 
 _quiet_lock = threading.Lock()
 _quiet_sends = 0

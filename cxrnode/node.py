@@ -377,11 +377,15 @@ def startup_summary(
         release = "(source tree)"
     callers = ", ".join(settings.allowed_calling_aets) or "any calling AE title"
     called = "called AE title checked" if settings.require_called_aet else "any called AE title"
-    dicom = f"{settings.dicom_host}:{settings.dicom_port}, {processes} listener process"
-    dicom += "es" if processes != 1 else ""
-    if settings.tls_port:
-        dicom += f"; DICOM TLS on {settings.tls_port}"
-        dicom += " (mutual)" if settings.tls_client_ca else ""
+    listeners = f"{processes} listener process" + ("es" if processes != 1 else "")
+    if settings.tls_only:
+        dicom = f"TLS only: {settings.dicom_host}:{settings.tls_port}, {listeners}"
+    else:
+        dicom = f"{settings.dicom_host}:{settings.dicom_port}, {listeners}"
+        if settings.tls_port:
+            dicom += f"; DICOM TLS on {settings.tls_port}"
+    if settings.tls_port and settings.tls_client_ca:
+        dicom += " (mutual TLS)"
     rows = [
         ("AE title", f"{settings.ae_title} ({called}; callers: {callers})"),
         ("DICOM", dicom),

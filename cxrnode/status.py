@@ -28,6 +28,7 @@ from cxrnode.db import (
     JobState,
     Output,
     OutputState,
+    Refusal,
     Study,
     StudyState,
     make_engine,
@@ -160,6 +161,10 @@ class Summary(BaseModel):
     disk: Disk
     last_hour: LastHour
     retention: Retention
+    refused_today: dict[str, int] = Field(
+        description="C-STOREs refused in the last 24 hours, by kind (uid-conflict, unreadable, "
+        "mismatch, not-supported, out-of-resources)."
+    )
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -195,6 +200,7 @@ def collect_status(
         workers=workers,
         dead_letters=dead_letters(session),
         failures=failures(session),
+        refused_today=refused_since(session, now - timedelta(hours=24)),
         disk=disk(settings),
         last_hour=last_hour(session, now),
         retention=Retention(days=settings.retention_days, **retention_counts(session)),
@@ -268,6 +274,17 @@ def dead_letters(session: Session, limit: int = 50) -> list[DeadLetter]:
         )
         for row, uid in rows
     ]
+
+
+def refused_since(session: Session, since: datetime) -> dict[str, int]:
+    """C-STOREs refused since ``since``, by kind (the listener records each)."""
+    rows = session.execute(
+        select(Refusal.kind, func.count())
+        .where(Refusal.received_at >= since)
+        .group_by(Refusal.kind)
+        .order_by(Refusal.kind)
+    )
+    return {kind: count for kind, count in rows}
 
 
 def failures(session: Session, limit: int = 20) -> list[Failure]:
@@ -392,6 +409,11 @@ def render_status(summary: Summary) -> str:
         f"{'disk':<10} {_size(free)} free of {_size(summary.disk.total_bytes)} "
         f"(reserve {_size(reserve)}){'  BELOW THE RESERVE: C-STOREs refused' if free < reserve else ''}"
     )
+    if summary.refused_today:
+        lines.append(
+            f"{'refused':<10} last 24 h: "
+            + ", ".join(f"{kind} {count}" for kind, count in summary.refused_today.items())
+        )
     kept = summary.retention
     lines.append(
         f"{'retention':<10} "

@@ -19,7 +19,7 @@ from typing import Any
 from celery import signals
 
 from cxrnode.jobs.broker import celery_app, redis_client
-from cxrnode.jobs.tracking import Heartbeat
+from cxrnode.jobs.tracking import Heartbeat, job_key, output_key
 from cxrnode.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,19 @@ def worker_name(queues: list[str]) -> str:
     return f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
 
 
-def _job_id(request: Any) -> int | None:
-    """The job a task message is about (tasks of one job take ``(job_id, version, ...)``)."""
-    name = getattr(request, "name", None) or getattr(getattr(request, "task", None), "name", "")
+def tracking_keys(name: str, args: Any) -> list[str]:
+    """The tracking keys of a task message (see ``cxrnode.jobs.tracking``): its job, or the
+    outputs a send carries."""
+    args = args or ()
     if name == "cxrnode.send_outputs":
-        return None
-    args = getattr(request, "args", None) or ()
-    return args[0] if args and isinstance(args[0], int) else None
+        ids = args[1] if len(args) > 1 else ()
+        return [output_key(i) for i in ids if isinstance(i, int)]
+    return [job_key(args[0])] if args and isinstance(args[0], int) else []
+
+
+def _request_keys(request: Any) -> list[str]:
+    name = getattr(request, "name", None) or getattr(getattr(request, "task", None), "name", "")
+    return tracking_keys(name, getattr(request, "args", None))
 
 
 @signals.worker_ready.connect
@@ -80,24 +86,21 @@ def _stop_heartbeat(**_: Any) -> None:
 
 @signals.task_received.connect
 def _hold(request: Any = None, **_: Any) -> None:
-    job_id = _job_id(request)
-    if heartbeat is not None and job_id is not None:
-        heartbeat.hold(job_id)
+    if heartbeat is not None:
+        heartbeat.hold(_request_keys(request))
 
 
 @signals.task_postrun.connect
 def _release(task: Any = None, args: Any = None, **_: Any) -> None:
-    job_id = args[0] if args and task is not None and task.name != "cxrnode.send_outputs" else None
-    if heartbeat is not None and isinstance(job_id, int):
-        heartbeat.release(job_id)
+    if heartbeat is not None and task is not None:
+        heartbeat.release(tracking_keys(task.name, args))
 
 
 @signals.task_revoked.connect
 @signals.task_rejected.connect
 def _release_unrun(request: Any = None, **_: Any) -> None:
-    job_id = _job_id(request)
-    if heartbeat is not None and job_id is not None:
-        heartbeat.release(job_id)
+    if heartbeat is not None:
+        heartbeat.release(_request_keys(request))
 
 
 def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> None:

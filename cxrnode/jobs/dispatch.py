@@ -39,11 +39,10 @@ class Dispatcher:
 
     def job_task(self, task: str, job_id: int, version: int, *args: Any) -> None:
         """Publish ``cxrnode.<task>(job_id, version, *args)``, marked as waiting first."""
-        tracking.mark_waiting(self.redis, [job_id], task)
+        keys = [tracking.job_key(job_id)]
+        tracking.mark_waiting(self.redis, keys, task)
         self.celery.send_task(
-            f"cxrnode.{task}",
-            args=(job_id, version, *args),
-            headers={tracking.JOB_HEADER: job_id},
+            f"cxrnode.{task}", args=(job_id, version, *args), headers={tracking.KEYS_HEADER: keys}
         )
 
     def prepare_image(self, job_id: int, version: int) -> None:
@@ -64,9 +63,15 @@ class Dispatcher:
         )
 
     def send_outputs(self, batches: list[SendBatch]) -> None:
+        """Publish one send message per study and destination; each output it carries is
+        tracked (waiting, then held) like a job, so a lost message is noticed quickly."""
         for batch in batches:
+            keys = [tracking.output_key(output_id) for output_id in batch.output_ids]
+            tracking.mark_waiting(self.redis, keys, "send_outputs")
             self.celery.send_task(
-                "cxrnode.send_outputs", args=(batch.destination, batch.output_ids)
+                "cxrnode.send_outputs",
+                args=(batch.destination, batch.output_ids),
+                headers={tracking.KEYS_HEADER: keys},
             )
 
     def wake_scheduler(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import sessionmaker
@@ -97,24 +97,40 @@ class Scheduler:
         self.dispatch.send_outputs(batches)
 
     def reconcile(self) -> None:
-        """The database is the truth: re-send jobs whose message is neither waiting in a queue
-        nor held by a live worker (see :mod:`cxrnode.jobs.tracking`)."""
+        """The database is the truth: re-send jobs, and give back outputs claimed for sending,
+        whose message is neither waiting in a queue nor held by a live worker (see
+        :mod:`cxrnode.jobs.tracking`)."""
         redis = self.dispatch.redis
-        held = tracking.held_jobs(tracking.live_workers(redis))
+        held = tracking.held_keys(tracking.live_workers(redis))
         waiting, orphans = tracking.verify_waiting(
             redis, tracking.waiting(redis), held, TASK_QUEUES, tracking.HEARTBEAT_TTL
         )
         log.debug("reconcile: waiting %s, held %s", sorted(waiting), sorted(held))
+        tracked = set(waiting) | held
         with self.sessions() as session:
             resend, failed = states.find_lost(
                 session,
-                waiting=waiting,
-                held=held,
+                waiting={int(k): v for k, v in waiting.items() if k.isdigit()},
+                held=tracking.job_ids(held),
                 grace_seconds=tracking.HEARTBEAT_TTL,
                 deadline_seconds=self.settings.job_deadline_seconds,
             )
-        lost = [item.job_id for item in resend] + failed
-        tracking.forget(redis, lost, [tag for job in lost for tag in orphans.get(job, [])])
+        now = utcnow()
+        with self.readers() as session:
+            claimed = outbox.claimed_before(
+                session, now - timedelta(seconds=tracking.HEARTBEAT_TTL)
+            )
+        lost_sends = [i for i in claimed if tracking.output_key(i) not in tracked]
+        if lost_sends:
+            with self.sessions() as session:
+                released = outbox.release_claims(session, lost_sends, now)
+            log.warning("%d outputs' send message was lost; they are due again", released)
+        lost_keys = [tracking.job_key(item.job_id) for item in resend]
+        lost_keys += [tracking.job_key(job_id) for job_id in failed]
+        lost_keys += [tracking.output_key(i) for i in lost_sends]
+        tracking.forget(
+            redis, lost_keys, [tag for key in lost_keys for tag in orphans.get(key, [])]
+        )
         for job_id in failed:
             log.error("job %d failed: its work was lost %d times", job_id, states.MAX_ATTEMPTS)
         for item in resend:

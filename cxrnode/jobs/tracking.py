@@ -1,18 +1,21 @@
-"""Which work is where: messages waiting in a queue, jobs held by a live worker, and the rest.
+"""Which work is where: messages waiting in a queue, work held by a live worker, and the rest.
 
-The database says what state each job is in; the broker only carries messages, and may lose
-them (a worker killed with its prefetched messages, Redis restarted empty). To notice a lost
-message in about a minute without re-running work that is merely slow, the node keeps two
-small records in the broker's Redis:
+The database says what state each job and each outgoing object is in; the broker only carries
+messages, and may lose them (a worker killed with its prefetched messages, Redis restarted
+empty). To notice a lost message in about a minute without re-running work that is merely
+slow, the node keeps two small records in the broker's Redis. Both name work by a *key*:
+a job's id (``"42"``) for the job's messages, ``"out:<id>"`` for each outgoing object a send
+message carries.
 
-- **waiting**: a hash ``cxrnode:waiting`` of job id → (stage, when). The node writes the
-  entry just before it publishes a task message; the worker that *receives* the message
-  removes it (Celery's ``task_received`` signal, so prefetched messages count as held).
+- **waiting**: a hash ``cxrnode:waiting`` of key → (stage, when). The node writes the entries
+  just before it publishes a task message (which names its keys in a header); the worker that
+  *receives* the message removes them (Celery's ``task_received`` signal, so prefetched
+  messages count as held).
 - **held**: every worker process publishes a heartbeat ``cxrnode:worker:<name>`` every
   :data:`HEARTBEAT_SECONDS`, expiring after :data:`HEARTBEAT_TTL`, naming its queues, its
-  state (e.g. which model it has loaded) and the jobs it holds (received, not yet finished).
+  state (e.g. which model it has loaded) and the keys it holds (received, not yet finished).
 
-A job in flight is then either waiting, or held by a worker whose heartbeat is alive, or lost.
+Work in flight is then either waiting, or held by a worker whose heartbeat is alive, or lost.
 A waiting mark older than the grace period is checked against the broker itself
 (:func:`verify_waiting`): a worker killed in the instant between taking a message and
 reporting it leaves a mark whose message is in no queue, or only in kombu's unacknowledged
@@ -56,7 +59,7 @@ class WorkerInfo:
     queues: tuple[str, ...]
     host: str
     pid: int
-    held: frozenset[int] = frozenset()
+    held: frozenset[str] = frozenset()  # keys: job ids ("42") and outputs ("out:7")
     state: dict[str, Any] = field(default_factory=dict)  # e.g. {"model": "loaded", ...}
     seen_at: float = 0.0  # time.time() of the heartbeat
 
@@ -81,7 +84,7 @@ class WorkerInfo:
             queues=tuple(data.get("queues") or ()),
             host=str(data.get("host", "")),
             pid=int(data.get("pid", 0)),
-            held=frozenset(int(j) for j in data.get("held") or ()),
+            held=frozenset(str(key) for key in data.get("held") or ()),
             state=dict(data.get("state") or {}),
             seen_at=float(data.get("seen_at", 0.0)),
         )
@@ -90,17 +93,36 @@ class WorkerInfo:
 # ------------------------------------------------------------------------------ node side
 
 
-def mark_waiting(client: Any, job_ids: Iterable[int], stage: str) -> None:
-    """Record that messages for these jobs are about to be published (call before sending)."""
+def job_key(job_id: int) -> str:
+    return str(job_id)
+
+
+def output_key(output_id: int) -> str:
+    return f"out:{output_id}"
+
+
+def job_ids(keys: Iterable[str]) -> set[int]:
+    """The job ids among ``keys``."""
+    return {int(key) for key in keys if key.isdigit()}
+
+
+def output_ids(keys: Iterable[str]) -> set[int]:
+    """The output ids among ``keys``."""
+    return {int(key[4:]) for key in keys if key.startswith("out:") and key[4:].isdigit()}
+
+
+def mark_waiting(client: Any, keys: Iterable[str], stage: str) -> None:
+    """Record that a message for ``keys`` is about to be published (call before sending)."""
     now = time.time()
-    mapping = {str(job_id): json.dumps([stage, now]) for job_id in job_ids}
+    mapping = {key: json.dumps([stage, now]) for key in keys}
     if mapping:
         client.hset(WAITING_KEY, mapping=mapping)
 
 
-#: The message header that names a task message's job (searchable in the raw message).
-JOB_HEADER = "cxrnode_job"
-_JOB_IN_MESSAGE = re.compile(rb'"cxrnode_job":\s*(\d+)')
+#: The message header that names a task message's keys (searchable in the raw message).
+KEYS_HEADER = "cxrnode_keys"
+_KEYS_IN_MESSAGE = re.compile(rb'"cxrnode_keys":\s*\[([^\]]*)\]')
+_KEY = re.compile(rb'"([^"]+)"')
 # kombu's Redis transport: a queue's messages are in the list <queue> (and <queue>\x06\x16<n>
 # for priorities 3, 6, 9); messages handed to a consumer and not yet acknowledged are in the
 # hash "unacked" (delivery tag -> [message, exchange, routing key]) with their hand-out time
@@ -109,74 +131,71 @@ _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
 
 
-def _jobs_in(raw_messages: Iterable[bytes | None]) -> list[int]:
-    jobs = []
-    for raw in raw_messages:
-        match = _JOB_IN_MESSAGE.search(raw or b"")
-        if match:
-            jobs.append(int(match.group(1)))
-    return jobs
+def _keys_in(raw: bytes | None) -> list[str]:
+    match = _KEYS_IN_MESSAGE.search(raw or b"")
+    return [key.decode() for key in _KEY.findall(match.group(1))] if match else []
 
 
 def verify_waiting(
     client: Any,
-    marks: dict[int, tuple[str, float]],
-    held: set[int],
+    marks: dict[str, tuple[str, float]],
+    held: set[str],
     queues: dict[str, str],
     grace_seconds: float,
     now: float | None = None,
-) -> tuple[dict[int, tuple[str, float]], dict[int, list[bytes]]]:
+) -> tuple[dict[str, tuple[str, float]], dict[str, list[bytes]]]:
     """Keep only the waiting marks whose message the broker really has.
 
-    Marks younger than ``grace_seconds``, and marks of held jobs, are kept as they are. For
+    Marks younger than ``grace_seconds``, and marks of held keys, are kept as they are. For
     older ones the queue of their task (``queues``: task name -> queue) and kombu's
-    unacknowledged set are searched for a message naming the job. Returns the marks still
-    waiting, and the delivery tags of unacknowledged messages whose job no live worker holds
-    (orphans of a dead worker: the caller re-sends the job and may drop these).
+    unacknowledged set are searched for a message naming the key. Returns the marks still
+    waiting, and the delivery tags of unacknowledged messages whose keys no live worker holds
+    (orphans of a dead worker: the caller re-sends the work and may drop these).
     """
     now = time.time() if now is None else now
     old = {
-        job: mark
-        for job, mark in marks.items()
-        if now - mark[1] > grace_seconds and job not in held
+        key: mark
+        for key, mark in marks.items()
+        if now - mark[1] > grace_seconds and key not in held
     }
     if not old:
         return marks, {}
-    queued: set[int] = set()
+    queued: set[str] = set()
     for queue in {queues.get(f"cxrnode.{stage}", stage) for stage, _ in old.values()}:
         for suffix in _PRIORITY_SUFFIXES:
-            queued.update(_jobs_in(client.lrange(queue + suffix, 0, -1)))
-    orphans: dict[int, list[bytes]] = {}
+            for raw in client.lrange(queue + suffix, 0, -1):
+                queued.update(_keys_in(raw))
+    orphans: dict[str, list[bytes]] = {}
     stale_tags = client.zrangebyscore(UNACKED_INDEX, "-inf", now - grace_seconds)
     if stale_tags:
         for tag, raw in zip(stale_tags, client.hmget(UNACKED, stale_tags), strict=True):
-            for job in _jobs_in([raw]):
-                if job not in held:
-                    orphans.setdefault(job, []).append(tag)
-    kept = {job: mark for job, mark in marks.items() if job not in old or job in queued}
+            for key in _keys_in(raw):
+                if key not in held:
+                    orphans.setdefault(key, []).append(tag)
+    kept = {key: mark for key, mark in marks.items() if key not in old or key in queued}
     return kept, orphans
 
 
-def forget(client: Any, job_ids: Iterable[int], orphan_tags: Iterable[bytes] = ()) -> None:
-    """Drop the waiting marks of ``job_ids`` and the given unacknowledged messages (their jobs
-    were re-sent, so kombu must not hand them out again after its visibility timeout)."""
-    ids = [str(j) for j in job_ids]
-    tags = list(orphan_tags)
+def forget(client: Any, keys: Iterable[str], orphan_tags: Iterable[bytes] = ()) -> None:
+    """Drop the waiting marks of ``keys`` and the given unacknowledged messages (their work
+    was re-sent, so kombu must not hand them out again after its visibility timeout)."""
+    keys = list(keys)
+    tags = list(dict.fromkeys(orphan_tags))
     with client.pipeline(transaction=False) as pipe:
-        if ids:
-            pipe.hdel(WAITING_KEY, *ids)
+        if keys:
+            pipe.hdel(WAITING_KEY, *keys)
         if tags:
             pipe.zrem(UNACKED_INDEX, *tags)
             pipe.hdel(UNACKED, *tags)
         pipe.execute()
 
 
-def waiting(client: Any) -> dict[int, tuple[str, float]]:
-    """Jobs whose message is in a queue: job id → (stage, when it was published)."""
-    out: dict[int, tuple[str, float]] = {}
+def waiting(client: Any) -> dict[str, tuple[str, float]]:
+    """Keys whose message is in a queue: key → (stage, when it was published)."""
+    out: dict[str, tuple[str, float]] = {}
     for key, value in client.hgetall(WAITING_KEY).items():
         stage, when = json.loads(value)
-        out[int(key)] = (str(stage), float(when))
+        out[key.decode() if isinstance(key, bytes) else str(key)] = (str(stage), float(when))
     return out
 
 
@@ -196,8 +215,8 @@ def live_workers(client: Any) -> list[WorkerInfo]:
     return sorted(workers, key=lambda w: w.name)
 
 
-def held_jobs(workers: Iterable[WorkerInfo]) -> set[int]:
-    held: set[int] = set()
+def held_keys(workers: Iterable[WorkerInfo]) -> set[str]:
+    held: set[str] = set()
     for worker in workers:
         held |= worker.held
     return held
@@ -220,7 +239,7 @@ class Heartbeat:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.state: dict[str, Any] = {}
-        self._held: dict[int, int] = {}  # job id -> how many of its messages this worker holds
+        self._held: dict[str, int] = {}  # key -> how many of its messages this worker holds
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -239,23 +258,31 @@ class Heartbeat:
         with contextlib.suppress(Exception):  # the broker may be gone already
             self.client.delete(self.key)
 
-    def hold(self, job_id: int) -> None:
-        """This worker received a message for ``job_id``: it is no longer waiting."""
+    def hold(self, keys: Iterable[str]) -> None:
+        """This worker received a message for ``keys``: they are no longer waiting."""
+        keys = list(keys)
+        if not keys:
+            return
         with self._lock:
-            self._held[job_id] = self._held.get(job_id, 0) + 1
+            for key in keys:
+                self._held[key] = self._held.get(key, 0) + 1
         self.publish()
         try:
-            self.client.hdel(WAITING_KEY, str(job_id))
+            self.client.hdel(WAITING_KEY, *keys)
         except Exception:
-            log.warning("cannot clear the waiting mark of job %d (broker unreachable)", job_id)
+            log.warning("cannot clear the waiting marks %s (broker unreachable)", keys)
 
-    def release(self, job_id: int) -> None:
+    def release(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
         with self._lock:
-            count = self._held.get(job_id, 0) - 1
-            if count > 0:
-                self._held[job_id] = count
-            else:
-                self._held.pop(job_id, None)
+            for key in keys:
+                count = self._held.get(key, 0) - 1
+                if count > 0:
+                    self._held[key] = count
+                else:
+                    self._held.pop(key, None)
         self.publish()
 
     def set_state(self, **state: Any) -> None:

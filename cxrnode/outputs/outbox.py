@@ -71,6 +71,8 @@ __all__ = [
     "due_outputs",
     "lease_seconds",
     "next_due",
+    "claimed_before",
+    "release_claims",
     "resend",
     "retarget",
     "send_batch",
@@ -401,6 +403,41 @@ def due_outputs(
         SendBatch(destination, study_uid, [output_id for _, output_id in sorted(items)])
         for (destination, study_uid), items in groups.items()
     ]
+
+
+def claimed_before(session: Session, before: datetime) -> list[int]:
+    """Outputs claimed for sending (in flight) since before ``before``: candidates for a lost
+    send message (the reconciler checks them against the broker's records)."""
+    return list(
+        session.scalars(
+            select(Output.id).where(
+                Output.state == OutputState.pending,
+                Output.last_status == IN_FLIGHT,
+                Output.updated_at < before,
+            )
+        )
+    )
+
+
+def release_claims(session: Session, output_ids: Iterable[int], now: datetime) -> int:
+    """Give lost sends' outputs back to the outbox, due at once (not counted as a try: the
+    message was lost, the destination never saw it). Commits; returns how many."""
+    ids = list(output_ids)
+    if not ids:
+        return 0
+    rows = session.scalars(
+        select(Output)
+        .where(
+            Output.id.in_(ids), Output.state == OutputState.pending, Output.last_status == IN_FLIGHT
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        row.next_try_at = now
+        row.last_status = "message lost"
+        row.updated_at = now
+    session.commit()
+    return len(rows)
 
 
 def next_due(session: Session) -> datetime | None:

@@ -86,7 +86,7 @@ def run_web(settings: Settings) -> None:
     die_with_parent()
     from cxrnode.logs import setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings)
     problem = exposure_problem(settings)
     if problem:
         raise SystemExit(f"cxrnode web: {problem}")

@@ -245,6 +245,7 @@ def test_logs_go_to_a_rotating_file_per_process_and_carry_no_patient_data(
         "listener-0.log",
         "listener-1.log",
         "monitor.log",
+        "web.log",
         "worker-prepare-outputs-send.log",
         "worker-infer.log",
     }

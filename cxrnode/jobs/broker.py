@@ -68,8 +68,9 @@ WAKE_CHANNEL = "cxrnode:wake"
 VISIBILITY_TIMEOUT = 2 * 3600
 
 #: Seconds an idle consumer's BRPOP blocks before it is re-issued (kombu's default is 1):
-#: work still wakes it at once; this only bounds idle wake-ups.
-BRPOP_TIMEOUT = 10
+#: work still wakes it at once; this bounds idle wake-ups, and a stopping worker waits for
+#: the outstanding BRPOP's answer when it closes its channel, so it also bounds shutdown.
+BRPOP_TIMEOUT = 2
 
 _UNIX_PATH_MAX = 100  # sun_path is 108 bytes on Linux; leave room
 

@@ -92,6 +92,32 @@ class SlotReleasingHandler(RequestHandler):
             super().handle()
             assoc = getattr(self, "cxrnode_assoc", None)
             if assoc is not None:
-                assoc.join()
+                _join(assoc)
         finally:
             give_back(getattr(self, "cxrnode_assoc", None))
+
+
+#: Seconds between looks at a waiting association for a peer that has already gone.
+CLOSED_CHECK_SECONDS = 0.5
+
+
+def closed_before_request(assoc: Any) -> bool:
+    """The peer connected and closed without sending an A-ASSOCIATE-RQ (a TCP health probe,
+    a port scan). pynetdicom would keep such an association, and its slot, until the ACSE
+    timeout."""
+    if assoc.is_established or assoc.is_released or assoc.is_aborted or assoc.is_rejected:
+        return False
+    transport = getattr(assoc.dul, "socket", None)
+    sock = getattr(transport, "socket", None)
+    return sock is not None and sock.fileno() == -1
+
+
+def _join(assoc: Any) -> None:
+    woken = False
+    while assoc.is_alive():
+        assoc.join(CLOSED_CHECK_SECONDS)
+        if not woken and assoc.is_alive() and closed_before_request(assoc):
+            # the acceptor's reactor waits on this queue for the request: an empty answer
+            # is its ACSE timeout, after which it ends the association
+            assoc.dul.to_user_queue.put(None)
+            woken = True

@@ -20,6 +20,7 @@ The receive path is tuned for 10 MB radiographs (see bench/ingest.py):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -302,6 +303,25 @@ def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
     assoc.kill()  # returns once the peer closed the connection (or ARTIM expired)
 
 
+#: Seconds a stopping listener lets open associations finish before it aborts them. An
+#: aborted C-STORE was never acknowledged: the sender keeps the instance and sends it again.
+SHUTDOWN_GRACE_SECONDS = 3.0
+
+
+def finish_associations(servers: list[Any], grace: float) -> None:
+    """Wait up to ``grace`` seconds for the servers' associations to end, then abort the rest
+    (an idle peer holding an association open would otherwise delay the stop until its
+    network timeout)."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(s.active_associations for s in servers):
+        time.sleep(0.1)
+    for server in servers:
+        for assoc in server.active_associations:
+            log.info("listener stopping: aborting an open association")
+            with contextlib.suppress(Exception):
+                assoc.abort()
+
+
 def die_with_parent() -> None:
     """Linux: make the kernel kill this process when its parent dies (even by SIGKILL)."""
     try:
@@ -380,5 +400,7 @@ def run_listener(settings: Settings, cap: AssociationCap | None = None, index: i
         # socketserver's own shutdown: pynetdicom's would look for the server in the AE's
         # list, which make_server does not add it to
         socketserver.BaseServer.shutdown(server)
+    finish_associations(servers, SHUTDOWN_GRACE_SECONDS)
+    for server in servers:
         server.server_close()
     engine.dispose()

@@ -263,15 +263,16 @@ class Soak:
             return {row[0] for row in rows}
 
     def _recovered(self, in_flight: set[int], moment: float) -> bool:
-        """Every job open at the fault is finished and delivered, and a draft made after
-        the fault was delivered (the pipeline moves again)."""
+        """Every job open at the fault is finished and delivered, and some draft was delivered
+        after the fault (the pipeline moves again; when every study was drafted before the
+        fault, that delivery is one the fault held back)."""
         if in_flight & self._open_jobs():
             return False
         with self.engine.connect() as conn:
             count = conn.execute(
                 text(
                     "SELECT count(*) FROM outputs WHERE state = 'delivered' "
-                    "AND created_at > to_timestamp(:t) AT TIME ZONE 'UTC'"
+                    "AND updated_at > to_timestamp(:t) AT TIME ZONE 'UTC'"
                 ),
                 {"t": moment},
             ).scalar()
@@ -306,8 +307,9 @@ class Soak:
         queue = [study_file(files, i) for i in range(self.studies)]
         pending = list(queue)
         pending_lock = threading.Lock()
-        # the studies arrive over the first 60 % of the run, from 4 senders
-        interval = 0.6 * self.minutes * 60 / max(1, self.studies) * 4
+        # the studies arrive over the first 75 % of the run, from 4 senders: still arriving
+        # when the last fault strikes, so that every fault meets work in flight
+        interval = 0.75 * self.minutes * 60 / max(1, self.studies) * 4
 
         def sender() -> None:
             while not stop.is_set():

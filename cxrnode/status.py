@@ -65,6 +65,9 @@ class WorkerStatus(BaseModel):
     model_hash: str | None = None
     device: str | None = None
     model_error: str | None = None
+    gpu: str | None = Field(
+        default=None, description="The GPU of a `cxrnode worker --gpus` process (its index)."
+    )
 
     @classmethod
     def from_heartbeat(cls, worker: WorkerInfo, now: float) -> WorkerStatus:
@@ -78,7 +81,7 @@ class WorkerStatus(BaseModel):
             seen_seconds_ago=round(max(0.0, now - worker.seen_at), 1),
             **{
                 key: None if state.get(key) is None else str(state[key])
-                for key in ("model", "model_id", "model_hash", "device", "model_error")
+                for key in ("model", "model_id", "model_hash", "device", "model_error", "gpu")
             },
         )
 
@@ -442,6 +445,8 @@ def render_status(summary: Summary) -> str:
             model = f", model {worker.model or 'not loaded yet'}"
             if worker.model_id:
                 model += f" ({worker.model_id} on {worker.device})"
+            if worker.gpu is not None:
+                model += f", GPU {worker.gpu}"
         lines.append(
             f"{'worker':<10} {worker.name}: {','.join(worker.queues)}, "
             f"{worker.jobs} jobs held{model}"

@@ -18,12 +18,23 @@ SLOW_FOLDERS = frozenset({"e2e", "pipeline", "viewer", "web", "monitor", "faults
 SLOW_FIXTURES = frozenset({"make_node", "e2e_node", "node", "orthanc", "storescp_peer"})
 
 
+#: Folders whose tests share one session fixture (a node with its peers, a viewer): under
+#: pytest-xdist each runs on one worker, so the fixture starts once.
+SHARED_FOLDERS = frozenset({"e2e", "viewer", "web"})
+#: Under pytest-xdist, tests of these folders are handed out first, longest first, so the
+#: long ones do not start last and leave the other workers idle at the end.
+FIRST_FOLDERS = ("faults", "e2e", "web", "viewer", "pipeline", "deploy", "monitor", "node")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark tests by what they need, so `scripts/test --fast` (``-m "not slow"``) and
     ``-m postgres`` / ``-m redis`` select them without anyone remembering to mark them."""
+    parallel = bool(getattr(config.option, "numprocesses", None))
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         folder = Path(str(item.fspath)).parent.name
+        if parallel and folder in SHARED_FOLDERS:
+            item.add_marker(pytest.mark.xdist_group(folder))
         if folder in SLOW_FOLDERS or fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
         callspec = getattr(item, "callspec", None)
@@ -36,6 +47,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.postgres)
         if "redis_url" in fixtures or any("redis" in p for p in params):
             item.add_marker(pytest.mark.redis)
+    if parallel:
+
+        def rank(item: pytest.Item) -> int:
+            folder = Path(str(item.fspath)).parent.name
+            return FIRST_FOLDERS.index(folder) if folder in FIRST_FOLDERS else len(FIRST_FOLDERS)
+
+        items.sort(key=rank)  # stable: each folder keeps its own order
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,10 @@ def phantom(size: int = 1536, seed: int | None = None) -> np.ndarray:
     return np.clip(image, 0, 4095).astype(np.uint16)
 
 
+#: Width of the demo phantom's field of view (an adult chest PA detector is 35-43 cm).
+DEMO_FIELD_MM = 384.0
+
+
 def chest_dataset(size: int = 1536) -> FileDataset:
     """A CR Image Storage dataset of :func:`phantom`, with fresh UIDs."""
     now = datetime.now()
@@ -93,7 +97,8 @@ def chest_dataset(size: int = 1536) -> FileDataset:
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.PixelSpacing = [0.25, 0.25]
+    spacing = round(DEMO_FIELD_MM / size, 4)  # a 38 cm chest at any matrix size
+    ds.PixelSpacing = [spacing, spacing]
     ds.WindowCenter = 1800
     ds.WindowWidth = 3400
     ds.PixelData = pixels.tobytes()

@@ -126,7 +126,8 @@ def read_dataset(
             f"{os.fspath(source)!r} is not a DICOM Part-10 file (no DICM preamble): {exc}; "
             "expected a file as written by a C-STORE SCP"
         ) from exc
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        # NotImplementedError: pydicom's answer to a value representation it does not know
         raise ImagingError(
             f"could not read {os.fspath(source)!r} as DICOM ({type(exc).__name__}: {exc}); "
             "the file may be truncated or corrupt — ask the sender to re-send it"

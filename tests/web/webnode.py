@@ -133,14 +133,15 @@ class Site:
 
 
 def chest(directory: Path, name: str, seed: int, **kwargs) -> Path:
-    """A small chest radiograph of the invented patient."""
+    """A small chest radiograph of the invented patient (large enough for the node's geometry
+    checks: 160 pixels of 1 mm)."""
     extra = {"PatientName": PATIENT_NAME, "PatientBirthDate": BIRTH_DATE}
     extra.update(kwargs.pop("extra", {}))
     return dicomgen.make_chest(
         directory / f"{name}.dcm",
         seed=seed,
-        rows=96,
-        cols=96,
+        rows=160,
+        cols=160,
         patient_id=PATIENT_ID,
         extra=extra,
         **kwargs,

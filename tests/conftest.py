@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from services import Node, fresh_database, node_env, postgres_server, redis_server  # noqa: E402
+from services import BIN, Node, fresh_database, node_env, postgres_server, redis_server  # noqa: E402
 
 #: Tests in these folders run whole nodes, peers or browsers.
 SLOW_FOLDERS = frozenset({"e2e", "pipeline", "viewer", "web", "monitor", "faults"})
@@ -70,10 +74,25 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CXR-LLaVA v2 checkpoint in the published format (random weights, fixed seed)."""
-    from model.tiny import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model"))
+    """A tiny CXR-LLaVA v2 checkpoint in the published format (random weights, fixed seed),
+    written once per run by `cxrnode model make-tiny` (torch stays out of pytest) and shared
+    by the pytest-xdist workers; a test must not change it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    directory, done = root / "tiny-model-shared", root / "tiny-model-shared.done"
+    with open(root / "tiny-model-shared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            subprocess.run(
+                [str(BIN / "cxrnode"), "model", "make-tiny", str(directory)],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            done.touch()
+    return directory
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -37,6 +37,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -181,6 +182,7 @@ class Handlers:
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ACSE_RECV, self.on_acse_received),
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
         ]
@@ -272,6 +274,13 @@ class Handlers:
         status.Status = outcome.status
         status.ErrorComment = outcome.reason[:64]
         return status
+
+    def on_acse_received(self, event: Any) -> None:
+        """A release request gives its slot back before the reply goes out: a peer that
+        reconnects as soon as it reads the reply finds the slot free (EVT_RELEASED comes
+        only after the reply, too late on a busy machine)."""
+        if isinstance(getattr(event, "primitive", None), A_RELEASE):
+            give_back(event.assoc)
 
     def on_closed(self, event: Any) -> None:
         give_back(event.assoc)  # the peer may reconnect at once: its slot is free now

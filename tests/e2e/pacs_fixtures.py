@@ -7,13 +7,12 @@ imports them (``from pacs_fixtures import ...``)."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from orthanc_server import Orthanc
-from services import BIN, Node
+from services import Node
 
 #: Settings of every end-to-end node: greedy decoding (deterministic), short answers, a
 #: one-second quiet period and retry delays of 1 s doubling to 4 s.
@@ -27,19 +26,6 @@ E2E_SETTINGS = {
     "send_timeout": "3",
     "reconcile_interval": "2",
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CXR-LLaVA v2 checkpoint, written by the CLI (torch stays out of pytest)."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run(
-        [str(BIN / "cxrnode"), "model", "make-tiny", str(directory)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return directory
 
 
 @pytest.fixture

@@ -150,7 +150,7 @@ def test_a_representative_subset_over_the_network_and_the_node_keeps_answering(
     make_node, tmp_path: Path
 ) -> None:
     assert len(NETWORK_CASES) == 14
-    node = make_node(log_format="json")
+    node = make_node("--no-workers", log_format="json")
     refused = 0
     for case in NETWORK_CASES:
         status = send_raw(node.port, case, tmp_path / f"{case.name}.dcm")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(_HERE.parent / "hl7"))
 import dicomgen  # noqa: E402
 from loop_helpers import MllpPeer, ack_fields, exchange, mllp_peer, oru  # noqa: E402
 from radiologist_sr import radiologist_sr  # noqa: E402
-from services import BIN, Node, free_port, node_env, port_open, storescu, wait_for  # noqa: E402
+from services import Node, free_port, node_env, port_open, storescu, wait_for  # noqa: E402
 
 from cxrnode.db import (  # noqa: E402
     Agreement,
@@ -96,20 +96,7 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def tiny_cli_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint, written by `cxrnode model make-tiny` (torch stays out of pytest)."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run(
-        [str(BIN / "cxrnode"), "model", "make-tiny", str(directory)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return directory
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, tiny_cli_model: Path) -> Iterator[Site]:
+def site(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("loop")
     received = tmp / "storescp"
     received.mkdir()
@@ -124,7 +111,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_cli_model: Path) -> Iter
         data = tmp / "node"
         env = node_env(
             data,
-            model=str(tiny_cli_model),
+            model=str(tiny_model),
             temperature="0",
             max_new_tokens="12",
             settle_seconds="1",

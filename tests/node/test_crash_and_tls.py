@@ -17,7 +17,7 @@ from cxrnode.db import Instance
 
 
 def test_every_acknowledged_instance_survives_kill9_of_the_node(make_node, tmp_path: Path) -> None:
-    node = make_node()
+    node = make_node("--no-workers")
     files = [
         dicomgen.make_large_dx(tmp_path / "send" / f"{i:03}.dcm", rows=512, cols=512)
         for i in range(120)
@@ -65,7 +65,7 @@ def test_every_acknowledged_instance_survives_kill9_of_the_node(make_node, tmp_p
 
 
 def test_below_the_disk_reserve_associations_are_refused(make_node) -> None:
-    node = make_node(min_free_disk_mb=str(1 << 40))  # a reserve no disk meets
+    node = make_node("--no-workers", min_free_disk_mb=str(1 << 40))  # a reserve no disk meets
     refused = echoscu(node.port)
     assert refused.returncode != 0
     assert "rejected" in (refused.stdout + refused.stderr).lower()
@@ -134,6 +134,7 @@ def test_a_tls_association_from_dcmtk_works_and_needs_a_client_certificate(
 ) -> None:
     tls_port = free_port()
     node = make_node(
+        "--no-workers",
         tls_port=str(tls_port),
         tls_cert=str(pki / "server.crt"),
         tls_key=str(pki / "server.key"),

@@ -55,7 +55,7 @@ def open_association(port: int):  # noqa: ANN201
 
 
 def test_the_association_cap_holds_for_the_node_not_per_process(make_node) -> None:
-    node = make_node(max_associations="4", scp_processes="2")
+    node = make_node("--no-workers", max_associations="4", scp_processes="2")
     held = [open_association(node.port) for _ in range(4)]
     try:
         assert all(a.is_established for a in held), "no refusal below the cap"
@@ -90,6 +90,7 @@ def test_the_association_cap_holds_for_the_node_not_per_process(make_node) -> No
 def test_tls_only_closes_the_plain_port(make_node, pki: Path, tmp_path: Path) -> None:  # noqa: F811
     tls_port = free_port()
     node = make_node(
+        "--no-workers",
         start=False,
         tls_only="true",
         tls_port=str(tls_port),
@@ -108,7 +109,7 @@ def test_tls_only_closes_the_plain_port(make_node, pki: Path, tmp_path: Path) ->
 
 
 def test_tls_only_without_a_tls_listener_is_a_settings_error(make_node) -> None:
-    node = make_node(start=False, tls_only="true")
+    node = make_node("--no-workers", start=False, tls_only="true")
     result = node.cli("status", check=False)
     assert result.returncode != 0 and "TLS_ONLY" in result.stderr
 
@@ -119,7 +120,7 @@ def test_tls_only_without_a_tls_listener_is_a_settings_error(make_node) -> None:
 def test_a_ct_slice_under_the_cr_sop_class_is_stored_skipped_and_not_inferred(
     make_node, tmp_path: Path
 ) -> None:
-    node = make_node(settle_seconds="1")
+    node = make_node("--no-workers", settle_seconds="1")
     ds = dicomgen.build_chest(modality="CR", rows=512, cols=512)
     ds.Modality = "CT"  # the header's own word, under CR Image Storage
     ds.save_as(tmp_path / "ct-as-cr.dcm", enforce_file_format=True)
@@ -135,7 +136,7 @@ def test_a_ct_slice_under_the_cr_sop_class_is_stored_skipped_and_not_inferred(
 def test_an_instance_uid_reused_in_another_study_is_refused_and_recorded(
     make_node, tmp_path: Path
 ) -> None:
-    node = make_node()
+    node = make_node("--no-workers")
     sop = generate_uid()
     first = dicomgen.make_chest(tmp_path / "first.dcm", sop_uid=sop)
     second = dicomgen.make_chest(tmp_path / "second.dcm", sop_uid=sop, study_uid=generate_uid())
@@ -155,7 +156,7 @@ def test_an_instance_uid_reused_in_another_study_is_refused_and_recorded(
 def test_a_chest_secondary_capture_is_accepted_and_other_scs_refused(
     make_node, tmp_path: Path
 ) -> None:
-    node = make_node(settle_seconds="1")
+    node = make_node("--no-workers", settle_seconds="1")
     chest = dicomgen.chest_secondary_capture(tmp_path / "sc-chest.dcm")
     one_frame = dicomgen.chest_secondary_capture(tmp_path / "sc-one-frame.dcm", frames=1)
     assert pydicom.dcmread(chest).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
@@ -220,7 +221,7 @@ def test_preparing_a_200_mb_instance_peaks_below_4x_its_size(tmp_path: Path) -> 
 
 
 def test_an_image_beyond_max_image_mb_is_stored_and_skipped(make_node, tmp_path: Path) -> None:
-    node = make_node(max_image_mb="1")
+    node = make_node("--no-workers", max_image_mb="1")
     image = dicomgen.make_chest(tmp_path / "big.dcm", rows=1100, cols=1030)
     assert storescu(node.port, image).returncode == 0
     (row,) = rows(node, Instance)

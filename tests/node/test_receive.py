@@ -100,7 +100,7 @@ def variants(tmp_path: Path) -> list[Path]:
 
 
 def test_echo_answers_success(make_node) -> None:
-    node = make_node()
+    node = make_node("--no-workers")
     result = echoscu(node.port)
     assert result.returncode == 0, result.stderr
 
@@ -108,7 +108,7 @@ def test_echo_answers_success(make_node) -> None:
 def test_every_accepted_instance_is_stored_byte_identical_and_recorded(
     make_node, database_url: str, variants: list[Path]
 ) -> None:
-    node = make_node(database_url=database_url)
+    node = make_node("--no-workers", database_url=database_url)
     result = dcmsend(node.port, *variants)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -128,7 +128,7 @@ def test_every_accepted_instance_is_stored_byte_identical_and_recorded(
 def test_the_bytes_a_peer_sends_are_the_bytes_stored(make_node, variants: list[Path]) -> None:
     """pynetdicom streams a file's dataset bytes as they are: the stored dataset must be
     byte-identical, real radiograph and compressed copies included."""
-    node = make_node()
+    node = make_node("--no-workers")
     for path in variants:
         sop_class = pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID
         assert pynetdicom_store(node.port, path, sop_class=sop_class) == 0x0000
@@ -142,7 +142,7 @@ def test_the_bytes_a_peer_sends_are_the_bytes_stored(make_node, variants: list[P
 def test_bad_inputs_get_the_right_status_and_the_node_keeps_serving(
     make_node, tmp_path: Path
 ) -> None:
-    node = make_node()
+    node = make_node("--no-workers")
     good = dicomgen.make_chest(tmp_path / "good.dcm", modality="CR")
     truncated = dicomgen.truncate(good, tmp_path / "trunc.dcm", 0.6)
     no_pixels = dicomgen.make_no_pixels(tmp_path / "nopix.dcm", modality="CR")
@@ -179,7 +179,7 @@ def test_bad_inputs_get_the_right_status_and_the_node_keeps_serving(
 
 
 def test_unknown_calling_ae_is_refused_and_host_pinning_holds(make_node) -> None:
-    node = make_node(allowed_calling_aets="GOODSCU,PINNED@10.255.0.1")
+    node = make_node("--no-workers", allowed_calling_aets="GOODSCU,PINNED@10.255.0.1")
     assert echoscu(node.port, calling="GOODSCU").returncode == 0
     refused = echoscu(node.port, calling="STRANGER")
     assert refused.returncode != 0
@@ -189,7 +189,7 @@ def test_unknown_calling_ae_is_refused_and_host_pinning_holds(make_node) -> None
 
 
 def test_the_same_instance_sent_twice_is_stored_once(make_node, tmp_path: Path) -> None:
-    node = make_node()
+    node = make_node("--no-workers")
     path = dicomgen.make_chest(tmp_path / "once.dcm")
     assert storescu(node.port, path).returncode == 0
     assert storescu(node.port, path).returncode == 0
@@ -201,7 +201,7 @@ def test_the_same_instance_sent_twice_is_stored_once(make_node, tmp_path: Path) 
 def test_a_study_settles_into_exactly_one_job_for_its_pa_image(
     make_node, database_url: str, tmp_path: Path
 ) -> None:
-    node = make_node(database_url=database_url, settle_seconds="1")
+    node = make_node("--no-workers", database_url=database_url, settle_seconds="1")
     study = pydicom.uid.generate_uid()
     lateral = dicomgen.make_chest(tmp_path / "lat.dcm", study_uid=study, view="LATERAL")
     ap = dicomgen.make_chest(tmp_path / "ap.dcm", study_uid=study, view="AP")

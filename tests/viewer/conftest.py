@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT  # noqa: E402
 from ohif import ohif_dist  # noqa: E402
-from pacs_fixtures import E2E_SETTINGS, e2e_node, orthanc, tiny_model  # noqa: E402, F401
+from pacs_fixtures import E2E_SETTINGS, e2e_node, orthanc  # noqa: E402, F401
 
 _ARTIFACTS = Path(
     os.environ.get("CXRNODE_VIEWER_ARTIFACTS")

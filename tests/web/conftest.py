@@ -12,13 +12,12 @@ Every study carries the same invented patient (:data:`PATIENT_NAME`, :data:`PATI
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from services import BIN, Node, node_env, port_open, wait_for
+from services import Node, node_env, port_open, wait_for
 from webnode import (
     ARTIFACTS,
     FAST,
@@ -30,19 +29,6 @@ from webnode import (
     study_uid,
     unreadable_chest,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint, written by the CLI (torch stays out of pytest)."""
-    directory = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run(
-        [str(BIN / "cxrnode"), "model", "make-tiny", str(directory)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return directory
 
 
 @pytest.fixture(scope="session")

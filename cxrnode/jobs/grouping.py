@@ -20,13 +20,12 @@ from cxrnode.db import (
     Instance,
     InstanceState,
     Job,
-    JobEvent,
     JobState,
     Study,
     StudyState,
     utcnow,
 )
-from cxrnode.jobs.states import transition
+from cxrnode.jobs.states import new_version, transition
 
 VIEW_RANK = {"PA": 0, "AP": 1}
 UNLABELLED_RANK = 2
@@ -102,22 +101,7 @@ def settle_due_studies(
                 detail="a better image arrived",
                 commit=False,
             )
-        study.version += 1
-        study.chosen_instance_id = chosen.id
-        job = Job(
-            study_id=study.id,
-            instance_id=chosen.id,
-            version=study.version,
-            state=JobState.pending,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(job)
-        session.flush()
-        session.add(
-            JobEvent(job_id=job.id, at=now, from_state=None, to_state=JobState.pending.value)
-        )
-        new_jobs.append(job)
+        new_jobs.append(new_version(session, study, chosen.id, now))
     if commit:
         session.commit()
     else:

@@ -22,14 +22,13 @@ from cxrnode.db import (
     FINAL_JOB_STATES,
     Instance,
     Job,
-    JobEvent,
     JobState,
     Study,
     StudyState,
     utcnow,
 )
 from cxrnode.jobs.grouping import choose_frontal
-from cxrnode.jobs.states import Work, require, transition
+from cxrnode.jobs.states import Work, new_version, require, transition
 
 #: The detail recorded on the new job's first event (and on the jobs it supersedes).
 RERUN_DETAIL = "re-run requested by an admin"
@@ -89,29 +88,9 @@ def rerun_study(session: Session, study_uid: str) -> Rerun:
             f"job {job.id} could not be superseded",
         )
         superseded.append(job.id)
-    study.version += 1
-    study.chosen_instance_id = chosen.id
     study.state = StudyState.settled
     study.skip_reason = None
-    job = Job(
-        study_id=study.id,
-        instance_id=chosen.id,
-        version=study.version,
-        state=JobState.pending,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(job)
-    session.flush()
-    session.add(
-        JobEvent(
-            job_id=job.id,
-            at=now,
-            from_state=None,
-            to_state=JobState.pending.value,
-            detail=RERUN_DETAIL,
-        )
-    )
+    job = new_version(session, study, chosen.id, now, detail=RERUN_DETAIL)
     transition(session, job.id, JobState.queued, detail=RERUN_DETAIL, commit=False)
     session.commit()
     return Rerun(Work(job.id, job.version), superseded)

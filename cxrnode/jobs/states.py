@@ -146,6 +146,35 @@ def transition(
     return True
 
 
+def new_version(
+    session: Session, study: Any, instance_id: int, now: datetime, detail: str | None = None
+) -> Job:
+    """Start job version ``study.version + 1`` for ``study`` on ``instance_id``, state
+    ``pending``, with its first history row (flushed, not committed)."""
+    study.version += 1
+    study.chosen_instance_id = instance_id
+    job = Job(
+        study_id=study.id,
+        instance_id=instance_id,
+        version=study.version,
+        state=JobState.pending,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            at=now,
+            from_state=None,
+            to_state=JobState.pending.value,
+            detail=detail,
+        )
+    )
+    return job
+
+
 def require(ok: bool, what: str) -> None:
     """Raise :class:`Refused` when ``ok`` is False (for callers that must not go on)."""
     if not ok:

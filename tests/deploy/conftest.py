@@ -5,4 +5,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
-from pacs_fixtures import E2E_SETTINGS, e2e_node, orthanc, tiny_model  # noqa: E402, F401
+from pacs_fixtures import E2E_SETTINGS, e2e_node, orthanc  # noqa: E402, F401

@@ -132,8 +132,11 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.maximum_pdu_size = settings.max_pdu_size
     # The node-wide cap (cxrnode.net.cap) decides; pynetdicom's own per-process count is
-    # only a backstop that never refuses first.
-    ae.maximum_associations = settings.max_associations
+    # only a backstop that must never refuse first. It counts association threads, and a
+    # released association's thread lives on for a moment after its slot is given back, so
+    # at the cap it would refuse a peer the node has room for (with the same 2/3/2 reason,
+    # unlogged): twice the cap leaves it room.
+    ae.maximum_associations = 2 * settings.max_associations + PROBE_THREADS
     ae.require_called_aet = settings.require_called_aet
     ae.network_timeout = settings.network_timeout
     ae.acse_timeout = 30
@@ -311,6 +314,10 @@ def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()  # returns once the peer closed the connection (or ARTIM expired)
 
+
+#: Room in pynetdicom's own association count for connections that are not associations yet
+#: (TCP probes, peers that have not sent their request).
+PROBE_THREADS = 8
 
 #: Seconds a stopping listener lets open associations finish before it aborts them. An
 #: aborted C-STORE was never acknowledged: the sender keeps the instance and sends it again.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime, time, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, select
@@ -179,8 +179,9 @@ def list_studies(
         query.order_by(Study.last_arrival.desc(), Study.id.desc()).limit(limit).offset(offset)
     ).all()
     jobs = [job for _, job in rows if job is not None]
-    events = _events_by_job(session, [job.id for job in jobs])
-    outputs = _outputs_by_job(session, [job.id for job in jobs])
+    job_ids = [job.id for job in jobs]
+    events = _by_job(session, JobEvent, job_ids)
+    outputs = _by_job(session, Output, job_ids)
     received = _received_at(session, [job.instance_id for job in jobs])
     delivered = first_deliveries(session, [o.id for rows_ in outputs.values() for o in rows_])
     items = []
@@ -212,21 +213,16 @@ def list_studies(
     return StudyPage(total=total, limit=limit, offset=offset, items=items)
 
 
-def _events_by_job(session: Session, job_ids: list[int]) -> dict[int, list[JobEvent]]:
-    found: dict[int, list[JobEvent]] = {}
-    if job_ids:
-        query = select(JobEvent).where(JobEvent.job_id.in_(job_ids)).order_by(JobEvent.id)
-        for event in session.scalars(query):
-            found.setdefault(event.job_id, []).append(event)
-    return found
+Row = TypeVar("Row", JobEvent, Output)
 
 
-def _outputs_by_job(session: Session, job_ids: list[int]) -> dict[int, list[Output]]:
-    found: dict[int, list[Output]] = {}
+def _by_job(session: Session, model: type[Row], job_ids: list[int]) -> dict[int, list[Row]]:
+    """Rows of ``model`` (a table with ``job_id``) for ``job_ids``, grouped by job, in id order."""
+    found: dict[int, list[Row]] = {}
     if job_ids:
-        query = select(Output).where(Output.job_id.in_(job_ids)).order_by(Output.id)
-        for output in session.scalars(query):
-            found.setdefault(output.job_id, []).append(output)
+        query = select(model).where(model.job_id.in_(job_ids)).order_by(model.id)
+        for row in session.scalars(query):
+            found.setdefault(row.job_id, []).append(row)
     return found
 
 
@@ -341,8 +337,9 @@ def study_detail(session: Session, study_uid: str) -> StudyDetail | None:
     jobs = session.scalars(
         select(Job).where(Job.study_id == study.id).order_by(Job.version.desc(), Job.id.desc())
     ).all()
-    events = _events_by_job(session, [job.id for job in jobs])
-    outputs = _outputs_by_job(session, [job.id for job in jobs])
+    job_ids = [job.id for job in jobs]
+    events = _by_job(session, JobEvent, job_ids)
+    outputs = _by_job(session, Output, job_ids)
     all_outputs = [o for rows in outputs.values() for o in rows]
     history: dict[int, list[AttemptView]] = {}
     if all_outputs:

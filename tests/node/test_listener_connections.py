@@ -17,6 +17,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler
+from services import wait_for
 
 from cxrnode.net.cap import releasing
 from cxrnode.net.listener import finish_associations
@@ -37,22 +38,15 @@ def server() -> Iterator[object]:
     thread.join(5)
 
 
-def _until(predicate, timeout: float) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_a_tcp_probe_ends_its_association_at_once(server) -> None:  # noqa: ANN001
     port = server.server_address[1]
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", port)):
             pass
-    assert _until(lambda: not server.active_associations, 3), (
-        "a connection closed before A-ASSOCIATE-RQ kept its association thread"
+    wait_for(
+        lambda: not server.active_associations,
+        3,
+        "a connection closed before A-ASSOCIATE-RQ to lose its association thread",
     )
 
 
@@ -76,5 +70,5 @@ def test_a_stopping_listener_aborts_an_idle_association(server) -> None:  # noqa
     started = time.monotonic()
     finish_associations([server], grace=0.5)
     assert time.monotonic() - started < 3
-    assert _until(lambda: assoc.is_aborted, 3), "the peer was not told the association ended"
-    assert _until(lambda: not server.active_associations, 3)
+    wait_for(lambda: assoc.is_aborted, 3, "the peer to be told the association ended")
+    wait_for(lambda: not server.active_associations, 3, "the association threads to end")

@@ -42,7 +42,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "e2e")]
 import dicomgen  # noqa: E402
 from orthanc_server import Orthanc  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
-from pynetdicom import AE  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # noqa: E402
 from services import (  # noqa: E402
     BIN,
@@ -55,6 +55,8 @@ from services import (  # noqa: E402
     wait_for,
 )
 from sqlalchemy import create_engine, text  # noqa: E402
+
+from cxrnode.net.requestor import associate  # noqa: E402
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -153,13 +155,25 @@ def send_one(port: int, path: Path, traffic: Traffic, hold: float = 0.0) -> bool
     ae = AE(ae_title="SOAK")
     ae.add_requested_context(ComputedRadiographyImageStorage, ["1.2.840.10008.1.2.1"])
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+    opened = threading.Event()
+    asked = time.monotonic()
+    assoc = associate(
+        ae,
+        "127.0.0.1",
+        port,
+        ae_title="CXRNODE",
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: opened.set())],
+    )
     if not assoc.is_established:
         if assoc.is_rejected:
             p = assoc.acceptor.primitive
             reason = f"rejected {p.result}/{p.result_source}/{p.diagnostic}"
+        elif not opened.is_set():
+            reason = "no connection (node down?)"
+        elif time.monotonic() - asked >= ae.acse_timeout:
+            reason = "no answer to the association request"
         else:
-            reason = "no association (node down?)"
+            reason = "connection closed without an answer"
         with traffic.lock:
             traffic.refusals[reason] += 1
         return False

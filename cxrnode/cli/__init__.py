@@ -66,6 +66,8 @@ def echo(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    from cxrnode.net.requestor import associate
+
     try:
         aet, host, port = parse_destination(destination)
     except ValueError as exc:
@@ -74,7 +76,7 @@ def echo(
     ae = AE(ae_title=_settings().ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=aet)
+    assoc = associate(ae, host, port, ae_title=aet)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
         typer.echo(f"C-ECHO {destination}: {why}", err=True)

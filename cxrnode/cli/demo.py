@@ -150,10 +150,12 @@ def demo_command(
 def _store(ds: FileDataset, aet: str, host: str, port: int, calling: str) -> None:
     from pynetdicom import AE
 
+    from cxrnode.net.requestor import associate
+
     ae = AE(ae_title=calling)
     ae.add_requested_context(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
-    assoc = ae.associate(host, port, ae_title=aet)
+    assoc = associate(ae, host, port, ae_title=aet)
     where = f"{aet}@{host}:{port}"
     if not assoc.is_established:
         if assoc.is_rejected:

@@ -311,6 +311,10 @@ def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
     """Send A-ASSOCIATE-RJ and let the DUL flush it before the socket closes (as pynetdicom
     does for its own rejections)."""
     assoc.acse.send_reject(result, source, diagnostic)
+    # send_reject does not mark the association: without this pynetdicom goes on, after the
+    # EVT_REQUESTED handler, to negotiate it (logs "Accepting Association", queues an
+    # A-ASSOCIATE-AC on the stopped DUL and flags it established)
+    assoc.is_rejected = True
     evt.trigger(assoc, evt.EVT_REJECTED, {})
     assoc.kill()  # returns once the peer closed the connection (or ARTIM expired)
 

@@ -586,6 +586,8 @@ def _send_dimse(
 ) -> dict[int, Outcome]:
     from pynetdicom import AE
 
+    from cxrnode.net.requestor import associate
+
     readable, outcomes = _read(items)
     if not readable:
         return outcomes
@@ -612,7 +614,7 @@ def _send_dimse(
             )
             return outcomes | {item.output_id: failure for item, _ in readable}
 
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
+    assoc = associate(ae, target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         failure = association_outcome(assoc, target.entry)
         return outcomes | {item.output_id: failure for item, _ in readable}

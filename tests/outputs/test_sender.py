@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,12 +56,14 @@ from cxrnode.db import (  # noqa: E402
 )
 from cxrnode.db.migrate import upgrade  # noqa: E402
 from cxrnode.ingest.storage import instance_relpath  # noqa: E402
+from cxrnode.net.requestor import associate  # noqa: E402
 from cxrnode.outputs.build import PIPELINE_VERSION, build_outputs  # noqa: E402
 from cxrnode.outputs.outbox import (  # noqa: E402
     IN_FLIGHT,
     Destination,
     RetryPolicy,
     Verdict,
+    association_outcome,
     due_outputs,
     resend,
     retarget,
@@ -668,6 +671,30 @@ def test_storescp_refusing_the_association_is_a_permanent_reject(
     assert {(r.state, r.last_status) for r in box.rows(ids)} == {
         (OutputState.dead, "rejected-permanent")
     }
+
+
+def test_a_fast_rejection_is_never_read_as_a_dead_peer(tmp_path: Path) -> None:
+    """storescp --refuse answers A-ASSOCIATE-RJ at once; pynetdicom alone sometimes loses it
+    (cxrnode.net.requestor). Many requests at once, each must read as the peer's rejection."""
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def ask(port: int) -> None:
+        for _ in range(6):
+            ae = AE(ae_title="CXRNODE")
+            ae.add_requested_context(Verification)
+            assoc = associate(ae, "127.0.0.1", port, ae_title="STORESCP")
+            with lock:
+                outcomes.append(association_outcome(assoc, "STORESCP").status)
+
+    with storescp(tmp_path / "refusing", "--refuse") as peer:
+        threads = [threading.Thread(target=ask, args=(peer.port,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert len(outcomes) == 48
+    assert set(outcomes) == {"rejected-permanent"}, Counter(outcomes)
 
 
 def test_a_busy_peer_s_transient_reject_is_retried(outbox: Outbox) -> None:

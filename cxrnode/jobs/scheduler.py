@@ -112,7 +112,7 @@ class Scheduler:
                 session,
                 waiting={int(k): v for k, v in waiting.items() if k.isdigit()},
                 held=tracking.job_ids(held),
-                grace_seconds=tracking.HEARTBEAT_TTL,
+                grace_seconds=tracking.LOST_GRACE_SECONDS,
                 deadline_seconds=self.settings.job_deadline_seconds,
             )
         now = utcnow()

@@ -21,7 +21,10 @@ A waiting mark older than the grace period is checked against the broker itself
 reporting it leaves a mark whose message is in no queue, or only in kombu's unacknowledged
 set with no live worker holding its job.
 A worker killed with ``kill -9`` stops heartbeating; its key expires after
-:data:`HEARTBEAT_TTL` seconds and the reconciler re-sends its jobs. A Redis restarted empty
+:data:`HEARTBEAT_TTL` seconds and the reconciler re-sends its jobs. A worker on the node's
+own machine (same host name and PID namespace) is known dead sooner: when its process is
+gone, :func:`live_workers` drops its heartbeat at once, so its work is re-sent at the next
+reconcile instead of after the TTL. A Redis restarted empty
 loses both records along with the messages, so everything in flight is re-sent once (the
 job state machine makes a late duplicate harmless). A slow batch keeps its worker
 heartbeating, so it is left alone; only the hard ``JOB_DEADLINE_SECONDS`` bounds it.
@@ -49,6 +52,30 @@ WORKER_PREFIX = "cxrnode:worker:"
 HEARTBEAT_SECONDS = 10.0
 #: A worker whose heartbeat is older than this is gone (three missed beats).
 HEARTBEAT_TTL = 30
+#: A job must have been in its state this long before the reconciler may call its message
+#: lost: the moment between committing a state and marking its message waiting.
+LOST_GRACE_SECONDS = 10
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace ("" where there is no /proc): two processes with the
+    same host name and namespace see each other's PIDs."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def process_gone(pid: int) -> bool:
+    """``pid`` has exited (no such process, or a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[-1].split()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return bool(fields) and fields[0] in (b"Z", b"X")
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,11 @@ class WorkerInfo:
     held: frozenset[str] = frozenset()  # keys: job ids ("42") and outputs ("out:7")
     state: dict[str, Any] = field(default_factory=dict)  # e.g. {"model": "loaded", ...}
     seen_at: float = 0.0  # time.time() of the heartbeat
+    pidns: str = ""  # the worker's PID namespace (pid_namespace)
+
+    def is_local(self, host: str, pidns: str) -> bool:
+        """Runs where ``host`` and ``pidns`` say, so its PID can be looked up here."""
+        return bool(self.pidns) and self.host == host and self.pidns == pidns
 
     def to_json(self) -> str:
         return json.dumps(
@@ -73,6 +105,7 @@ class WorkerInfo:
                 "held": sorted(self.held),
                 "state": self.state,
                 "seen_at": self.seen_at,
+                "pidns": self.pidns,
             }
         )
 
@@ -87,6 +120,7 @@ class WorkerInfo:
             held=frozenset(str(key) for key in data.get("held") or ()),
             state=dict(data.get("state") or {}),
             seen_at=float(data.get("seen_at", 0.0)),
+            pidns=str(data.get("pidns") or ""),
         )
 
 
@@ -200,18 +234,30 @@ def waiting(client: Any) -> dict[str, tuple[str, float]]:
 
 
 def live_workers(client: Any) -> list[WorkerInfo]:
-    """Every worker whose heartbeat has not expired."""
+    """Every worker whose heartbeat has not expired, less those on this machine whose
+    process is gone (their heartbeat is deleted: kill -9, an OOM kill, the node killed)."""
     keys = list(client.scan_iter(match=WORKER_PREFIX + "*", count=100))
     if not keys:
         return []
-    workers = []
-    for raw in client.mget(keys):
+    host, pidns = socket.gethostname(), pid_namespace()
+    workers, dead = [], []
+    for key, raw in zip(keys, client.mget(keys), strict=True):
         if raw is None:  # expired between SCAN and MGET
             continue
         try:
-            workers.append(WorkerInfo.from_json(raw))
+            worker = WorkerInfo.from_json(raw)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable worker heartbeat")
+            continue
+        if worker.is_local(host, pidns) and process_gone(worker.pid):
+            dead.append((key, worker))
+        else:
+            workers.append(worker)
+    for key, worker in dead:
+        log.warning(
+            "worker %s (pid %d) is gone; the work it held is due again", worker.name, worker.pid
+        )
+        client.delete(key)
     return sorted(workers, key=lambda w: w.name)
 
 
@@ -238,6 +284,7 @@ class Heartbeat:
         self.queues = tuple(queues)
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.pidns = pid_namespace()
         self.state: dict[str, Any] = {}
         self._held: dict[str, int] = {}  # key -> how many of its messages this worker holds
         self._lock = threading.Lock()
@@ -300,6 +347,7 @@ class Heartbeat:
                 held=frozenset(self._held),
                 state=dict(self.state),
                 seen_at=time.time(),
+                pidns=self.pidns,
             )
 
     def publish(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import time
 from datetime import timedelta
 
@@ -107,6 +109,26 @@ def test_a_heartbeat_holds_what_its_worker_received_until_it_finishes(redis) -> 
     assert tracking.held_keys(tracking.live_workers(redis)) == set()
     beat.stop()
     assert tracking.live_workers(redis) == []
+
+
+def test_a_local_worker_whose_process_is_gone_is_dropped_at_once(redis) -> None:
+    """kill -9 of a worker on the node's machine: its heartbeat is not waited out (30 s)."""
+    host, pidns = socket.gethostname(), tracking.pid_namespace()
+    proc = subprocess.Popen(["sleep", "60"])
+
+    def beat(name: str, pid: int, host: str = host) -> None:
+        info = tracking.WorkerInfo(name, ("infer",), host, pid, frozenset({"9"}), pidns=pidns)
+        redis.set(tracking.WORKER_PREFIX + name, info.to_json(), ex=tracking.HEARTBEAT_TTL)
+
+    beat("infer-a@here", proc.pid)
+    beat("infer-b@elsewhere", proc.pid, host="another-host")  # its PID means nothing here
+    assert [w.name for w in tracking.live_workers(redis)] == ["infer-a@here", "infer-b@elsewhere"]
+    proc.kill()
+    time.sleep(0.2)  # not reaped yet: a zombie is gone too
+    assert [w.name for w in tracking.live_workers(redis)] == ["infer-b@elsewhere"]
+    assert redis.get(tracking.WORKER_PREFIX + "infer-a@here") is None
+    proc.wait()
+    assert tracking.held_keys(tracking.live_workers(redis)) == {"9"}  # the remote one, till TTL
 
 
 # ------------------------------------------------------------------------- lost sends

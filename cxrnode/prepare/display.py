@@ -17,7 +17,8 @@ decoded by the fastest licence-compatible pydicom plugin for its transfer syntax
 **Memory.** A file is read with its large values deferred (:func:`read_dataset`), so the
 Pixel Data of an uncompressed image never sits in memory whole: it is read from the file in
 slices of :data:`_SLICE_BYTES`, once for the histogram (only when there is no VOI) and once
-through the table. Preparing such an image takes the 8-bit output (Rows x Columns bytes)
+through the table. Given a path, :func:`display_image` opens the file once: the header, the
+deferred values and both pixel passes read through the same handle. Preparing such an image takes the 8-bit output (Rows x Columns bytes)
 plus a few MiB; a compressed one takes its encoded bytes plus the decoded frame, which
 ingest bounds with MAX_IMAGE_MB (docs/hardening.md). Histograms are counted in slices too:
 ``np.bincount`` of a whole 16-bit image would first copy it as 64-bit indices (4x its size).
@@ -27,16 +28,17 @@ Nothing here imports torch: the node process runs this in its "prepare" step.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -104,9 +106,13 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def read_dataset(
-    source: str | os.PathLike | Dataset, *, stop_before_pixels: bool = False
+    source: str | os.PathLike | BinaryIO | Dataset, *, stop_before_pixels: bool = False
 ) -> Dataset:
-    """Return ``source`` as a pydicom Dataset, reading it if it is a path.
+    """Return ``source`` as a pydicom Dataset, reading it if it is a path or an open file.
+
+    Large values stay in the file until used. Read from an open file, they are read back
+    through that same handle while it stays open (pydicom reopens the file by name only
+    once it is closed).
 
     Raises
     ------
@@ -115,21 +121,36 @@ def read_dataset(
     """
     if isinstance(source, Dataset):
         return source
+    name = getattr(source, "name", source)
     try:
         ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels, defer_size=_DEFER_BYTES)
         if _transfer_syntax_or_none(ds) == DeflatedExplicitVRLittleEndian:
             # inflated in memory when read: deferred values could not be read back later
+            if isinstance(source, io.IOBase):
+                source.seek(0)
             ds = pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
+        elif isinstance(source, io.BufferedReader):
+            ds.buffer = source  # deferred values: this handle while it is open
         return ds
     except InvalidDicomError as exc:
         raise ImagingError(
-            f"{os.fspath(source)!r} is not a DICOM Part-10 file (no DICM preamble): {exc}; "
+            f"{os.fspath(name)!r} is not a DICOM Part-10 file (no DICM preamble): {exc}; "
             "expected a file as written by a C-STORE SCP"
         ) from exc
-    except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
-        # NotImplementedError: pydicom's answer to a value representation it does not know
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        NotImplementedError,
+        BytesLengthException,
+    ) as exc:
+        # NotImplementedError: pydicom's answer to a value representation it does not know;
+        # BytesLengthException: a value whose length does not fit its VR (a damaged File Meta
+        # group, which ingest skips by its group length)
         raise ImagingError(
-            f"could not read {os.fspath(source)!r} as DICOM ({type(exc).__name__}: {exc}); "
+            f"could not read {os.fspath(name)!r} as DICOM ({type(exc).__name__}: {exc}); "
             "the file may be truncated or corrupt — ask the sender to re-send it"
         ) from exc
 
@@ -203,13 +224,16 @@ def _native_frame(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> np.
 
 
 def _deferred_native(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> Any:
-    """(file name, offset, dtype) of uncompressed little-endian Pixel Data that is still in
-    its file (deferred when read), or None when it is in memory or not plain."""
+    """(open file or file name, offset, dtype) of uncompressed little-endian Pixel Data that
+    is still in its file (deferred when read), or None when it is in memory or not plain."""
     if _transfer_syntax_or_none(ds) not in _NATIVE_LE or bits_allocated not in (8, 16):
         return None
     raw = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
     filename = getattr(ds, "filename", None)
-    if getattr(raw, "value", b"") is not None or not isinstance(filename, str):
+    handle = getattr(ds, "buffer", None)
+    if isinstance(handle, io.BufferedReader) and not handle.closed:
+        filename = handle  # the file the header came from, still open
+    if getattr(raw, "value", b"") is not None or not isinstance(filename, str | io.BufferedReader):
         return None
     if raw.length == _UNDEFINED_LENGTH or raw.value_tell is None:
         return None
@@ -223,16 +247,23 @@ def _deferred_native(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> 
     return filename, raw.value_tell, dtype
 
 
-def _file_slices(filename: str, offset: int, count: int, dtype: np.dtype) -> Iterable[np.ndarray]:
-    """``count`` samples of ``dtype`` from ``offset`` of a file, in slices."""
+def _file_slices(
+    source: str | io.BufferedReader, offset: int, count: int, dtype: np.dtype
+) -> Iterable[np.ndarray]:
+    """``count`` samples of ``dtype`` from ``offset`` of a file (a name, or a file already
+    open, which is left open), in slices."""
     per_slice = max(1, _SLICE_BYTES // dtype.itemsize)
-    with open(filename, "rb") as handle:
+    handle = open(source, "rb") if isinstance(source, str) else source  # noqa: SIM115
+    try:
         handle.seek(offset)
         for start in range(0, count, per_slice):
             block = np.empty(min(per_slice, count - start), dtype=dtype)
             if handle.readinto(memoryview(block).cast("B")) != block.nbytes:
                 raise ImagingError("Pixel Data ends early; the file is truncated — re-send it")
             yield block
+    finally:
+        if handle is not source:
+            handle.close()
 
 
 def _histogram(slices: Iterable[np.ndarray], size: int) -> np.ndarray:
@@ -529,7 +560,20 @@ def display_image(source: str | os.PathLike | Dataset) -> np.ndarray:
         Not DICOM, no pixel data, truncated pixel data, an unsupported photometric
         interpretation or transfer syntax, or a decoder failure.
     """
-    ds = read_dataset(source)
+    if isinstance(source, Dataset):
+        return _render(source)
+    try:
+        handle = open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ImagingError(
+            f"could not read {os.fspath(source)!r} as DICOM ({type(exc).__name__}: {exc}); "
+            "the file may be truncated or corrupt — ask the sender to re-send it"
+        ) from exc
+    with handle:  # one open: header, deferred values and pixels through the same handle
+        return _render(read_dataset(handle))
+
+
+def _render(ds: Dataset) -> np.ndarray:
     try:
         return _display(ds)
     except ImagingError:

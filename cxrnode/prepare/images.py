@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrnode.ingest.storage import instance_relpath
-from cxrnode.prepare.display import ImagingError, display_image, model_input, read_dataset
+from cxrnode.prepare.display import ImagingError, display_image, model_input
 from cxrnode.settings import Settings
 
 __all__ = [
@@ -91,9 +91,7 @@ def prepare_images(settings: Settings, source: Path, study_uid: str, sop_uid: st
     ImagingError
         The pixels cannot be read or rendered (the reason names what is wrong).
     """
-    dataset = read_dataset(source)
-    display = display_image(dataset)
-    del dataset  # the decoded frame can be large; keep only the 8-bit image
+    display = display_image(source)  # one open of the source; only the 8-bit image is kept
     tensor = model_input(display, MODEL_INPUT_SIZE, exact=settings.exact_resize)
     _save(kept_images(settings, study_uid, sop_uid).model_input, tensor)
     return Prepared(display, tensor)

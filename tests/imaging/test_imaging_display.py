@@ -235,3 +235,43 @@ def test_fast_prepared_image_stays_within_a_few_grey_levels_of_the_reference(
     error = np.abs(fast - exact)
     assert fast.shape == (256, 256)
     assert error.mean() < 0.5 and error.max() <= 12 and (error > 2).mean() < 0.01
+
+
+def _opens_of(path: Path, action) -> int:
+    """How many times ``action()`` opens ``path`` (Linux inotify IN_OPEN events)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import os
+    import struct
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    assert fd >= 0
+    try:
+        # IN_OPEN | IN_CLOSE_NOWRITE: alternating events, which inotify does not merge
+        assert libc.inotify_add_watch(fd, str(path).encode(), 0x20 | 0x10) >= 0
+        action()
+        opens, buffer = 0, b""
+        with contextlib.suppress(BlockingIOError):
+            buffer = os.read(fd, 1 << 16)
+        offset = 0
+        while offset < len(buffer):
+            _, mask, _, length = struct.unpack_from("iIII", buffer, offset)
+            opens += bool(mask & 0x20)
+            offset += 16 + length
+        return opens
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("voi", ["window", "none"])
+def test_a_large_image_is_read_through_one_open_of_its_file(tmp_path: Path, voi: str) -> None:
+    """Pixel Data above the deferral size stays in the file and is read in slices (twice
+    without VOI: histogram, then table); the header and both passes share one open."""
+    path = dicomgen.make_chest(tmp_path / "large.dcm", rows=1100, cols=900, voi=voi)
+    assert path.stat().st_size > 1024 * 1024  # above the 1 MiB deferral threshold
+    shown: list[np.ndarray] = []
+    assert _opens_of(path, lambda: shown.append(display_image(path))) == 1
+    in_memory = display_image(pydicom.dcmread(path))  # no deferral: pydicom reads it all
+    assert np.array_equal(shown[0], in_memory)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/soak.py --minutes 10           # load + a fault every ~90 s
     .venv/bin/python bench/soak.py --minutes 3 --studies 50 --no-load
+    .venv/bin/python bench/soak.py --minutes 10 --faults none   # load only: RSS growth
 
 What runs: PostgreSQL, a Redis of its own (so it can be killed and restarted empty), Orthanc
 as the PACS that receives the drafts, and `cxrnode serve` with its workers and a tiny model,
@@ -227,6 +228,8 @@ class Soak:
     recoveries: dict[str, float | None] = field(default_factory=dict)
     rss_start: dict[str, int] = field(default_factory=dict)
     rss_end: dict[str, int] = field(default_factory=dict)
+    rss_warm: dict[str, int] = field(default_factory=dict)  # a minute in: caches filled
+    warmup_seconds: float = 60.0
 
     def run(self) -> dict[str, Any]:
         with postgres_server() as admin, fresh_database(admin) as database:
@@ -351,6 +354,12 @@ class Soak:
             threads += [
                 threading.Thread(target=loader, daemon=True) for _ in range(self.associations - 4)
             ]
+
+        def sample_warm() -> None:
+            if not stop.wait(max(0.0, started + self.warmup_seconds - time.monotonic())):
+                self.rss_warm = process_rss(node)
+
+        threads.append(threading.Thread(target=sample_warm, daemon=True))
         for thread in threads:
             thread.start()
         fault_times: list[tuple[str, float]] = []
@@ -389,6 +398,7 @@ class Soak:
             refusals=dict(self.traffic.refusals),
             recoveries=dict(self.recoveries),
             rss_start=self.rss_start,
+            rss_warm=self.rss_warm,
             rss_end=self.rss_end,
         )
         return result
@@ -462,13 +472,16 @@ def report(result: dict[str, Any]) -> str:
             f"{k} {v:.0f}" if v is not None else f"{k} NONE"
             for k, v in result["recoveries"].items()
         ),
-        "RSS by process (MiB, start -> end):",
+        "RSS by process (MiB: start, a minute in, end; growth from a minute in to the end):",
     ]
-    for role in sorted(set(result["rss_start"]) | set(result["rss_end"])):
+    warm_all = result.get("rss_warm") or {}
+    for role in sorted(set(result["rss_start"]) | set(result["rss_end"]) | set(warm_all)):
         start, end = result["rss_start"].get(role), result["rss_end"].get(role)
-        growth = f" ({(end - start) / start * 100:+.1f} %)" if start and end else ""
+        warm = warm_all.get(role)
+        growth = f" ({(end - warm) / warm * 100:+.1f} %)" if warm and end else ""
         lines.append(
-            f"  {role:36} {(start or 0) / 2**20:7.1f} -> {(end or 0) / 2**20:7.1f}{growth}"
+            f"  {role:36} {(start or 0) / 2**20:7.1f} {(warm or 0) / 2**20:7.1f} "
+            f"{(end or 0) / 2**20:7.1f}{growth}"
         )
     return "\n".join(lines)
 
@@ -480,8 +493,17 @@ def main() -> None:
     parser.add_argument("--associations", type=int, default=16)
     parser.add_argument("--cap", type=int, default=16)
     parser.add_argument("--no-load", action="store_true")
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated, in order, from {', '.join(FAULTS)}; 'none' for load only",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cxrnode-soak"))
     args = parser.parse_args()
+    faults = () if args.faults == "none" else tuple(f for f in args.faults.split(",") if f)
+    unknown = set(faults) - set(FAULTS)
+    if unknown:
+        parser.error(f"unknown faults {sorted(unknown)}; choose from {', '.join(FAULTS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     soak = Soak(
         args.workdir / f"run-{int(time.time())}",
@@ -491,6 +513,7 @@ def main() -> None:
         associations=args.associations,
         cap=args.cap,
         load=not args.no_load,
+        faults=faults,
     )
     soak.workdir.mkdir(parents=True)
     result = soak.run()

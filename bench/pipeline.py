@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,45 @@ class ReadCounter:
         os.close(self.fd)
 
 
+def stages(database_url: str, skip: int = 1) -> dict[str, list[float]]:
+    """Seconds spent between the steps of each done job (the first ``skip`` jobs left out):
+    from the quiet period's end to the job queued, queued -> prepared, prepared -> inferred
+    less the model's own time, inferred -> done."""
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            jobs = session.execute(
+                select(Job.id, Study.settle_at, Job.result)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.state == "done")
+                .order_by(Job.id)
+            ).all()[skip:]
+            events = session.execute(
+                select(JobEvent.job_id, JobEvent.to_state, JobEvent.at).order_by(JobEvent.id)
+            ).all()
+    finally:
+        engine.dispose()
+    first: dict[tuple[int, str], float] = {}
+    for job_id, state, at in events:
+        first.setdefault((job_id, state), at.replace(tzinfo=UTC).timestamp())
+    out: dict[str, list[float]] = {}
+    for job_id, settle_at, result in jobs:
+        model = float(((result or {}).get("timings") or {}).get("total", 0.0))
+        settle = settle_at.replace(tzinfo=UTC).timestamp()
+        marks = [first.get((job_id, s)) for s in ("queued", "prepared", "inferred", "done")]
+        if None in marks:
+            continue
+        queued, prepared, inferred, done = marks
+        for name, seconds in (
+            ("settle->queued", queued - settle),
+            ("queued->prepared", prepared - queued),
+            ("prepared->inferred-model", inferred - prepared - model),
+            ("inferred->done", done - inferred),
+        ):
+            out.setdefault(name, []).append(seconds)
+    return out
+
+
 def wait_done(database_url: str, count: int, timeout: float = 600) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -173,6 +213,10 @@ def run_mode(name: str, settings: dict[str, str], model: Path, work: Path, args)
         time.sleep(1)
         counter.close()
         overheads = [done - settle - model for settle, done, model in timeline(database)[1:]]
+        steps = {
+            name: (statistics.median(values) * 1000, percentile(values, 95) * 1000)
+            for name, values in stages(database).items()
+        }
         # throughput: everything at once
         before = len(timeline(database))
         send(node, files[args.latency_studies :])
@@ -185,6 +229,7 @@ def run_mode(name: str, settings: dict[str, str], model: Path, work: Path, args)
             "overhead_p95_ms": percentile(overheads, 95) * 1000,
             "model_s_median": statistics.median(m for _, _, m in rows),
             "source_reads_per_study": counter.reads / args.latency_studies,
+            "steps_p50_p95_ms": steps,
         }
     finally:
         node.stop()
@@ -221,6 +266,10 @@ def main() -> None:
             f" {r['overhead_p95_ms']:>5.0f} ms {r['model_s_median']:>8.2f}"
             f" {r['source_reads_per_study']:>17.1f}"
         )
+    for r in results:
+        print(f"{r['mode']}: where the overhead goes (p50 / p95 ms)")
+        for name, (p50, p95) in r["steps_p50_p95_ms"].items():
+            print(f"  {name:<26} {p50:7.0f} {p95:7.0f}")
     ratio = results[1]["studies_per_min"] / results[0]["studies_per_min"]
     print(f"redis / embedded throughput: {ratio:.2f}x (goal for overhead p95: <= 150 ms)")
     print(json.dumps({"pipeline": results}))

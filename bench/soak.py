@@ -383,7 +383,9 @@ class Soak:
             except TimeoutError:
                 self.recoveries[fault] = None
             self.log(f"  recovered from {fault} in {self.recoveries[fault]}")
-        while time.monotonic() < end and pending:
+        # with load: the whole set time (memory growth is measured over it); without: until
+        # every study is in
+        while time.monotonic() < end and (pending or self.load):
             time.sleep(1)
         stop.set()
         for thread in threads:

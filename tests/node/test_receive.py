@@ -125,10 +125,14 @@ def test_every_accepted_instance_is_stored_byte_identical_and_recorded(
         assert significant(stored) == significant(sent), path.name
 
 
-def test_the_bytes_a_peer_sends_are_the_bytes_stored(make_node, variants: list[Path]) -> None:
+@pytest.mark.parametrize("tuning", ["true", "false"], ids=["tuned", "stock-pynetdicom"])
+def test_the_bytes_a_peer_sends_are_the_bytes_stored(
+    make_node, variants: list[Path], tuning: str
+) -> None:
     """pynetdicom streams a file's dataset bytes as they are: the stored dataset must be
-    byte-identical, real radiograph and compressed copies included."""
-    node = make_node("--no-workers")
+    byte-identical, real radiograph and compressed copies included, with the receive tuning
+    (whole-PDU reads, write-behind of the 7 MB radiograph) and without it."""
+    node = make_node("--no-workers", receive_tuning=tuning)
     for path in variants:
         sop_class = pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID
         assert pynetdicom_store(node.port, path, sop_class=sop_class) == 0x0000

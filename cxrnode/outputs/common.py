@@ -216,9 +216,11 @@ def font_path() -> Path:
 
 def coded_findings_summary(draft: DraftReport) -> list[str]:
     """The coded findings as the SC and the PDF print them, one line per state:
-    "Present: Cardiomegaly, Pleural effusion" (the SR's code meanings, in labeler order)."""
+    "Present: Cardiomegaly, Pleural effusion" (the SR's code meanings for the findings and for
+    their values, so the SC, the PDF and the SR name an unsure finding alike: Undetermined)."""
     lines = []
-    for state, label in (("present", "Present"), ("absent", "Absent"), ("uncertain", "Uncertain")):
+    for state in ("present", "absent", "uncertain"):
+        label = STATE_VALUES[state].meaning
         names = [
             FINDING_CONCEPTS[n].meaning for n, value in draft.findings.items() if value == state
         ]

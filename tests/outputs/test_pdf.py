@@ -94,7 +94,7 @@ def test_pdf_prints_the_banner_the_notice_the_coded_findings_and_every_section(
     assert "paediatric" in text
     assert "Present: Cardiomegaly, Pleural effusion" in text
     assert "Absent: Pneumothorax" in text
-    assert "Uncertain: Pneumonia" in text
+    assert "Undetermined: Pneumonia" in text
     for heading, body in (
         ("Findings", "The heart is enlarged. Small right pleural effusion. No pneumothorax."),
         ("Impression", "Cardiomegaly with a small right effusion."),

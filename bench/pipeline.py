@@ -30,6 +30,7 @@ import tempfile
 import time
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # bench/model.py would shadow the model package: import from the repository root instead
@@ -44,19 +45,25 @@ from sqlalchemy.orm import Session  # noqa: E402
 from cxrnode.db import Job, JobEvent, Study  # noqa: E402
 
 
-def timeline(database_url: str) -> list[tuple[float, float, float]]:
-    """(quiet period over, done, model seconds) of every done job, epoch seconds."""
+def query(database_url: str, *statements: Any) -> list[list[Any]]:
+    """The rows of each statement, read in one session of a short-lived engine."""
     engine = create_engine(database_url)
     try:
         with Session(engine) as session:
-            rows = session.execute(
-                select(Study.settle_at, JobEvent.at, Job.result)
-                .join(Study, Study.id == Job.study_id)
-                .join(JobEvent, (JobEvent.job_id == Job.id) & (JobEvent.to_state == "done"))
-                .where(Job.state == "done")
-            ).all()
+            return [list(session.execute(statement).all()) for statement in statements]
     finally:
         engine.dispose()
+
+
+def timeline(database_url: str) -> list[tuple[float, float, float]]:
+    """(quiet period over, done, model seconds) of every done job, epoch seconds."""
+    (rows,) = query(
+        database_url,
+        select(Study.settle_at, JobEvent.at, Job.result)
+        .join(Study, Study.id == Job.study_id)
+        .join(JobEvent, (JobEvent.job_id == Job.id) & (JobEvent.to_state == "done"))
+        .where(Job.state == "done"),
+    )
     return [
         (settle.timestamp(), done.timestamp(), float(result["timings"].get("total", 0.0)))
         for settle, done, result in rows
@@ -129,20 +136,15 @@ def stages(database_url: str, skip: int = 1) -> dict[str, list[float]]:
     """Seconds spent between the steps of each done job (the first ``skip`` jobs left out):
     from the quiet period's end to the job queued, queued -> prepared, prepared -> inferred
     less the model's own time, inferred -> done."""
-    engine = create_engine(database_url)
-    try:
-        with Session(engine) as session:
-            jobs = session.execute(
-                select(Job.id, Study.settle_at, Job.result)
-                .join(Study, Study.id == Job.study_id)
-                .where(Job.state == "done")
-                .order_by(Job.id)
-            ).all()[skip:]
-            events = session.execute(
-                select(JobEvent.job_id, JobEvent.to_state, JobEvent.at).order_by(JobEvent.id)
-            ).all()
-    finally:
-        engine.dispose()
+    jobs, events = query(
+        database_url,
+        select(Job.id, Study.settle_at, Job.result)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.state == "done")
+        .order_by(Job.id),
+        select(JobEvent.job_id, JobEvent.to_state, JobEvent.at).order_by(JobEvent.id),
+    )
+    jobs = jobs[skip:]
     first: dict[tuple[int, str], float] = {}
     for job_id, state, at in events:
         first.setdefault((job_id, state), at.replace(tzinfo=UTC).timestamp())

@@ -72,7 +72,14 @@ def process_gone(pid: int) -> bool:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             fields = stat.read().rsplit(b")", 1)[-1].split()
     except FileNotFoundError:
-        return True
+        # gone, or hidden from this user (/proc mounted with hidepid): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # EPERM: it exists, under another user
+        return False
     except OSError:
         return False
     return bool(fields) and fields[0] in (b"Z", b"X")

@@ -476,7 +476,7 @@ def report(result: dict[str, Any]) -> str:
         ),
         "RSS by process (MiB: start, a minute in, end; growth from a minute in to the end):",
     ]
-    warm_all = result.get("rss_warm") or {}
+    warm_all = result["rss_warm"]
     for role in sorted(set(result["rss_start"]) | set(result["rss_end"]) | set(warm_all)):
         start, end = result["rss_start"].get(role), result["rss_end"].get(role)
         warm = warm_all.get(role)

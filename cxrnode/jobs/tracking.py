@@ -77,8 +77,8 @@ def process_gone(pid: int) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except OSError:
-            return False  # EPERM: it exists, under another user
+        except OSError:  # EPERM: it exists, under another user
+            pass
         return False
     except OSError:
         return False

@@ -25,9 +25,10 @@ What changes, and why (bench/ingest.py measures it on 10 MB radiographs):
   and writing overlap and the final fsync waits for the tail only. Durability is unchanged:
   the fsync still decides.
 
-Upstream-able part: the first two changes fit pynetdicom itself: ``recv`` could use ``recv_into`` into a
-buffer sized from the PDU length (bounded as here), and ``ready`` could take a timeout so that
-``DULServiceProvider.run_reactor`` blocks in ``select`` instead of sleeping. Neither changes the
+Upstream-able part: the first two changes fit pynetdicom itself: ``recv`` could use
+``recv_into`` into a buffer sized from the PDU length (bounded as here), and ``ready`` could
+take a timeout so that ``DULServiceProvider.run_reactor`` blocks in ``select`` instead of
+sleeping. Neither changes the
 protocol state machine. Until then, this module applies them to the sockets of the listener's
 own associations only, by giving pynetdicom's freshly built socket object this subclass (which
 adds no state): the constructor cannot simply be called twice, as it queues the
@@ -110,9 +111,6 @@ class WritebackFile:
         self._raw = raw
         self._fd = raw.fileno()
         self._started = 0
-
-    def write(self, data: Any) -> int:
-        return self._raw.write(data)
 
     def flush(self) -> None:
         self._raw.flush()

@@ -18,8 +18,8 @@ decoded by the fastest licence-compatible pydicom plugin for its transfer syntax
 Pixel Data of an uncompressed image never sits in memory whole: it is read from the file in
 slices of :data:`_SLICE_BYTES`, once for the histogram (only when there is no VOI) and once
 through the table. Given a path, :func:`display_image` opens the file once: the header, the
-deferred values and both pixel passes read through the same handle. Preparing such an image takes the 8-bit output (Rows x Columns bytes)
-plus a few MiB; a compressed one takes its encoded bytes plus the decoded frame, which
+deferred values and both pixel passes read through the same handle. Preparing such an image
+takes the 8-bit output (Rows x Columns bytes) plus a few MiB; a compressed one takes its encoded bytes plus the decoded frame, which
 ingest bounds with MAX_IMAGE_MB (docs/hardening.md). Histograms are counted in slices too:
 ``np.bincount`` of a whole 16-bit image would first copy it as 64-bit indices (4x its size).
 
@@ -149,10 +149,14 @@ def read_dataset(
         # NotImplementedError: pydicom's answer to a value representation it does not know;
         # BytesLengthException: a value whose length does not fit its VR (a damaged File Meta
         # group, which ingest skips by its group length)
-        raise ImagingError(
-            f"could not read {os.fspath(name)!r} as DICOM ({type(exc).__name__}: {exc}); "
-            "the file may be truncated or corrupt — ask the sender to re-send it"
-        ) from exc
+        raise _unreadable(name, exc) from exc
+
+
+def _unreadable(name: Any, exc: Exception) -> ImagingError:
+    return ImagingError(
+        f"could not read {os.fspath(name)!r} as DICOM ({type(exc).__name__}: {exc}); "
+        "the file may be truncated or corrupt — ask the sender to re-send it"
+    )
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
@@ -229,11 +233,10 @@ def _deferred_native(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> 
     if _transfer_syntax_or_none(ds) not in _NATIVE_LE or bits_allocated not in (8, 16):
         return None
     raw = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
-    filename = getattr(ds, "filename", None)
-    handle = getattr(ds, "buffer", None)
-    if isinstance(handle, io.BufferedReader) and not handle.closed:
-        filename = handle  # the file the header came from, still open
-    if getattr(raw, "value", b"") is not None or not isinstance(filename, str | io.BufferedReader):
+    handle = getattr(ds, "buffer", None)  # the file the header came from, if still open
+    open_file = isinstance(handle, io.BufferedReader) and not handle.closed
+    where = handle if open_file else getattr(ds, "filename", None)
+    if getattr(raw, "value", b"") is not None or not isinstance(where, str | io.BufferedReader):
         return None
     if raw.length == _UNDEFINED_LENGTH or raw.value_tell is None:
         return None
@@ -244,7 +247,7 @@ def _deferred_native(ds: Dataset, rows: int, cols: int, bits_allocated: int) -> 
             f"Pixel Data holds {raw.length} bytes but one {rows}x{cols} frame of "
             f"{bits_allocated}-bit samples needs {need}; the file is truncated — re-send it"
         )
-    return filename, raw.value_tell, dtype
+    return where, raw.value_tell, dtype
 
 
 def _file_slices(
@@ -279,16 +282,16 @@ def _histogram(slices: Iterable[np.ndarray], size: int) -> np.ndarray:
 def _display_from_file(ds: Dataset, source: Any, rows: int, cols: int) -> np.ndarray:
     """The display image of deferred uncompressed pixels, read from the file in slices: the
     histogram pass (only when there is no VOI) and the table pass."""
-    filename, offset, dtype = source
+    where, offset, dtype = source
     index_bits = 8 * dtype.itemsize
     table = _lut_for(
         ds,
         index_bits,
-        lambda: _histogram(_file_slices(filename, offset, rows * cols, dtype), 1 << index_bits),
+        lambda: _histogram(_file_slices(where, offset, rows * cols, dtype), 1 << index_bits),
     )
     out = np.empty(rows * cols, dtype=np.uint8)
     position = 0
-    for block in _file_slices(filename, offset, rows * cols, dtype):
+    for block in _file_slices(where, offset, rows * cols, dtype):
         out[position : position + block.size] = _apply(table, block)
         position += block.size
     return out.reshape(rows, cols)
@@ -565,10 +568,7 @@ def display_image(source: str | os.PathLike | Dataset) -> np.ndarray:
     try:
         handle = open(source, "rb")  # noqa: SIM115
     except OSError as exc:
-        raise ImagingError(
-            f"could not read {os.fspath(source)!r} as DICOM ({type(exc).__name__}: {exc}); "
-            "the file may be truncated or corrupt — ask the sender to re-send it"
-        ) from exc
+        raise _unreadable(source, exc) from exc
     with handle:  # one open: header, deferred values and pixels through the same handle
         return _render(read_dataset(handle))
 

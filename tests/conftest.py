@@ -30,10 +30,13 @@ SHARED_FOLDERS = frozenset({"e2e", "viewer", "web"})
 FIRST_FOLDERS = ("faults", "e2e", "web", "viewer", "pipeline", "deploy", "monitor", "node")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark tests by what they need, so `scripts/test --fast` (``-m "not slow"``) and
     ``-m postgres`` / ``-m redis`` select them without anyone remembering to mark them."""
-    parallel = bool(getattr(config.option, "numprocesses", None))
+    # xdist's workers collect the tests, with numprocesses reset to None: workerinput says
+    # this is one of them (the controller itself collects nothing)
+    parallel = bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         folder = Path(str(item.fspath)).parent.name

@@ -42,6 +42,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import hl7
 
+from cxrnode.outputs.text import sanitise
+
 __all__ = [
     "ENCODING_CHARACTERS",
     "FIELD_SEPARATOR",
@@ -113,13 +115,14 @@ class Refusal(Exception):
 # --------------------------------------------------------------------------------- escaping
 
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def escape(value: str) -> str:
-    """A text value made safe for one HL7 component: delimiters escaped (HL7 2.7.4), control
-    characters (line breaks included) removed. Split lines before escaping."""
-    value = _CONTROL.sub(" ", value.replace("\r\n", " ").replace("\n", " ").replace("\r", " "))
+    """A text value made safe for one HL7 component: the text every output gets
+    (:func:`cxrnode.outputs.text.sanitise`: TAB as a space, no control character, no
+    U+FFFD), line breaks as spaces, then the delimiters escaped (HL7 2.7.4). Split lines
+    before escaping."""
+    value = sanitise(value).replace("\n", " ")
     for raw, escaped in _ESCAPES:
         value = value.replace(raw, escaped)
     return value

@@ -27,7 +27,6 @@ The same draft as the SR, in the RIS's language. Why this shape:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +34,8 @@ from datetime import datetime
 from pydicom import Dataset
 
 from cxrnode.hl7.message import ENCODING_CHARACTERS, FIELD_SEPARATOR, escape, format_timestamp
+from cxrnode.ingest.record import SourceRecord
+from cxrnode.outputs.common import source_record
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import (
     DRAFT_NOTICE,
@@ -45,6 +46,7 @@ from cxrnode.outputs.findings_sr import (
     PROCEDURE_REPORTED,
     STATE_VALUES,
 )
+from cxrnode.outputs.text import multi_line
 from cxrnode.uids import device_uid, uid_from_key
 
 __all__ = ["VERSION", "Oru", "build_oru", "control_id"]
@@ -58,13 +60,6 @@ _SECTIONS = (
     ("121075", "Recommendation"),
 )
 _COMMENT = ("121106", "Comment")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def clean_text(text: str) -> str:
-    """Model text with line ends normalised, control characters (but tab and line break)
-    removed and outer whitespace stripped; lines become TX repetitions."""
-    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
 
 
 @dataclass(frozen=True)
@@ -84,14 +79,9 @@ def control_id(uid: str) -> str:
     return "CXR" + hashlib.sha1(uid.encode("ascii")).hexdigest()[:17].upper()
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
-
-
-def _person_name(ds: Dataset) -> str:
+def _person_name(source: SourceRecord) -> str:
     """DICOM PN family^given^middle^prefix^suffix as HL7 XPN family^given^middle^suffix^prefix."""
-    parts = (_text(ds, "PatientName").split("=")[0].split("^") + [""] * 5)[:5]
+    parts = (source.text("PatientName").split("=")[0].split("^") + [""] * 5)[:5]
     family, given, middle, prefix, suffix = (escape(part.strip()) for part in parts)
     return "^".join([family, given, middle, suffix, prefix]).rstrip("^")
 
@@ -107,11 +97,13 @@ def _fields(name: str, values: dict[int, str]) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    return [escape(line.rstrip()) for line in clean_text(text).split("\n")]
+    """The TX repetitions of a text: its lines as every output cleans them
+    (:func:`cxrnode.outputs.text.multi_line`: no TAB, control character or U+FFFD)."""
+    return [escape(line) for line in multi_line(text).split("\n")]
 
 
 def build_oru(
-    header: Dataset,
+    header: SourceRecord | Dataset,
     draft: DraftReport,
     *,
     version: int,
@@ -126,7 +118,8 @@ def build_oru(
     Parameters
     ----------
     header
-        The source image's recorded header (patient and study identity, AccessionNumber).
+        The source image's checked record (patient and study identity, AccessionNumber),
+        the one every DICOM output takes; a dataset is checked first.
     draft
         The validated draft.
     version
@@ -139,22 +132,18 @@ def build_oru(
     ValueError
         When the header lacks the Study or SOP Instance UID the message is named by.
     """
-    study_uid, source_uid = _text(header, "StudyInstanceUID"), _text(header, "SOPInstanceUID")
-    if not study_uid or not source_uid:
-        raise ValueError(
-            "the source header lacks StudyInstanceUID or SOPInstanceUID; the HL7 draft is "
-            "named by them"
-        )
+    source = source_record(header)  # raises ValueError without the UIDs the draft is named by
+    study_uid, source_uid = source.study_instance_uid, source.sop_instance_uid
     uid = uid_from_key(
         "hl7-oru", source_uid, draft.model_hash, draft.pipeline_version, str(version)
     )
     message_id = control_id(uid)
     stamp = format_timestamp(made_at)
-    accession = escape(_text(header, "AccessionNumber"))
-    patient_id = escape(_text(header, "PatientID"))
-    issuer = escape(_text(header, "IssuerOfPatientID"))
+    accession = escape(source.text("AccessionNumber"))
+    patient_id = escape(source.text("PatientID"))
+    issuer = escape(source.text("IssuerOfPatientID"))
     equipment = f"{device_uid(draft.model_hash)}^{MANUFACTURER}"
-    study_time = _text(header, "StudyDate") + _text(header, "StudyTime").split(".")[0]
+    study_time = source.text("StudyDate") + source.text("StudyTime").split(".")[0]
 
     segments = [
         _fields(  # MSH-1 is the separator itself, so key n is MSH-(n + 1)
@@ -178,9 +167,9 @@ def build_oru(
             {
                 1: "1",
                 3: f"{patient_id}^^^{issuer}" if issuer else patient_id,
-                5: _person_name(header),
-                7: escape(_text(header, "PatientBirthDate")),
-                8: escape(_text(header, "PatientSex")),
+                5: _person_name(source),
+                7: escape(source.text("PatientBirthDate")),
+                8: escape(source.text("PatientSex")),
             },
         ),
         _fields("ORC", {1: "RE", 3: accession, 5: "CM"}),
@@ -233,7 +222,7 @@ def _observations(draft: DraftReport) -> list[tuple[str, str, str]]:
             out.append(("TX", _coded(code, meaning, "DCM"), "~".join(lines)))
     if draft.paediatric_prompt:
         out.append(("TX", comment, escape(PAEDIATRIC_NOTE)))
-    if not clean_text(findings) and not clean_text(impression):
+    if not multi_line(findings) and not multi_line(impression):
         out.append(("TX", comment, escape(EMPTY_REPORT_NOTE)))
     for name, state in draft.findings.items():
         if state == "not_mentioned":

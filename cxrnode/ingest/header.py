@@ -57,7 +57,9 @@ RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
 
 # --------------------------------------------------------------------------- study facts
 
-_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
+# Lenient on purpose (the outputs never copy what this accepts unchecked, see
+# cxrnode.ingest.record): "62" and "62 Y" are read as the "062Y" the standard asks for.
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
@@ -72,12 +74,13 @@ def _parse_date(value: Any) -> date | None:
 
 
 def age_years(ds: Dataset) -> float | None:
-    """Patient age in years from PatientAge ("045Y", "006M", "002W", "010D"), else from
+    """Patient age in years from PatientAge ("045Y", "006M", "002W", "010D"; a number
+    without a unit, "62", is read as years, its one clear meaning), else from
     PatientBirthDate and the study (or series, acquisition, content) date; None if unknown
     or implausible (negative or over 130)."""
     match = _AGE.match(str(ds.get("PatientAge", "") or ""))
     if match:
-        years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+        years = int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper() or "Y"]
     else:
         born = _parse_date(ds.get("PatientBirthDate"))
         seen = next(

@@ -40,10 +40,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
-from cxrnode.ingest.header import header_dataset
+from cxrnode.ingest.record import SourceRecord
 from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
-from cxrnode.outputs.common import PriorDocument, series_description
+from cxrnode.outputs.common import PriorDocument, series_description, source_record
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
 from cxrnode.outputs.outbox import KIND_ORDER, LEGACY_SR_KIND
@@ -67,6 +67,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_SOP_INSTANCE_UID_TAG = "00080018"  # in the recorded DICOM JSON
 
 
 def _pipeline_version() -> str:
@@ -134,7 +136,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         session.rollback()
         return _fail(session, job_id, job.version, "the job's source instance row is missing")
     raw_result, job_version, recorded_at = job.result, job.version, job.updated_at
-    header = header_dataset(instance.header)
+    recorded = instance.header or {}
     study_uid, sop_uid = instance.study_instance_uid, instance.sop_instance_uid
     source_path = settings.instances_dir / instance.path
     predecessors = {
@@ -150,8 +152,13 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         if raw_result is None:
             raise ValueError("the job is inferred but holds no model result")
         result = ModelResult.from_dict(raw_result)
-        if "SOPInstanceUID" not in header:  # recorded before headers were kept (0001 rows)
-            header = pydicom.dcmread(source_path, stop_before_pixels=True)
+        # Checked once here; every builder takes this record (cxrnode.ingest.record).
+        if _SOP_INSTANCE_UID_TAG in recorded:
+            source = SourceRecord.from_recorded(recorded)
+        else:  # recorded before headers were kept (0001 rows)
+            source = SourceRecord.from_dataset(
+                pydicom.dcmread(source_path, stop_before_pixels=True)
+            )
         draft = DraftReport.from_result(result.to_dict(), PIPELINE_VERSION)
         display = (
             load_display(settings, study_uid, sop_uid, source_path)
@@ -159,7 +166,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
             else None
         )
         objects = make_objects(
-            header,
+            source,
             display,
             draft,
             version=job_version,
@@ -171,7 +178,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         return _fail(session, job_id, job_version, f"outputs cannot be built: {exc}")
     built = [_write(settings, ds, kind) for kind, ds in objects]
     try:
-        messages = _hl7_outputs(settings, header, draft, job_version, recorded_at)
+        messages = _hl7_outputs(settings, source, draft, job_version, recorded_at)
     except (OSError, ValueError) as exc:
         log.warning("job %d: the HL7 draft cannot be built: %s", job_id, exc)
         return _fail(session, job_id, job_version, f"the HL7 draft cannot be built: {exc}")
@@ -234,7 +241,7 @@ def _supersede_older(session: Session, job: Job, now: datetime) -> int:
 
 
 def make_objects(
-    header: Dataset,
+    header: SourceRecord | Dataset,
     display: np.ndarray | None,
     draft: DraftReport,
     *,
@@ -245,11 +252,13 @@ def make_objects(
     """The DICOM objects of one draft that ``settings.outputs`` asks for, in the order they
     travel (:data:`~cxrnode.outputs.outbox.KIND_ORDER`): ``(kind, dataset)`` pairs.
 
-    Pure: no I/O. ``header`` is the source image's header (no pixel data needed),
+    Pure: no I/O. ``header`` is the source image's checked record (a dataset is checked
+    first; no pixel data needed),
     ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it, and
     ``predecessors`` the SR each SR kind replaces (by kind; absent or ``None``: none).
     """
     institution = settings.institution_name
+    header = source_record(header)  # checked once, whatever the number of objects
     wanted = sorted((OutputKind(kind) for kind in settings.outputs), key=KIND_ORDER.__getitem__)
     objects: list[tuple[str, Dataset]] = []
     for kind in wanted:
@@ -357,7 +366,7 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def _hl7_outputs(
-    settings: Settings, header: Dataset, draft: DraftReport, version: int, made_at: datetime
+    settings: Settings, header: SourceRecord, draft: DraftReport, version: int, made_at: datetime
 ) -> list[BuiltOutput]:
     """The HL7 ORU draft, written durably, when MLLP destinations exist (else nothing)."""
     if not settings.hl7_destinations:
@@ -374,8 +383,8 @@ def _hl7_outputs(
         receiving_application=settings.hl7_receiving_application,
         receiving_facility=settings.hl7_receiving_facility,
     )
-    relpath = f"{header.StudyInstanceUID}/{oru.uid}.hl7"
-    instance_relpath(str(header.StudyInstanceUID), oru.uid)  # both UIDs checked for the path
+    relpath = f"{header.study_instance_uid}/{oru.uid}.hl7"
+    instance_relpath(header.study_instance_uid, oru.uid)  # both UIDs checked for the path
     write_durably(output_path(settings, relpath), [oru.encode()], settings.tmp_dir)
     return [BuiltOutput("hl7", "", oru.uid, relpath)]
 

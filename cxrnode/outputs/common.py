@@ -14,15 +14,19 @@ same in all of them live here, so that a radiologist or an archive sees one iden
 - **Draft marking.** Series descriptions "AI DRAFT <what it is> - NOT FOR DIAGNOSTIC USE"
   (what it is comes early, so a viewer that cuts the description still tells the two SRs
   apart), and the notices the documents print.
-- **Study context.** Only the patient and study attributes come from the source image
-  (:func:`source_view`); the source's acquisition equipment, which highdicom would list as
-  contributing equipment, is left out (:func:`drop_acquisition_equipment`).
+- **Study context.** Only the patient and study attributes come from the source image, and
+  only from its checked record (:class:`~cxrnode.ingest.record.SourceRecord`: a value
+  invalid for its VR is left out). Every object carries the same set of them
+  (:data:`PATIENT_AND_STUDY`, :func:`copy_patient_and_study`), whatever highdicom's class
+  for it copies on its own; the source's acquisition equipment, which highdicom would list
+  as contributing equipment, is left out (:func:`drop_acquisition_equipment`).
 - **Coded findings.** The finding concepts and the Present/Absent/Undetermined values are
   the same in both SRs (see :data:`FINDING_CONCEPTS`).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +39,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import multi_line, one_line
 from cxrnode.uids import OutputKind, OutputUIDs, device_uid, is_valid_uid, output_uids
@@ -50,11 +55,13 @@ __all__ = [
     "FINDING_CONCEPTS",
     "MANUFACTURER",
     "PAEDIATRIC_NOTE",
+    "PATIENT_AND_STUDY",
     "SERIES_NUMBERS",
     "STATE_VALUES",
     "PriorDocument",
     "ai_contributing_equipment",
     "coded_findings_summary",
+    "copy_patient_and_study",
     "drop_acquisition_equipment",
     "font_path",
     "long_string",
@@ -64,6 +71,7 @@ __all__ = [
     "series_description",
     "short_hash",
     "software_versions",
+    "source_record",
     "source_view",
     "without_name_warnings",
 ]
@@ -127,19 +135,25 @@ EMPTY_REPORT_NOTE = "The model returned no report text for this image."
 
 _SYSTEM_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 
-# Attributes never copied from the source into the evidence view (pixel data and friends).
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_TYPE2_FROM_SOURCE = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
+#: What every output copies from its source (Patient, General Study and Patient Study
+#: modules), keyword -> Type 2 (present, empty when the source has no valid value) or not
+#: (left out then). Nothing else of the source reaches an output.
+PATIENT_AND_STUDY: dict[str, bool] = {
+    "PatientName": True,
+    "PatientID": True,
+    "IssuerOfPatientID": False,
+    "PatientBirthDate": True,
+    "PatientSex": True,
+    "StudyDate": True,
+    "StudyTime": True,
+    "AccessionNumber": True,
+    "StudyID": True,
+    "ReferringPhysicianName": True,
+    "StudyDescription": False,
+    "PatientAge": False,
+    "PatientSize": False,
+    "PatientWeight": False,
+}
 
 
 @dataclass(frozen=True)
@@ -293,41 +307,45 @@ def ai_contributing_equipment(draft: DraftReport) -> hd.ContributingEquipment:
     return item
 
 
-def source_view(source: Dataset) -> Dataset:
-    """The source without its pixel data, with empty Type 2 patient/study attributes added
-    where the source lacks them.
+def source_record(source: SourceRecord | Dataset) -> SourceRecord:
+    """The checked record of ``source``; a dataset is checked here (the deliver step makes
+    the record once and hands it to every builder, so this is for direct callers)."""
+    return source if isinstance(source, SourceRecord) else SourceRecord.from_dataset(source)
+
+
+def source_view(source: SourceRecord | Dataset) -> Dataset:
+    """The source as highdicom copies from it: the record's identity UIDs and checked
+    values (no pixel data, nothing left out), with empty Type 2 patient/study attributes
+    added where the source has no valid value.
 
     highdicom reads these attributes unconditionally; a PACS may legitimately omit Type 2
-    attributes, and the outputs must not fail for it. Pixel data is dropped so that a source
-    read with deferred or without pixel data works and nothing large is copied.
+    attributes, and the outputs must not fail for it.
 
     Raises
     ------
     ValueError
         If the source lacks a UID the outputs must reference.
     """
-    missing = [
-        keyword
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        if not str(source.get(keyword, "") or "")
-    ]
-    if missing:
-        raise ValueError(
-            f"the source dataset lacks {missing}; the AI outputs must reference the source "
-            "image and join its study, so these UIDs are required"
-        )
-    view = Dataset()
-    for element in source:
-        if element.keyword not in _PIXEL_KEYWORDS:
-            view.add(element)
-    for keyword in _TYPE2_FROM_SOURCE:
-        if keyword not in view:
+    view = source_record(source).dataset()
+    for keyword, type2 in PATIENT_AND_STUDY.items():
+        if type2 and keyword not in view:
             setattr(view, keyword, None)
     return view
 
 
+def copy_patient_and_study(ds: Dataset, view: Dataset) -> None:
+    """Make ``ds`` carry exactly the :data:`PATIENT_AND_STUDY` attributes of ``view`` (a
+    :func:`source_view`): highdicom's classes copy different subsets (the SR's the whole
+    Patient Study module, the SC's none of it), and the objects of one draft must agree."""
+    for keyword in PATIENT_AND_STUDY:
+        if keyword in view:
+            ds.add(copy.deepcopy(view[keyword]))
+        elif keyword in ds:
+            delattr(ds, keyword)
+
+
 def source_and_uids(
-    source: Dataset, draft: DraftReport, kind: OutputKind, version: int
+    source: SourceRecord | Dataset, draft: DraftReport, kind: OutputKind, version: int
 ) -> tuple[Dataset, OutputUIDs]:
     """The source as the builders copy it (:func:`source_view`) and the deterministic UIDs
     of the object of ``kind`` and ``version`` made from it for ``draft``."""

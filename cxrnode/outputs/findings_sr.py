@@ -47,6 +47,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.common import (
     ALGORITHM_FAMILY,
     CHARACTER_SET,
@@ -60,6 +61,7 @@ from cxrnode.outputs.common import (
     STATE_VALUES,
     PriorDocument,
     ai_contributing_equipment,
+    copy_patient_and_study,
     drop_acquisition_equipment,
     long_string,
     mark_containers_separate,
@@ -85,7 +87,7 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 def build_findings_sr(
-    source: Dataset,
+    source: SourceRecord | Dataset,
     draft: DraftReport,
     *,
     version: int = 1,
@@ -97,7 +99,8 @@ def build_findings_sr(
     Parameters
     ----------
     source
-        The source image's dataset; pixel data may be absent or deferred.
+        The source image's checked record (a dataset is checked first: see
+        :func:`cxrnode.outputs.common.source_record`).
     draft
         The validated draft.
     version
@@ -151,6 +154,7 @@ def build_findings_sr(
             specific_character_set=CHARACTER_SET,
         )
     drop_acquisition_equipment(sr)
+    copy_patient_and_study(sr, view)
     return sr
 
 

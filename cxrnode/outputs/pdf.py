@@ -34,6 +34,7 @@ from fpdf import FPDF
 from pydicom import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 
+from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.common import (
     ALGORITHM_FAMILY,
     BANNER_RGB,
@@ -45,6 +46,7 @@ from cxrnode.outputs.common import (
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
     ai_contributing_equipment,
+    copy_patient_and_study,
     font_path,
     long_string,
     model_name,
@@ -135,7 +137,7 @@ def render_pdf(draft: DraftReport) -> bytes:
 
 
 def build_pdf(
-    source: Dataset,
+    source: SourceRecord | Dataset,
     draft: DraftReport,
     *,
     version: int = 1,
@@ -146,7 +148,8 @@ def build_pdf(
     Parameters
     ----------
     source
-        The source image's dataset (only its metadata is used; pixel data may be absent).
+        The source image's checked record (a dataset is checked first: see
+        :func:`cxrnode.outputs.common.source_record`).
     draft
         The validated draft.
     version
@@ -185,6 +188,7 @@ def build_pdf(
         )
         ds.copy_patient_and_study_information(view)
     ds.ContributingEquipmentSequence = [ai_contributing_equipment(draft)]
+    copy_patient_and_study(ds, view)
     ds.ConversionType = "WSD"
     ds.AcquisitionDateTime = None
     ds.BurnedInAnnotation = "NO"

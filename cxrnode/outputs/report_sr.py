@@ -49,6 +49,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.common import (
     CHARACTER_SET,
     DIFFERENTIAL_DIAGNOSIS,
@@ -61,6 +62,7 @@ from cxrnode.outputs.common import (
     STATE_VALUES,
     PriorDocument,
     ai_contributing_equipment,
+    copy_patient_and_study,
     drop_acquisition_equipment,
     long_string,
     mark_containers_separate,
@@ -95,7 +97,7 @@ _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
 
 def build_report_sr(
-    source: Dataset,
+    source: SourceRecord | Dataset,
     draft: DraftReport,
     *,
     version: int = 1,
@@ -107,7 +109,8 @@ def build_report_sr(
     Parameters
     ----------
     source
-        The source image's dataset; pixel data may be absent or deferred.
+        The source image's checked record (a dataset is checked first: see
+        :func:`cxrnode.outputs.common.source_record`).
     draft
         The validated draft.
     version
@@ -159,6 +162,7 @@ def build_report_sr(
             specific_character_set=CHARACTER_SET,
         )
     drop_acquisition_equipment(sr)
+    copy_patient_and_study(sr, view)
     sr.AuthorObserverSequence = [_author(draft, institution_name)]
     return sr
 

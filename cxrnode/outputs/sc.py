@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.common import (
     ALGORITHM_FAMILY,
     BANNER_RGB,
@@ -47,6 +48,7 @@ from cxrnode.outputs.common import (
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
     ai_contributing_equipment,
+    copy_patient_and_study,
     drop_acquisition_equipment,
     font_path,
     long_string,
@@ -245,7 +247,7 @@ def _line_height(font: ImageFont.FreeTypeFont) -> int:
 
 
 def build_sc(
-    source: Dataset,
+    source: SourceRecord | Dataset,
     display: np.ndarray,
     draft: DraftReport,
     *,
@@ -258,7 +260,8 @@ def build_sc(
     Parameters
     ----------
     source
-        The source image's dataset (only its metadata is used; pixel data may be absent).
+        The source image's checked record (a dataset is checked first: see
+        :func:`cxrnode.outputs.common.source_record`).
     display
         The source radiograph as 8-bit grey (``uint8`` H x W, lungs dark).
     draft
@@ -306,6 +309,7 @@ def build_sc(
             specific_character_set=CHARACTER_SET,
         )
     drop_acquisition_equipment(sc)
+    copy_patient_and_study(sc, view)
     # The rows and columns still run along the source's axes (scaled, not flipped), so
     # the source's orientation holds; Type 2, so empty when the source does not say.
     orientation = view.get("PatientOrientation")

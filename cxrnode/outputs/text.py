@@ -1,9 +1,13 @@
-"""Text made safe for DICOM, in one place: every text value an output carries passes here.
+"""Text made safe for DICOM and HL7 in one place: every text value an output carries passes here.
 
 The model writes whatever it likes: tabs, NUL bytes, escape sequences, any Unicode, ten
-thousand characters on one line, nothing at all. A DICOM text value may hold only what
-PS3.5 §6.2 allows for its VR, and we declare UTF-8 (Specific Character Set ``ISO_IR 192``).
-What each VR gets:
+thousand characters on one line, nothing at all, and U+FFFD where its byte tokens do not
+form UTF-8. :func:`sanitise` is the one cleaner every output uses, the DICOM objects and the
+HL7 ORU alike (:func:`cxrnode.hl7.message.escape` runs it before escaping HL7's
+delimiters): line breaks of every spelling become LF, TAB becomes a space, every other
+control character, lone surrogate and U+FFFD is removed. A DICOM text value may then hold
+only what PS3.5 §6.2 allows for its VR, and we declare UTF-8 (Specific Character Set
+``ISO_IR 192``). What each VR gets:
 
 - **Multi-line text (UT, ST, LT):** graphic characters and line breaks. PS3.5 allows the
   control characters CR, LF, FF and ESC there; we write line breaks as LF only (CR, CR LF,
@@ -37,6 +41,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 
 __all__ = [
+    "REPLACEMENT_CHARACTER",
     "REPORT_LINE_WIDTH",
     "VR_LIMITS",
     "code_string",
@@ -45,9 +50,13 @@ __all__ = [
     "one_line",
     "person_name",
     "report_text",
+    "sanitise",
     "value_for_vr",
     "wrap",
 ]
+
+#: What a decoder writes for bytes that do not form UTF-8; never part of what the model meant.
+REPLACEMENT_CHARACTER = "\ufffd"
 
 #: Longest line of the text-report SR, in characters.
 REPORT_LINE_WIDTH = 100
@@ -71,10 +80,16 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 _CS_FORBIDDEN = re.compile(r"[^A-Z0-9 _]")
 
 
-def _drop_unencodable_and_controls(text: str, keep: str) -> str:
-    """Remove surrogates and every control character (Unicode category Cc) not in ``keep``."""
+def sanitise(text: str) -> str:
+    """``text`` as any output may carry it, DICOM or HL7: line breaks as LF (CR LF, CR, VT,
+    FF, NEL and the Unicode separators included), TAB as a space, and no other control
+    character (Unicode Cc), lone surrogate or U+FFFD."""
+    text = _LINE_BREAKS.sub("\n", text).replace("\t", " ")
     return "".join(
-        char for char in text if char in keep or unicodedata.category(char) not in ("Cc", "Cs")
+        char
+        for char in text
+        if char == "\n"
+        or (char != REPLACEMENT_CHARACTER and unicodedata.category(char) not in ("Cc", "Cs"))
     )
 
 
@@ -92,9 +107,7 @@ def multi_line(text: str, limit: int | None = None) -> str:
     """A value for UT, ST or LT: line breaks as LF, TAB as a space, no other control
     character, trailing spaces of each line and blank lines at either end removed, at most
     one empty line in a row; cut to ``limit`` (characters and bytes) when given."""
-    text = _LINE_BREAKS.sub("\n", text).replace("\t", " ")
-    text = _drop_unencodable_and_controls(text, keep="\n")
-    lines = [line.rstrip(" ") for line in text.split("\n")]
+    lines = [line.rstrip(" ") for line in sanitise(text).split("\n")]
     text = _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n")
     return _cut(text, limit).rstrip()
 
@@ -102,8 +115,7 @@ def multi_line(text: str, limit: int | None = None) -> str:
 def one_line(text: str, limit: int | None = None) -> str:
     """A value for LO, SH or UC: one line, no control character, no backslash, outer
     spaces stripped; cut to ``limit`` (characters and bytes) when given."""
-    text = _LINE_BREAKS.sub(" ", text).replace("\t", " ").replace("\n", " ")
-    text = _drop_unencodable_and_controls(text, keep="").replace("\\", "/")
+    text = sanitise(text).replace("\n", " ").replace("\\", "/")
     return _cut(text.strip(), limit).strip()
 
 

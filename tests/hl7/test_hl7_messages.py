@@ -152,7 +152,9 @@ def test_escaping_and_timestamps() -> None:
 @pytest.fixture
 def header() -> Dataset:
     ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.9"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.9.2"
     ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.9.1"
     ds.PatientName = "Doe^Jane^Q^Dr^III"
     ds.PatientID = "PAT|9"

@@ -265,6 +265,7 @@ def test_our_own_draft_coming_back_from_the_ris_is_kept_and_ignored(listening: L
 
     header = Dataset()
     header.StudyInstanceUID, header.SOPInstanceUID = "1.2.3.4", "1.2.3.4.5"
+    header.SOPClassUID, header.SeriesInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3.4.6"
     header.AccessionNumber = "ACC-1"
     draft = DraftReport(
         report="Cardiomegaly.",

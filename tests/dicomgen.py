@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -821,3 +822,38 @@ def chest_secondary_capture(
     ds.save_as(plain, enforce_file_format=True)
     subprocess.run(["/usr/bin/dcmcjpeg", "+eb", str(plain), str(path)], check=True)
     return path
+
+
+# --------------------------------------------------------------------------- invalid values
+
+#: Values a modality writes that are not valid for their VR, by keyword, as a PACS forwards
+#: them: Patient's Age without its unit (the SIIM chest sample's ``62``), ISO dates and
+#: times, a description longer than LO allows, an Accession Number longer than SH allows, a
+#: name of six components, a lower-case code string, a TAB in a short string.
+INVALID_VR_VALUES: dict[str, str] = {
+    "PatientAge": "62",
+    "PatientBirthDate": "1962-03-15",
+    "StudyDate": "20241345",
+    "StudyTime": "10:15:00",
+    "StudyDescription": "CHEST PA " + "AND SOME VERY LONG PROTOCOL TEXT " * 3,
+    "AccessionNumber": "ACC-0000000000000042",
+    "ReferringPhysicianName": "Doe^John^Q^Dr^Jr^Extra",
+    "PatientSex": "female",
+    "StudyID": "ID\tTAB",
+}
+
+
+def build_invalid_vr_chest(**kwargs: Any) -> Dataset:
+    """A synthetic chest (:func:`build_chest`) whose header carries every value of
+    :data:`INVALID_VR_VALUES` (pydicom's checks are off meanwhile: writing them is the point,
+    and its warnings would quote them)."""
+    ds = build_chest(**kwargs)
+    checks = pydicom_config.settings
+    previous = checks.reading_validation_mode, checks.writing_validation_mode
+    checks.reading_validation_mode = checks.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        for keyword, value in INVALID_VR_VALUES.items():
+            setattr(ds, keyword, value)
+    finally:
+        checks.reading_validation_mode, checks.writing_validation_mode = previous
+    return ds

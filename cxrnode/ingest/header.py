@@ -12,11 +12,19 @@ import re
 from datetime import date
 from typing import Any
 
+from pydicom import config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from model.contracts import StudyContext
+
+# pydicom checks each value as it reads it and, by default, logs and warns an invalid one
+# quoting it ("Invalid value for VR DA: '1962-03-15'"): patient data in the node's logs, from
+# the C-STORE handler on. The node checks what it copies itself (cxrnode.ingest.vr, through
+# cxrnode.ingest.record) and logs only the attribute's keyword; every process that reads a
+# header imports this module.
+config.settings.reading_validation_mode = config.IGNORE
 
 __all__ = [
     "RADIOGRAPH_SOP_CLASSES",

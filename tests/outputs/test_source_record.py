@@ -216,11 +216,17 @@ def test_every_object_of_one_draft_carries_the_same_patient_and_study_attributes
         assert carried(objects[kind]) == sr, kind
 
 
-@pytest.mark.parametrize("name", dicomgen.PYDICOM_DATA_RADIOGRAPHS)
+def _source_path(name: str, tmp_path: Path) -> Path:
+    if name == "digitised film (SC)":
+        return dicomgen.chest_secondary_capture(tmp_path / "film.dcm")
+    return dicomgen.pydicom_data_chest(name)
+
+
+@pytest.mark.parametrize("name", [*dicomgen.PYDICOM_DATA_RADIOGRAPHS, "digitised film (SC)"])
 def test_every_builder_gives_a_valid_object_for_the_real_radiographs(
     name: str, make_draft: Callable[..., DraftReport], tmp_path: Path
 ) -> None:
-    header = pydicom.dcmread(dicomgen.pydicom_data_chest(name), stop_before_pixels=True)
+    header = pydicom.dcmread(_source_path(name, tmp_path), stop_before_pixels=True)
     draft = make_draft(report="Findings:\tclear lungs\ufffd.\r\nImpression:\tnormal\x00.")
     objects = make_objects(
         SourceRecord.from_dataset(header),

@@ -60,7 +60,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+# bench/model.py would shadow the model package (the tiny checkpoint for cxrnode+workers)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dicomgen  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402

@@ -1,15 +1,16 @@
 """What every process of a node does about itself: its title, its parent, its CPU priority.
 
 `cxrnode serve` is one supervisor and its children (listeners, web app, workers, broker).
-Each child calls :func:`become` first thing, so that
+The supervisor titles itself; each child it spawns (listeners, web app) calls :func:`become`
+first thing; the workers get their priority from `cxrnode worker` (:func:`lower_priority`
+before it execs Celery, which titles them ``[celeryd: <queues>...]``). So that
 
-- ``ps`` says what it is (``cxrnode: listener 0 (port 11112)``) instead of the
+- ``ps`` says what each is (``cxrnode: listener 0 (CXRNODE)``) instead of the
   ``python -c from multiprocessing.spawn ...`` every spawned child would otherwise show;
-- it dies with the supervisor, even when the supervisor is killed with SIGKILL
+- a child dies with the supervisor, even when the supervisor is killed with SIGKILL
   (``PR_SET_PDEATHSIG``): a node never leaves orphans holding its ports;
 - background work yields the CPU to the listeners (:func:`lower_priority`): the PACS waits
-  while a C-STORE is unanswered, while prepare and outputs can wait a moment.
-"""
+  while a C-STORE is unanswered, while prepare and outputs can wait a moment."""
 
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ __all__ = [
     "lower_priority",
     "set_title",
     "spawn_context",
-    "title",
 ]
 
 #: Every title starts with this, so ``pgrep -a cxrnode:`` lists a node's processes.
@@ -56,13 +56,6 @@ def set_title(what: str) -> None:
     setproctitle.setproctitle(TITLE_PREFIX + what)
     # the thread name is what `top` and /proc/<pid>/comm show (15 bytes)
     setproctitle.setthreadtitle(("cxr " + what)[:15])
-
-
-def title() -> str:
-    """This process's title as ``ps`` shows it."""
-    import setproctitle
-
-    return setproctitle.getproctitle()
 
 
 def lower_priority(niceness: int) -> int:

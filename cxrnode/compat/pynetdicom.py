@@ -6,7 +6,7 @@ rely on (`cxrnode serve` refuses to start otherwise, saying what to install). No
 the node touches a private attribute of pynetdicom (``tests/node/test_compat_boundary.py``
 walks the source to prove it).
 
-Required (the node cannot run without them, :data:`REQUIRED`):
+Required (the node cannot run without them; :func:`problems` checks each):
 
 - the association a ``RequestHandler`` creates (``RequestHandler._create_association``): the
   association cap (:mod:`cxrnode.net.cap`) gives back its slot when that association's

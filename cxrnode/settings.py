@@ -246,6 +246,20 @@ class Settings(BaseSettings):
             "CPU-hungry background work); its other tasks run beside them."
         ),
     )
+    receive_hold_seconds: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "While instances keep arriving (any study), settled studies wait until none has "
+            "arrived for this long before their work starts, so a burst is received first. "
+            "0: off."
+        ),
+    )
+    receive_hold_max_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Longest a study waits for a burst to end (a stream never starves work).",
+    )
 
     # --- model ---------------------------------------------------------------------------------
     model: str | None = Field(

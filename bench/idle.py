@@ -1,11 +1,19 @@
-"""Idle CPU of a node: `cxrnode serve` with no traffic, embedded and Redis + PostgreSQL.
+"""Idle CPU of a node: `cxrnode serve` with no traffic, embedded and Redis + PostgreSQL;
+and the memory of an idle embedded node without a model, process by process.
 
     .venv/bin/python bench/idle.py [--seconds 60] [--settle 20]
+    .venv/bin/python bench/idle.py --memory [--settle 20]
 
 Starts each node (tiny checkpoint, workers included), waits ``--settle`` seconds for start-up
 to finish, then reads the CPU time (user + system, from /proc) of the node's whole process
 tree, its embedded broker included, at the start and the end of ``--seconds``. Orthanc 1.10,
 idle over the same window, is the peer measured in the same run. Goal: <= 1 % of one core.
+
+``--memory`` starts an embedded node with no MODEL set (workers included), waits ``--settle``
+seconds, and prints each process of its tree with its title (what ``ps`` shows) and its PSS
+(proportional set size, from ``/proc/<pid>/smaps_rollup``: shared pages are divided among the
+processes sharing them, so the sum is what the node costs), then the total. Goal: <= 600 MB
+PSS over all its processes, every process titled.
 """
 
 from __future__ import annotations
@@ -67,6 +75,58 @@ def idle_share(root: int, seconds: float) -> tuple[float, int]:
     return (after - before) / (time.monotonic() - start), len(pids)
 
 
+def pss_kib(pid: int) -> int | None:
+    """Proportional set size of ``pid`` in KiB (None: gone, or not ours to read)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def memory_rows(root: int) -> list[dict]:
+    """Title and PSS of ``root`` and each process below it."""
+    rows = []
+    for pid in sorted(descendants(root)):
+        pss = pss_kib(pid)
+        if pss is not None:
+            rows.append({"pid": pid, "title": command_line(pid), "pss_mb": pss / 1024})
+    return rows
+
+
+def measure_memory(work: Path, args) -> list[dict]:
+    data = work / "memory"
+    env = node_env(data)
+    env.pop("CXRNODE_SCP_PROCESSES", None)  # the node's own default, as installed
+    node = Node(data, env).start()
+    try:
+        time.sleep(args.settle)
+        return memory_rows(node.proc.pid)
+    finally:
+        node.stop()
+
+
+def print_memory(rows: list[dict]) -> None:
+    print(f"\n{'pid':>8} {'PSS MB':>8}  title (idle embedded node, no model)")
+    for row in rows:
+        print(f"{row['pid']:>8} {row['pss_mb']:>8.1f}  {row['title'][:100]}")
+    total = sum(row["pss_mb"] for row in rows)
+    untitled = [r for r in rows if "multiprocessing" in r["title"] or "python" in r["title"]]
+    print(f"{'total':>8} {total:>8.1f}  over {len(rows)} processes; goal <= 600 MB PSS")
+    print(f"untitled processes: {len(untitled)}")
+    print(json.dumps({"memory": rows, "pss_mb_total": total}))
+
+
 def measure_node(name: str, settings: dict[str, str], model: Path, work: Path, args) -> dict:
     data = work / name
     node = Node(data, node_env(data, model=str(model), **settings)).start()
@@ -94,7 +154,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--settle", type=float, default=20)
+    parser.add_argument(
+        "--memory", action="store_true", help="PSS per process of an idle node without a model"
+    )
     args = parser.parse_args()
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="cxrnode-idle-") as tmp:
+            print_memory(measure_memory(Path(tmp), args))
+        return
 
     from model.tiny import make_tiny_checkpoint
 

@@ -7,6 +7,11 @@ with a quarter of the files), all in the same run:
 
 - **cxrnode**: ``cxrnode serve --no-workers`` with a fresh data directory and SQLite
   database, the settle period set to an hour so study grouping stays out of the way;
+- **cxrnode+workers**: ``cxrnode serve`` with its workers (embedded defaults, the tiny test
+  checkpoint as its model, ``--model none`` for none) and a settle period of one second, so
+  every study is prepared, inferred and built while the burst is still arriving: the
+  background work competes with the listeners for the cores, as on a node at work. Its ratio
+  to **cxrnode** (same run) is what receive-first promises to keep near 1;
 - **storescp**: dcmtk ``storescp`` (plain for one association, ``--fork`` for four);
 - **orthanc**: the Debian ``Orthanc`` binary with a generated configuration (own storage and
   index directory, no plugins, ``MaximumPduLength`` 131072).
@@ -55,7 +60,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+# bench/model.py would shadow the model package (the tiny checkpoint for cxrnode+workers)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import dicomgen  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
@@ -65,10 +72,11 @@ from cxrnode.settings import Settings  # noqa: E402
 BIN = Path(sys.executable).parent
 PDU = 131072  # the largest PDU dcmtk sends or accepts
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-PEERS = ("cxrnode", "storescp", "orthanc")
+PEERS = ("cxrnode", "cxrnode+workers", "storescp", "orthanc")
 CEILING = "fsync loop"
 DURABILITY = {
     "cxrnode": "fsync file + directory, SQLite row committed (WAL, synchronous=FULL)",
+    "cxrnode+workers": "as cxrnode, with prepare, inference and outputs running meanwhile",
     "storescp": "no fsync: acknowledged once in the page cache",
     "orthanc": "fsync file (SyncStorageArea); SQLite index WAL, synchronous=NORMAL (no fsync at commit)",
 }
@@ -127,8 +135,26 @@ class Receiver:
 # ------------------------------------------------------------------------------- receivers
 
 
+#: The checkpoint ``cxrnode+workers`` serves (set by main: ``--model``).
+MODEL: dict[str, str | None] = {"path": None}
+
+
 @contextlib.contextmanager
 def cxrnode(work: Path, associations: int, processes: int | None) -> Iterator[Receiver]:
+    with _cxrnode(work, processes, workers=False) as receiver:
+        yield receiver
+
+
+@contextlib.contextmanager
+def cxrnode_with_workers(
+    work: Path, associations: int, processes: int | None
+) -> Iterator[Receiver]:
+    with _cxrnode(work, processes, workers=True) as receiver:
+        yield receiver
+
+
+@contextlib.contextmanager
+def _cxrnode(work: Path, processes: int | None, workers: bool) -> Iterator[Receiver]:
     data = work / "cxrnode"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
@@ -136,17 +162,19 @@ def cxrnode(work: Path, associations: int, processes: int | None) -> Iterator[Re
         CXRNODE_DATA_DIR=str(data),
         CXRNODE_DICOM_PORT=str(port),
         CXRNODE_HTTP_PORT=str(free_port()),
-        CXRNODE_SETTLE_SECONDS="3600",
+        CXRNODE_SETTLE_SECONDS="1" if workers else "3600",
         CXRNODE_MIN_FREE_DISK_MB="256",
         CXRNODE_LOG_LEVEL="WARNING",
         PATH=f"{BIN}:{env.get('PATH', '')}",
     )
     if processes:
         env["CXRNODE_SCP_PROCESSES"] = str(processes)
+    if workers and MODEL["path"]:
+        env["CXRNODE_MODEL"] = MODEL["path"]
     data.mkdir(parents=True)
     with (work / "cxrnode.log").open("ab") as log:
         proc = subprocess.Popen(
-            [str(BIN / "cxrnode"), "serve", "--no-workers"],
+            [str(BIN / "cxrnode"), "serve", "--workers" if workers else "--no-workers"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -249,7 +277,12 @@ def orthanc(work: Path, associations: int, processes: int | None) -> Iterator[Re
         stop(proc, group=True)
 
 
-RECEIVERS = {"cxrnode": cxrnode, "storescp": storescp, "orthanc": orthanc}
+RECEIVERS = {
+    "cxrnode": cxrnode,
+    "cxrnode+workers": cxrnode_with_workers,
+    "storescp": storescp,
+    "orthanc": orthanc,
+}
 
 
 def _alive(proc: subprocess.Popen, log: Path) -> bool:
@@ -380,8 +413,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def report(results: dict[tuple[str, int], list[float]], associations: list[int]) -> str:
     lines = [
-        f"{'receiver':<10} {'assoc':>5} {'MB/s (median)':>14} {'runs':<28} "
-        f"{'vs storescp':>11} {'vs orthanc':>10} {'vs ceiling':>10}",
+        f"{'receiver':<16} {'assoc':>5} {'MB/s (median)':>14} {'runs':<28} "
+        f"{'vs storescp':>11} {'vs orthanc':>10} {'vs ceiling':>10} {'vs cxrnode':>10}",
     ]
     for count in associations:
         medians = {
@@ -392,15 +425,16 @@ def report(results: dict[tuple[str, int], list[float]], associations: list[int])
         for peer, value in medians.items():
             runs = ", ".join(f"{v:.0f}" for v in results[(peer, count)])
             lines.append(
-                f"{peer:<10} {count:>5} {value:>14.0f} {runs:<28} "
+                f"{peer:<16} {count:>5} {value:>14.0f} {runs:<28} "
                 f"{ratio(value, medians.get('storescp')):>11} "
                 f"{ratio(value, medians.get('orthanc')):>10} "
-                f"{ratio(value, medians.get(CEILING)):>10}"
+                f"{ratio(value, medians.get(CEILING)):>10} "
+                f"{ratio(value, medians.get('cxrnode')):>10}"
             )
     lines.append("")
     lines.append("durability when success is answered:")
     for peer in PEERS:
-        lines.append(f"  {peer:<9} {DURABILITY[peer]}")
+        lines.append(f"  {peer:<16} {DURABILITY[peer]}")
     return "\n".join(lines)
 
 
@@ -417,6 +451,12 @@ def main() -> None:
         help="cxrnode listener processes (default: the node's own default)",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the files")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "none"),
+        default="tiny",
+        help="cxrnode+workers: serve the tiny test checkpoint, or no model (jobs then wait)",
+    )
     args = parser.parse_args()
     for tool in ("/usr/bin/storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None and (tool != "Orthanc" or "orthanc" in args.peers):
@@ -426,6 +466,10 @@ def main() -> None:
     try:
         started = time.perf_counter()
         files = make_files(work / "send", args.n)
+        if "cxrnode+workers" in args.peers and args.model == "tiny":
+            from model.tiny import make_tiny_checkpoint
+
+            MODEL["path"] = str(make_tiny_checkpoint(work / "tiny"))
         size = sum(path.stat().st_size for path in files)
         # the node's default (the environment is not passed to the node, see cxrnode())
         processes = args.scp_processes or Settings.model_construct().effective_scp_processes
@@ -442,7 +486,8 @@ def main() -> None:
                     value = run_once(peer, files, count, work, args.scp_processes)
                     results.setdefault((peer, count), []).append(value)
                     print(
-                        f"  run {repeat + 1}: {peer:<9} {count} assoc {value:7.1f} MB/s", flush=True
+                        f"  run {repeat + 1}: {peer:<15} {count} assoc {value:7.1f} MB/s",
+                        flush=True,
                     )
                 value = fsync_ceiling(files, count, work)
                 results.setdefault((CEILING, count), []).append(value)

@@ -116,8 +116,10 @@ def process_rss(node: Node) -> dict[str, int]:
             role = "redis"
         elif "-m worker --queues" in cmd:
             role = "worker-" + cmd.split("--queues", 1)[1].split()[0]
+        elif cmd.startswith("cxrnode: listener") or cmd.startswith("cxrnode: web"):
+            role = cmd.split()[1]  # the title a spawned child gives itself (cxrnode.process)
         elif "multiprocessing" in cmd:
-            role = "child"  # listener or monitor (spawned)
+            role = "child"  # spawned, before it titles itself
         elif " serve" in cmd:
             role = "serve"
         else:

@@ -2,21 +2,23 @@
 
 It applies migrations, starts the embedded broker (unless BROKER_URL names one), the DICOM
 listener processes (sharing the port), the admin web app (:mod:`cxrnode.web`, on HTTP_PORT),
-the monitor process (final reports over HL7 MLLP when HL7_PORT is set, and the agreement
-sweep), optionally the Celery workers, prints the start-up summary (:func:`startup_summary`)
+optionally the Celery workers, prints the start-up summary (:func:`startup_summary`)
 and runs the scheduler (:mod:`cxrnode.jobs.scheduler`) in the main thread. Children die with
-the supervisor (PR_SET_PDEATHSIG); a watcher thread restarts one that exits unexpectedly and
-says when an inference worker reports its model; a retention thread removes delivered
-studies' files after RETENTION_DAYS (:mod:`cxrnode.retention`). Before any child starts, the
-Prometheus multiprocess directory is emptied and named in the environment the children
-inherit (:mod:`cxrnode.web.metrics`).
+the supervisor (PR_SET_PDEATHSIG) and say in ``ps`` what they are (:mod:`cxrnode.process`);
+the workers run at a lower CPU priority than the listeners (WORKER_NICENESS), so a burst of
+images is acknowledged at the speed of the receive path. A watcher thread restarts a child
+that exits unexpectedly and says when an inference worker reports its model; a retention
+thread removes delivered studies' files after RETENTION_DAYS (:mod:`cxrnode.retention`); the
+monitor (final reports over HL7 MLLP when HL7_PORT is set, and the agreement sweep) runs in a
+thread of its own, not a process: it is a few database writes a minute. Before any child
+starts, the Prometheus multiprocess directory is emptied and named in the environment the
+children inherit (:mod:`cxrnode.net.metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import re
 import signal
@@ -31,24 +33,38 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from cxrnode.compat.pynetdicom import startup_problem as pynetdicom_problem
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.db.migrate import upgrade
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import EmbeddedBroker, broker_url, is_embedded, redis_client
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.jobs.tracking import WorkerInfo, live_workers
-from cxrnode.monitor.service import run_monitor
+from cxrnode.monitor.service import run_monitor_thread
 from cxrnode.net.cap import AssociationCap
-from cxrnode.net.listener import die_with_parent, run_listener
+from cxrnode.net.listener import run_listener
+from cxrnode.net.metrics import prepare_metrics_dir
+from cxrnode.process import die_with_parent, set_title, spawn_context
 from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
-from cxrnode.web.metrics import prepare_metrics_dir
-from cxrnode.web.server import exposure_problem, run_web
+from cxrnode.web.exposure import exposure_problem
+from cxrnode.web.server import run_web
 
 log = logging.getLogger(__name__)
 
 #: embedded mode: one node-side worker and one inference worker
 WORKER_QUEUES = ("prepare,outputs,send", "infer")
+#: embedded mode without MODEL: one worker, whose infer tasks find no model and park their
+#: jobs in waiting_model (an inference process of its own would do only that, for ~140 MB;
+#: a model is named in the settings, so it comes with a restart and its own process then)
+WORKER_QUEUES_NO_MODEL = ("prepare,outputs,send,infer",)
+
+
+def worker_queues(settings: Settings) -> tuple[str, ...]:
+    """The workers `serve` starts: one per entry, consuming the queues it names."""
+    return WORKER_QUEUES if settings.model else WORKER_QUEUES_NO_MODEL
+
+
 #: seconds between two looks at the children
 WATCH_SECONDS = 2.0
 #: seconds the start-up summary waits for the DICOM port to accept connections
@@ -143,7 +159,8 @@ class Supervisor:
         self.settings = settings
         self.workers = workers
         self.stop = threading.Event()
-        self.context = multiprocessing.get_context("spawn")
+        self.context = spawn_context()
+        self.monitor: threading.Thread | None = None
         self.children: dict[str, Any] = {}
         self.engine = make_engine(settings.effective_database_url)
         self.reader = make_engine(settings.effective_database_url, read_only=True)
@@ -165,11 +182,10 @@ class Supervisor:
         self.children[name] = process
 
     def _start_monitor(self) -> None:
-        process = self.context.Process(
-            target=run_monitor, args=(self.settings,), name="monitor", daemon=True
+        self.monitor = threading.Thread(
+            target=run_monitor_thread, args=(self.settings, self.stop), name="monitor", daemon=True
         )
-        process.start()
-        self.children["monitor"] = process
+        self.monitor.start()
 
     def _start_web(self) -> None:
         process = self.context.Process(
@@ -199,6 +215,10 @@ class Supervisor:
 
     def start(self) -> None:
         self._check_web()
+        problem = pynetdicom_problem()  # the listeners cannot run without these internals
+        if problem:
+            log.error("%s", problem)
+            raise SystemExit(2)
         prepare_data_dir(self.settings)
         upgrade(self.engine)
         prepare_metrics_dir(self.settings)  # before any child: they inherit its name
@@ -210,7 +230,7 @@ class Supervisor:
         self._start_monitor()
         self._start_web()
         if self.workers:
-            for queues in WORKER_QUEUES:
+            for queues in worker_queues(self.settings):
                 self.children[f"worker-{queues}"] = WorkerProcess(queues)
         log.info(
             "cxrnode %s listening on %s:%d with %d processes; admin web app on http://%s:%d",
@@ -285,14 +305,15 @@ class Supervisor:
         if self.broker is not None and not self.broker.is_alive():
             log.error("the embedded broker exited with %s; restarting it", self.broker.exitcode)
             self.broker.start()
+        if self.monitor is not None and not self.monitor.is_alive() and not self.stop.is_set():
+            log.error("the monitor thread ended; restarting it")
+            self._start_monitor()
         for name, process in list(self.children.items()):
             if process.is_alive():
                 continue
             log.error("%s exited with %s; restarting it", name, process.exitcode)
             if name.startswith("listener-"):
                 self._start_listener(int(name.split("-")[1]))
-            elif name == "monitor":
-                self._start_monitor()
             elif name == "web":
                 self._start_web()
             elif isinstance(process, WorkerProcess):
@@ -309,6 +330,7 @@ class Supervisor:
                 self._note_models(self._live_workers() or [])
 
     def run(self) -> None:
+        set_title(f"serve {self.settings.ae_title} (supervisor, scheduler)")
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         self.start()
@@ -345,6 +367,8 @@ class Supervisor:
             process.join(max(0.1, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
+        if self.monitor is not None:
+            self.monitor.join(10)
         if self.broker is not None:  # last: the workers acknowledge through it
             self.broker.terminate()
             self.broker.join(10)
@@ -453,6 +477,8 @@ def _mode_line(settings: Settings) -> str:
 
 def _workers_line(settings: Settings, workers: bool) -> str:
     if workers:
+        if not settings.model:
+            return f"started here: one for {WORKER_QUEUES_NO_MODEL[0]} (no model to serve yet)"
         return "started here: " + " and ".join(WORKER_QUEUES)
     return (
         "none here (--no-workers): run `cxrnode worker --queues prepare,outputs,send` "

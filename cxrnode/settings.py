@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     receive_tuning: bool = Field(
         True,
         description=(
-            "Whole-PDU socket reads and a waiting DUL loop for pynetdicom (cxrnode.net.receive); "
-            "false runs stock pynetdicom. Turned off by itself when pynetdicom is not a tested "
-            "release."
+            "Whole-PDU socket reads and a waiting DUL loop for pynetdicom "
+            "(cxrnode.compat.pynetdicom); false runs stock pynetdicom. Turned off by itself "
+            "when pynetdicom is not a tested release."
         ),
     )
 
@@ -225,6 +225,40 @@ class Settings(BaseSettings):
             "Seconds between two searches for lost work (a dead worker's jobs are re-sent "
             "within about this plus 30 s)."
         ),
+    )
+
+    # --- receive first: worker priority and prepare concurrency --------------------------------
+    worker_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "Nice increment of the worker processes (`cxrnode worker`, and those `serve` "
+            "starts): background work yields the CPU to the DICOM listeners, so a burst is "
+            "acknowledged at the speed of the receive path. 0: the listeners' priority."
+        ),
+    )
+    prepare_concurrency: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Images one worker process decodes at once in the prepare step (the most "
+            "CPU-hungry background work); its other tasks run beside them."
+        ),
+    )
+    receive_hold_seconds: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "While instances keep arriving (any study), settled studies wait until none has "
+            "arrived for this long before their work starts, so a burst is received first. "
+            "0: off."
+        ),
+    )
+    receive_hold_max_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Longest a study waits for a burst to end (a stream never starves work).",
     )
 
     # --- model ---------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from model.compat import apply_rotary_pos_emb
 from model.modeling import CXRLLaVAModel
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,7 +129,8 @@ class SlotDecoder:
         """Run every decoder layer on ``x`` [B, W, hidden] at RoPE ``positions`` [B, W].
 
         The same operations as transformers' ``LlamaDecoderLayer`` (pre-norm, residuals, the
-        checkpoint's projections), except that attention is ``attend``.
+        checkpoint's projections), except that attention is ``attend``; the layout relied on
+        is checked against the installed transformers by :func:`model.compat.require`.
         """
         cos, sin = self.model.llama.rotary_emb(x, positions)
         batch, width, _ = x.shape

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from model import compat
 from model.config import CXRLLaVAConfig
 from model.vision import VisionTransformer
 
@@ -25,7 +26,11 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 def llama_config(config: CXRLLaVAConfig, attn_implementation: str | None = None) -> LlamaConfig:
-    """``LlamaConfig(**config.llama)``, as the reference builds it, with our attention choice."""
+    """``LlamaConfig(**config.llama)``, as the reference builds it, with our attention choice.
+
+    Checks first that the installed transformers has what the decoder re-runs
+    (:func:`model.compat.require`): every model is built through here."""
+    compat.require()
     cfg = LlamaConfig(**config.llama)
     impl = attn_implementation or config.attn_implementation or "sdpa"
     if impl not in SUPPORTED_ATTENTION:
@@ -33,7 +38,7 @@ def llama_config(config: CXRLLaVAConfig, attn_implementation: str | None = None)
             f"attention implementation {impl!r} is not supported; expected one of "
             f"{SUPPORTED_ATTENTION} (the decode loop passes padded 2-D masks)."
         )
-    cfg._attn_implementation = impl
+    compat.set_attention(cfg, impl)
     return cfg
 
 

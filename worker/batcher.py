@@ -54,9 +54,9 @@ class ModelHost:
             if self._load_error and time.monotonic() - self._load_error[0] < self.retry_load_after:
                 raise ModelUnavailable(self._load_error[1])
             try:
-                from model.serving import ReportServer
+                engine = self._load_engine()  # raises at once when no model is configured
+                from model.serving import ReportServer  # torch: only once there is a model
 
-                engine = self._load_engine()
                 self._server = ReportServer(engine, max_batch=self.max_batch, worker=self.worker)
             except Exception as exc:
                 message = f"model cannot be loaded: {exc}"

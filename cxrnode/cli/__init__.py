@@ -9,12 +9,13 @@ from typing import Annotated
 
 import typer
 
+from cxrnode.cli.common import load_settings
 from cxrnode.cli.demo import demo_command
 from cxrnode.cli.label import eval_command, label_command
 from cxrnode.cli.model import model_app
 from cxrnode.cli.monitor import monitor_command
 from cxrnode.cli.resend import resend_command
-from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
+from cxrnode.settings import example_toml, parse_destination
 
 app = typer.Typer(
     help="cxrnode: a DICOM node that drafts chest radiograph reports with CXR-LLaVA.",
@@ -34,12 +35,7 @@ app.command("monitor")(monitor_command)
 app.command("demo")(demo_command)
 
 
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except Exception as exc:  # pydantic's message names the option and the problem
-        typer.echo(f"cxrnode: invalid settings: {exc}", err=True)
-        raise typer.Exit(2) from exc
+_settings = load_settings
 
 
 @app.command()
@@ -133,6 +129,11 @@ def worker(
     note = root_note(settings)
     if note and not os.environ.get(SUPERVISED_ENV):
         typer.echo(f"cxrnode worker: {note}", err=True)
+    from cxrnode.process import lower_priority
+
+    # receive first: the worker (and the process exec'd next, which inherits it) runs at a
+    # lower CPU priority than the DICOM listeners
+    lower_priority(settings.worker_niceness)
     # exec the worker package's own entry point: cxrnode never imports worker (or torch)
     command = [sys.executable, "-m", "worker", "--queues", ",".join(chosen)]
     command += ["--concurrency", str(threads)] + (["--gpus", gpus] if gpus else [])

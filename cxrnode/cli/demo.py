@@ -20,6 +20,8 @@ import typer
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from cxrnode.cli.common import load_settings
+
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DEMO_CALLING_AET = "CXRDEMO"
 
@@ -122,7 +124,6 @@ def demo_command(
     ] = DEMO_CALLING_AET,
 ) -> None:
     """Write a synthetic chest radiograph (a new study each time) and optionally send it."""
-    from cxrnode.cli import _settings
     from cxrnode.settings import parse_destination
 
     ds = chest_dataset()
@@ -135,7 +136,7 @@ def demo_command(
     typer.echo(f"wrote {file} (synthetic CR chest PA, study {ds.StudyInstanceUID})")
     if not (send or to):
         return
-    settings = _settings()
+    settings = load_settings()
     if to:
         try:
             aet, host, port = parse_destination(to)

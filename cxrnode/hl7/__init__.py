@@ -4,6 +4,6 @@
 ``oru``       the AI draft as an ORU^R01 (pure)
 ``mllp``      MLLP framing with a size limit, on python-hl7's asyncio streams
 ``receive``   one incoming message: store durably, record, choose the ACK
-``listener``  the MLLP server (in the monitor process of ``cxrnode serve``)
+``listener``  the MLLP server (in the monitor thread of ``cxrnode serve``)
 ``sender``    the outbox's MLLP transport and how it reads ACKs
 """

@@ -17,9 +17,10 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from cxrnode.db import utcnow
+from cxrnode.db import Study, StudyState, utcnow
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states, tracking
 from cxrnode.jobs.broker import TASK_QUEUES, WAKE_CHANNEL
@@ -51,6 +52,8 @@ class Scheduler:
         self.dispatch = dispatcher or Dispatcher(settings)
         self._next_reconcile = 0.0
         self._started = False
+        self._held_since: datetime | None = None  # receive first: when settling began to wait
+        self._hold_until: datetime | None = None
 
     # ------------------------------------------------------------------------------ one pass
     def run_once(self, now_monotonic: float | None = None) -> float:
@@ -70,14 +73,46 @@ class Scheduler:
         """Settle the studies whose quiet period is over and hand their new jobs to the
         broker: one transaction makes and queues them, then the messages are published."""
         with self.readers() as session:
-            due = next_settle_at(session)
-        if due is None or due > utcnow():
+            due, last = session.execute(
+                select(func.min(Study.settle_at), func.max(Study.settle_at)).where(
+                    Study.state == StudyState.receiving
+                )
+            ).one()
+        now = utcnow()
+        if due is None or due > now:
             return  # read-only check first: no write lock when nothing is due
+        if self._holding(now, last):
+            return
         with self.sessions() as session:
             settle_due_studies(session, commit=False)
             taken = states.take_pending(session)  # commits the new jobs as queued
         for work in taken:
             self.dispatch.prepare_image(work.job_id, work.version)
+
+    def _holding(self, now: datetime, last_settle_at: datetime | None) -> bool:
+        """Receive first: whether settling waits because instances are still arriving.
+
+        A study's ``settle_at`` is its last arrival plus SETTLE_SECONDS, so the latest one
+        tells when the node last received anything. Settling (and the prepare, inference
+        and outputs work it starts) waits until RECEIVE_HOLD_SECONDS passed without an
+        arrival, so a burst is acknowledged at the speed of the receive path; never longer
+        than RECEIVE_HOLD_MAX_SECONDS from the first wait, so a steady stream is served.
+        """
+        quiet = timedelta(seconds=self.settings.receive_hold_seconds)
+        self._hold_until = None
+        if not quiet or last_settle_at is None:
+            self._held_since = None
+            return False
+        last_arrival = last_settle_at - timedelta(seconds=self.settings.settle_seconds)
+        if now >= last_arrival + quiet:
+            self._held_since = None
+            return False
+        self._held_since = self._held_since or now
+        limit = self._held_since + timedelta(seconds=self.settings.receive_hold_max_seconds)
+        if now >= limit:
+            return False  # the stream goes on: serve it (the hold starts again once quiet)
+        self._hold_until = min(last_arrival + quiet, limit)
+        return True
 
     def queue_new_jobs(self) -> None:
         with self.sessions() as session:
@@ -157,6 +192,8 @@ class Scheduler:
             moments = [next_settle_at(session), outbox.next_due(session)]
         wall_now = utcnow()
         until = self._next_reconcile - now_monotonic
+        if self._hold_until is not None:  # settling waits for the burst: look again then
+            moments[0] = self._hold_until
         for moment in moments:
             if moment is not None:
                 until = min(until, _seconds_between(wall_now, moment))

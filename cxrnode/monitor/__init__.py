@@ -4,7 +4,7 @@
 ``scoring``    the AI draft beside the chosen report, per finding (and the periodic sweep)
 ``agreement``  sensitivity, PPV, specificity, F1 and kappa per finding, model and window
 ``metrics``    the Prometheus collector (:class:`~cxrnode.monitor.metrics.AgreementCollector`)
-``service``    the monitor process of ``cxrnode serve`` (MLLP listener and sweep)
+``service``    the monitor thread of ``cxrnode serve`` (MLLP listener and sweep)
 
 The functions the admin web app and ``cxrnode monitor`` call are re-exported here.
 """

@@ -14,14 +14,14 @@ finished one.
 When it happens:
 
 - at once, after an entrance records a report (:func:`score_studies`);
-- in :func:`sweep`, run by the monitor process every ``MONITOR_INTERVAL_SECONDS``: reports
+- in :func:`sweep`, run by the monitor thread every ``MONITOR_INTERVAL_SECONDS``: reports
   still unmatched are matched when their study has arrived, and studies whose latest draft
   is newer than the one their reports were scored against are scored again (a draft that
   finished after its report, a re-run). The sweep reads first and writes only when it found
   work, so an idle node takes no write lock.
 
 Scoring the same study twice gives the same rows, so concurrent scorers (the listener and the
-monitor process) converge; on PostgreSQL the study row is locked while it is scored.
+monitor thread) converge; on PostgreSQL the study row is locked while it is scored.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The monitor process of ``cxrnode serve``: the MLLP listener (when ``HL7_PORT`` is set) and
-the scoring sweep (every ``MONITOR_INTERVAL_SECONDS``), on one asyncio loop.
+"""The monitor of ``cxrnode serve``: the MLLP listener (when ``HL7_PORT`` is set) and the
+scoring sweep (every ``MONITOR_INTERVAL_SECONDS``), on one asyncio loop in a thread of the
+supervisor.
 
-Database work runs on one worker thread, so the process writes one thing at a time (what
-SQLite wants, and plenty for report traffic). The supervisor restarts the process if it dies,
-like the DICOM listeners.
+Database work runs on one worker thread, so the monitor writes one thing at a time (what
+SQLite wants, and plenty for report traffic). The supervisor's watcher restarts the thread if
+it ends.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.orm import sessionmaker
@@ -22,7 +23,7 @@ from cxrnode.hl7.receive import Hl7Receiver, Reception
 from cxrnode.monitor.scoring import score_studies, sweep
 from cxrnode.settings import Settings
 
-__all__ = ["Monitor", "run_monitor"]
+__all__ = ["Monitor", "run_monitor_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,27 @@ class Monitor:
             self.executor.shutdown(wait=True)
 
 
-def run_monitor(settings: Settings) -> None:
-    """Body of the monitor process: serve until SIGTERM."""
-    from cxrnode.logs import setup_logging
-    from cxrnode.net.listener import die_with_parent
+def run_monitor_thread(settings: Settings, stop: threading.Event) -> None:
+    """Body of the supervisor's ``monitor`` thread: run until ``stop`` is set.
 
-    die_with_parent()
-    setup_logging(settings.log_level)
+    A thread of `cxrnode serve`, not a process of its own: the sweep and the MLLP listener
+    are a few database writes a minute, not worth an interpreter (about 100 MB). Its own
+    engines and asyncio loop keep it apart from the scheduler beside it.
+    """
     engine = make_engine(settings.effective_database_url)
     reader = make_engine(settings.effective_database_url, read_only=True)
     monitor = Monitor(settings, make_sessionmaker(engine), make_sessionmaker(reader))
 
     async def main() -> None:
-        stop = asyncio.Event()
+        stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await monitor.run(stop)
+        waiter = threading.Thread(
+            target=lambda: (stop.wait(), loop.call_soon_threadsafe(stopped.set)),
+            name="monitor-stop",
+            daemon=True,
+        )
+        waiter.start()
+        await monitor.run(stopped)
 
     try:
         asyncio.run(main())

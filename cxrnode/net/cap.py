@@ -21,7 +21,7 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
-from pynetdicom.transport import RequestHandler
+from cxrnode.compat.pynetdicom import TrackingRequestHandler, transport_closed, wake_acceptor
 
 __all__ = ["AssociationCap", "SlotReleasingHandler", "give_back", "releasing"]
 
@@ -72,29 +72,23 @@ def give_back(assoc: Any) -> None:
         cap.release(index)
 
 
-def releasing(base: type[RequestHandler]) -> type[RequestHandler]:
+def releasing(base: type[TrackingRequestHandler]) -> type[TrackingRequestHandler]:
     """``base`` with :class:`SlotReleasingHandler`'s behaviour (tuned or stock handler)."""
     return type(f"SlotReleasing{base.__name__}", (SlotReleasingHandler, base), {})
 
 
-class SlotReleasingHandler(RequestHandler):
+class SlotReleasingHandler(TrackingRequestHandler):
     """Waits in the server's per-connection thread until the association's own thread ends,
     then gives back the slot it took (if any). pynetdicom's ``handle`` starts the association
     thread and returns; waiting here costs one parked thread per association."""
 
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        self.cxrnode_assoc = assoc
-        return assoc
-
     def handle(self) -> None:
         try:
             super().handle()
-            assoc = getattr(self, "cxrnode_assoc", None)
-            if assoc is not None:
-                _join(assoc)
+            if self.cxrnode_assoc is not None:
+                _join(self.cxrnode_assoc)
         finally:
-            give_back(getattr(self, "cxrnode_assoc", None))
+            give_back(self.cxrnode_assoc)
 
 
 #: Seconds between looks at a waiting association for a peer that has already gone.
@@ -107,9 +101,7 @@ def closed_before_request(assoc: Any) -> bool:
     timeout."""
     if assoc.is_established or assoc.is_released or assoc.is_aborted or assoc.is_rejected:
         return False
-    transport = getattr(assoc.dul, "socket", None)
-    sock = getattr(transport, "socket", None)
-    return sock is not None and sock.fileno() == -1
+    return transport_closed(assoc)
 
 
 def _join(assoc: Any) -> None:
@@ -117,7 +109,5 @@ def _join(assoc: Any) -> None:
     while assoc.is_alive():
         assoc.join(CLOSED_CHECK_SECONDS)
         if not woken and assoc.is_alive() and closed_before_request(assoc):
-            # the acceptor's reactor waits on this queue for the request: an empty answer
-            # is its ACSE timeout, after which it ends the association
-            assoc.dul.to_user_queue.put(None)
+            wake_acceptor(assoc)
             woken = True

@@ -12,7 +12,7 @@ The receive path is tuned for 10 MB radiographs (see bench/ingest.py):
   in DATA_DIR/tmp as its fragments arrive; the C-STORE handler fsyncs that file and links it
   into place (:meth:`cxrnode.ingest.receive.Ingest.receive_file`), so the bytes are never assembled
   in memory nor written twice;
-- :mod:`cxrnode.net.receive` reads a PDU with a few ``recv_into`` calls instead of
+- :mod:`cxrnode.compat.pynetdicom` reads a PDU with a few ``recv_into`` calls instead of
   pynetdicom's 4 KiB ``recv`` loop, and waits for data in ``select`` instead of sleeping
   between polls (the one place that touches pynetdicom internals; ``RECEIVE_TUNING=false``
   runs stock pynetdicom).
@@ -21,7 +21,6 @@ The receive path is tuned for 10 MB radiographs (see bench/ingest.py):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -50,15 +49,17 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
+from cxrnode.compat.pynetdicom import configure_receive, reject, request_handler
 from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
 from cxrnode.ingest.receive import SUCCESS, Ingest
 from cxrnode.ingest.reports import REPORT_SOP_CLASSES, ReportIngest
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import Waker
+from cxrnode.logs import setup_logging
 from cxrnode.net.cap import SLOT_ATTRIBUTE, AssociationCap, give_back, releasing
-from cxrnode.net.receive import request_handler
+from cxrnode.net.metrics import observe_store
+from cxrnode.process import become
 from cxrnode.settings import Settings
-from cxrnode.web.metrics import observe_store
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +214,12 @@ class Handlers:
         if not self.settings.calling_aet_allowed(calling, host):
             log.warning("association from %s@%s refused: calling AE not allowed", calling, host)
             self._log_association(assoc, False, "calling AE title not allowed")
-            _reject(assoc, REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
+            reject(assoc, REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
             return
         if self.ingest.disk_low():
             log.warning("association from %s refused: free disk below reserve", calling)
             self._log_association(assoc, False, "free disk space below the reserve")
-            _reject(
+            reject(
                 assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_TEMPORARY_CONGESTION
             )
             return
@@ -230,7 +231,7 @@ class Handlers:
                 self.cap.limit,
             )
             self._log_association(assoc, False, "association cap reached (MAX_ASSOCIATIONS)")
-            _reject(
+            reject(
                 assoc, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, DIAG_LOCAL_LIMIT_EXCEEDED
             )
             return
@@ -307,18 +308,6 @@ class Handlers:
             log.exception("cannot update association log %s", row_id)
 
 
-def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
-    """Send A-ASSOCIATE-RJ and let the DUL flush it before the socket closes (as pynetdicom
-    does for its own rejections)."""
-    assoc.acse.send_reject(result, source, diagnostic)
-    # send_reject does not mark the association: without this pynetdicom goes on, after the
-    # EVT_REQUESTED handler, to negotiate it (logs "Accepting Association", queues an
-    # A-ASSOCIATE-AC on the stopped DUL and flags it established)
-    assoc.is_rejected = True
-    evt.trigger(assoc, evt.EVT_REJECTED, {})
-    assoc.kill()  # returns once the peer closed the connection (or ARTIM expired)
-
-
 #: Room in pynetdicom's own association count for connections that are not associations yet
 #: (TCP probes, peers that have not sent their request).
 PROBE_THREADS = 8
@@ -342,31 +331,18 @@ def finish_associations(servers: list[Any], grace: float) -> None:
                 assoc.abort()
 
 
-def die_with_parent() -> None:
-    """Linux: make the kernel kill this process when its parent dies (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # pragma: no cover - not Linux
-        pass
-
-
 def run_listener(settings: Settings, cap: AssociationCap | None = None, index: int = 0) -> None:
     """Body of listener process ``index``: serve until SIGTERM. ``cap`` is the node-wide
     association cap shared by all listener processes (see :mod:`cxrnode.net.cap`)."""
-    die_with_parent()
-    from cxrnode.logs import setup_logging
-
+    become(f"listener {index} ({settings.ae_title})")
     setup_logging(settings.log_level, settings)
     # Receive datasets straight into files in DATA_DIR/tmp, on the file system of their final
     # place, so storing one is fsync + link (cxrnode.ingest.receive.Ingest.receive_file).
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(settings.tmp_dir)
-    _config.STORE_RECV_CHUNKED_DATASET = True
     # pynetdicom's standard event handlers build a log record for every PDU (80 per 10 MB
     # image); keep them for debugging only, as the node logs associations itself.
-    if settings.log_level.upper() != "DEBUG":
-        _config.LOG_HANDLER_LEVEL = "none"
+    configure_receive(log_pdus=settings.log_level.upper() == "DEBUG")
     engine = make_engine(settings.effective_database_url)
     sessions = make_sessionmaker(engine)
     ingest = Ingest(settings, sessions)

@@ -8,7 +8,7 @@ False and the peer's reason is gone. The node would then read a permanent reject
 AE title in DESTINATIONS) as "cannot connect" and retry it for ever.
 
 :func:`associate` watches the PDUs received and, when an RJ arrived but pynetdicom lost it,
-restores what its ACSE would have recorded (the rejection primitive, ``is_rejected``).
+restores what its ACSE would have recorded (:func:`cxrnode.compat.pynetdicom.mark_rejected`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+from cxrnode.compat.pynetdicom import mark_rejected
 
 __all__ = ["associate"]
 
@@ -33,7 +35,5 @@ def associate(ae: Any, host: str, port: int, **kwargs: Any) -> Any:
     handlers.append((evt.EVT_PDU_RECV, on_pdu))
     assoc = ae.associate(host, port, evt_handlers=handlers, **kwargs)
     if rejections and not assoc.is_established and not assoc.is_rejected:
-        assoc.acceptor.primitive = rejections[0].to_primitive()
-        assoc.is_aborted = False
-        assoc.is_rejected = True
+        mark_rejected(assoc, rejections[0])
     return assoc

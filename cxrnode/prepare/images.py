@@ -14,12 +14,17 @@ Both are derived data: written atomically (temporary file, rename) but not fsync
 power loss a missing or short file is simply made again from the source (a third read, only
 then). ``.npy`` rather than PNG because saving a 2500 x 2048 PNG costs 0.3-0.8 s and the raw
 array about 2 ms.
+
+Decoding is the most CPU-hungry background work of a node: at most PREPARE_CONCURRENCY
+decodes run at once in one worker process (:func:`decode_slot`), whatever its thread count,
+so a burst of arrivals leaves the listeners their share of the cores.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +87,19 @@ class Prepared:
     model_input: np.ndarray  # 512 x 512
 
 
+_decode_slots: threading.BoundedSemaphore | None = None
+_decode_slots_lock = threading.Lock()
+
+
+def decode_slot(settings: Settings) -> threading.BoundedSemaphore:
+    """This process's bound on concurrent decodes (PREPARE_CONCURRENCY, set at first use)."""
+    global _decode_slots
+    with _decode_slots_lock:
+        if _decode_slots is None:
+            _decode_slots = threading.BoundedSemaphore(settings.prepare_concurrency)
+        return _decode_slots
+
+
 def prepare_images(settings: Settings, source: Path, study_uid: str, sop_uid: str) -> Prepared:
     """Decode ``source`` once; keep its model input (the display image is kept by
     :func:`keep_display`, once the model input is on its way). Return both images.
@@ -91,8 +109,9 @@ def prepare_images(settings: Settings, source: Path, study_uid: str, sop_uid: st
     ImagingError
         The pixels cannot be read or rendered (the reason names what is wrong).
     """
-    display = display_image(source)  # one open of the source; only the 8-bit image is kept
-    tensor = model_input(display, MODEL_INPUT_SIZE, exact=settings.exact_resize)
+    with decode_slot(settings):  # at most PREPARE_CONCURRENCY at once in this process
+        display = display_image(source)  # one open of the source; only the 8-bit image is kept
+        tensor = model_input(display, MODEL_INPUT_SIZE, exact=settings.exact_resize)
     _save(kept_images(settings, study_uid, sop_uid).model_input, tensor)
     return Prepared(display, tensor)
 

@@ -14,7 +14,7 @@
 - **Health and metrics** are open unless HEALTH_OPEN / METRICS_OPEN are false; then they
   take the bearer token (or a dashboard session).
 - **No API_TOKEN**: nothing is asked, which the node allows only on a loopback HTTP_HOST
-  (:func:`cxrnode.web.server.exposure_problem`); requests whose Host header is not a loopback
+  (:func:`cxrnode.web.exposure.exposure_problem`); requests whose Host header is not a loopback
   name are then refused, so a web page cannot reach the node through DNS rebinding.
 """
 
@@ -34,7 +34,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from cxrnode.settings import Settings
-from cxrnode.web.server import has_token, is_loopback
+from cxrnode.web.exposure import has_token, is_loopback
 
 log = logging.getLogger(__name__)
 

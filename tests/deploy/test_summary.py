@@ -34,7 +34,8 @@ def test_the_summary_names_identity_ports_data_mode_outputs_model_and_web(tmp_pa
     assert row(text, "mode").startswith(
         "  mode       embedded: SQLite cxrnode.db and a redis-server"
     )
-    assert "started here: prepare,outputs,send and infer" in row(text, "workers")
+    # no model yet: one worker, no inference process of its own
+    assert "started here: one for prepare,outputs,send,infer" in row(text, "workers")
     assert "no DESTINATIONS" in row(text, "outputs")
     assert "not set" in row(text, "model") and "waiting_model" in row(text, "model")
     assert row(text, "web").split()[1] == "http://127.0.0.1:8081/"

@@ -50,6 +50,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
+from cxrnode.audit import dicom as audit_dicom
 from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
 from cxrnode.ingest.receive import SUCCESS, Ingest
 from cxrnode.ingest.reports import REPORT_SOP_CLASSES, ReportIngest
@@ -178,6 +179,7 @@ class Handlers:
         self.waker = waker
         self.reports = reports or ReportIngest(settings, sessions)
         self._stats: dict[int, list[int]] = {}  # association log id -> [instances, bytes]
+        self._received: dict[int, list[int]] = {}  # association log id -> instance ids (audit)
         self._lock = threading.Lock()
 
     def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
@@ -213,6 +215,7 @@ class Handlers:
         if not self.settings.calling_aet_allowed(calling, host):
             log.warning("association from %s@%s refused: calling AE not allowed", calling, host)
             self._log_association(assoc, False, "calling AE title not allowed")
+            audit_dicom.association_refused(self.settings, calling, host, "calling AE not allowed")
             _reject(assoc, REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
             return
         if self.ingest.disk_low():
@@ -271,6 +274,8 @@ class Handlers:
                 stats = self._stats.setdefault(row_id, [0, 0])
                 stats[0] += 1
                 stats[1] += outcome.size_bytes
+                if outcome.instance_id is not None and not outcome.duplicate:
+                    self._received.setdefault(row_id, []).append(outcome.instance_id)
         if outcome.status == SUCCESS or outcome.reason is None:
             return outcome.status
         status = Dataset()
@@ -295,6 +300,7 @@ class Handlers:
             return
         with self._lock:
             instances, nbytes = self._stats.pop(row_id, [0, 0])
+            received = self._received.pop(row_id, [])
         try:
             with self.sessions() as session:
                 session.execute(
@@ -305,6 +311,17 @@ class Handlers:
                 session.commit()
         except Exception:  # bookkeeping must never break the association
             log.exception("cannot update association log %s", row_id)
+        try:  # after the association: the C-STORE path itself does no audit work
+            requestor = event.assoc.requestor
+            audit_dicom.received(
+                self.settings,
+                self.sessions,
+                str(requestor.ae_title).strip(),
+                requestor.address,
+                received,
+            )
+        except Exception:
+            log.exception("cannot write the audit record of association %s", row_id)
 
 
 def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:

@@ -28,14 +28,18 @@ def api_routes(site: Site) -> list[tuple[str, str]]:
     for path, methods in schema["paths"].items():
         if not path.startswith("/api/v1/"):
             continue
-        concrete = path.replace("{study_uid}", site.delivered[0]).replace("{output_id}", "1")
+        concrete = (
+            path.replace("{study_uid}", site.delivered[0])
+            .replace("{output_id}", "1")
+            .replace("{name}", "nobody")
+        )
         routes.extend((method.upper(), concrete) for method in methods)
     return routes
 
 
 def test_every_api_route_and_action_is_refused_without_the_right_token(site: Site) -> None:
     routes = api_routes(site)
-    assert {m for m, _ in routes} == {"GET", "POST"} and len(routes) >= 6
+    assert {m for m, _ in routes} == {"GET", "POST", "DELETE"} and len(routes) >= 6
     before = site.get("/api/v1/summary")
     for method, path in routes:
         missing = site.api(method, path, token=None)

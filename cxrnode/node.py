@@ -532,4 +532,5 @@ def _web_url(settings: Settings) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.http_port}/ (admin web app)"
+    scheme = "https" if settings.http_tls_cert else "http"
+    return f"{scheme}://{host}:{settings.http_port}/ (admin web app)"

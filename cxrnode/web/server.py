@@ -45,6 +45,8 @@ def exposure_problem(settings: Settings) -> str | None:
     """Why the web app must not start with these settings (None: it may)."""
     if has_token(settings) or is_loopback(settings.http_host) or settings.http_allow_no_token:
         return None
+    if settings.ldap_url:  # every login goes to the directory
+        return None
     return (
         f"the admin web app would listen on {settings.http_host}:{settings.http_port} without "
         "a token, so anyone who reaches it could re-run studies and resend outputs; set "
@@ -106,6 +108,9 @@ def run_web(settings: Settings) -> None:
         date_header=False,  # added per response by the app (QuietServer has no tick)
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # HTTPS for sites without a reverse proxy (docs/security.md); HSTS is then sent
+        ssl_certfile=str(settings.http_tls_cert) if settings.http_tls_cert else None,
+        ssl_keyfile=str(settings.http_tls_key) if settings.http_tls_key else None,
     )
     if uvicorn.__version__ == TESTED_UVICORN:
         server = _quiet_server_class()(config)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from collector import Collector
 from services import wait_for
+from syslogcollector import Collector
 
 from cxrnode.audit import auditor
 from cxrnode.audit import messages as m

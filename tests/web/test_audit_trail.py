@@ -146,7 +146,7 @@ def test_a_directory_user_opens_and_reruns_a_study_and_the_trail_says_so(
     page.click("table.studies a.uid")
     expect(page).to_have_url(base + f"/studies/{uid}")
     page.click("button:has-text('Re-run study')")
-    expect(page.locator(".notice")).to_contain_text("Re-run queued")
+    expect(page.locator("div.notice")).to_contain_text("Re-run queued")
     page.click("button:has-text('Log out')")
     expect(page).to_have_url(re.compile(r"/login"))
     context.close()

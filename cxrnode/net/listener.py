@@ -241,6 +241,7 @@ class Handlers:
         reason = None
         if self.settings.require_called_aet and called != self.settings.ae_title:
             reason = f"called AE title {called!r} is not ours"  # pynetdicom rejects it next
+            audit_dicom.association_refused(self.settings, calling, host, reason)
         row_id = self._log_association(assoc, reason is None, reason)
         assoc.cxrnode_log_id = row_id  # type: ignore[attr-defined]
         with self._lock:

@@ -64,6 +64,22 @@ def association_refused(settings: Settings, calling_aet: str, host: str | None, 
     )
 
 
+def tls_refused(settings: Settings, host: str | None, error: BaseException) -> None:
+    """110113 Security Alert (Node Authentication) for a failed DICOM TLS handshake."""
+    reason = getattr(error, "reason", None) or error.__class__.__name__
+    a = auditor(settings)
+    a.emit(
+        m.security_alert(
+            a.node,
+            "unknown",
+            host,
+            f"DICOM TLS handshake failed: {reason}",
+            subject=f"DICOM TLS port of {settings.ae_title}",
+            kind=m.EventType.NODE_AUTHENTICATION,
+        )
+    )
+
+
 def sent(
     settings: Settings,
     destination_aet: str,

@@ -145,11 +145,32 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class AuditedTLSContext(ssl.SSLContext):
+    """A server context whose failed handshakes (no or a wrong client certificate, a plain
+    DICOM peer on the TLS port) are Security Alerts in the audit trail. pynetdicom wraps
+    each accepted socket with ``wrap_socket`` (the handshake happens there)."""
+
+    audit_settings: Settings | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        try:
+            return super().wrap_socket(sock, *args, **kwargs)
+        except (ssl.SSLError, OSError) as exc:
+            if self.audit_settings is not None:
+                try:
+                    host = sock.getpeername()[0]
+                except OSError:
+                    host = None
+                audit_dicom.tls_refused(self.audit_settings, host, exc)
+            raise
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext:
     """Server-side TLS; with a client CA the caller must present a certificate (mutual TLS)."""
     if not (settings.tls_cert and settings.tls_key):
         raise ValueError("DICOM TLS needs both TLS_CERT and TLS_KEY")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = AuditedTLSContext(ssl.PROTOCOL_TLS_SERVER)
+    context.audit_settings = settings
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
     if settings.tls_client_ca:

@@ -428,7 +428,8 @@ class PageRole(RoleCheck):
         session = auth.session(request)
         if not auth.required:
             request.state.principal = OPEN
-            return session or DashboardSession("", OPEN.name, Role.ADMIN, "open")
+            csrf = session.csrf if session else ""  # empty: the page starts a session
+            return DashboardSession(csrf, OPEN.name, Role.ADMIN, "open")
         if session is None or not session.name:
             raise LoginRequired()
         principal = current_principal(request)

@@ -221,7 +221,7 @@ def render(request: Request, name: str, session: DashboardSession, **context: An
     auth = auth_of(request)
     fresh = not session.csrf
     if fresh:
-        session = auth.new_session()
+        session = auth.new_session(session.name, session.role, session.source)
     settings = request.app.state.settings
     notice = request.query_params.get("notice")
     text = NOTICES.get(notice or "")

@@ -339,17 +339,29 @@ def instances_transferred(
 
 
 def begin_transferring(
-    node: Node, peer_aet: str, peer_host: str | None, studies: list[StudyObject]
+    node: Node,
+    peer_aet: str,
+    peer_host: str | None,
+    studies: list[StudyObject],
+    *,
+    requested_by: Participant | None = None,
+    what: str | None = None,
 ) -> AuditMessage:
+    """The node starts sending to ``peer_aet``; ``requested_by`` a person when one asked for
+    it (a resend), who is then the requestor."""
+    participants = [
+        node.participant(requestor=requested_by is None, role=Role.SOURCE),
+        Participant(peer_aet, False, host=peer_host, role=Role.DESTINATION),
+    ]
+    if requested_by is not None:
+        participants.insert(0, requested_by)
     return node.message(
         Event.BEGIN_TRANSFERRING,
         "E",
         Outcome.SUCCESS,
+        outcome_text=what,
         studies=studies,
-        participants=[
-            node.participant(requestor=True, role=Role.SOURCE),
-            Participant(peer_aet, False, host=peer_host, role=Role.DESTINATION),
-        ],
+        participants=participants,
     )
 
 

@@ -66,14 +66,11 @@ def accessed(
 
 
 def resend(request: Request, user: str, what: str) -> None:
-    """An operator sends outputs again: Begin Transferring, requested by the user."""
+    """An operator sends outputs again: Begin Transferring, requested by the user (the
+    sends themselves are audited by the outbox, per destination)."""
     a = auditor(request.app.state.settings)
-    message = m.begin_transferring(a.node, "destinations", None, [])
-    message.participants.insert(0, m.Participant(user, True, host=_host(request)))
-    message.participants[1] = a.node.participant(role=m.Role.SOURCE)
-    message.outcome_text = what
-    message.alert_subject = None
-    a.emit(message)
+    who = m.Participant(user, True, host=_host(request))
+    a.emit(m.begin_transferring(a.node, "destinations", None, [], requested_by=who, what=what))
 
 
 def alert(request: Request, who: str, what: str) -> None:

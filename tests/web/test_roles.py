@@ -210,6 +210,10 @@ def test_refusals_are_security_alerts_in_the_audit_trail(
     alerts = [line for line in new if 'csd-code="110113"' in line]
     assert any('UserID="matrix-viewer"' in a and "resend-dead" in a for a in alerts), new
     assert any('UserID="unknown"' in a and "wrong, expired or revoked" in a for a in alerts)
+    allowed = site.api("POST", "/api/v1/outputs/resend-dead", token=tokens["operator"])
+    assert allowed.status_code == 202
+    begun = [x for x in _audit_lines(site)[len(before) :] if 'csd-code="110102"' in x]
+    assert any('UserID="matrix-operator"' in x and "dead letters" in x for x in begun)
 
 
 def _audit_lines(site: Site) -> list[str]:

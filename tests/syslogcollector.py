@@ -55,7 +55,11 @@ action(type="omfile" file="{self.received}" template="raw" flushOnTXEnd="on"
             stdout=subprocess.DEVNULL,
             stderr=(self.directory / "rsyslogd.err").open("ab"),
         )
-        wait_for(lambda: port_open(self.port), 30, "rsyslogd to listen")
+        try:
+            wait_for(lambda: port_open(self.port), 30, "rsyslogd to listen")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

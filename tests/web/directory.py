@@ -104,6 +104,14 @@ access to * by users read by * none
             stdout=subprocess.DEVNULL,
             stderr=(self.directory / "slapd.err").open("ab"),
         )
+        try:
+            self._load()
+        except BaseException:
+            self.stop()  # a directory that failed to start is not left running
+            raise
+        return self
+
+    def _load(self) -> None:
         wait_for(lambda: port_open(self.port) and port_open(self.tls_port), 30, "slapd")
         added = subprocess.run(
             ["/usr/bin/ldapadd", "-x", "-ZZ", "-H", f"ldap://127.0.0.1:{self.port}"]
@@ -115,7 +123,6 @@ access to * by users read by * none
             timeout=60,
         )
         assert added.returncode == 0, added.stderr
-        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

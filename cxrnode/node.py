@@ -336,6 +336,8 @@ class Supervisor:
         self.start()
         watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
         watcher.start()
+        audit_stop = threading.Event()  # its own: set once Application Stop is written
+        audit_forwarder = start_audit(self.settings, audit_stop)
         retention = threading.Thread(
             target=run_retention,
             args=(
@@ -356,6 +358,10 @@ class Supervisor:
         finally:
             self.stop.set()
             self.shutdown()
+            stop_audit(self.settings)
+            audit_stop.set()
+            if audit_forwarder is not None:
+                audit_forwarder.join(15)  # its last round sends what the stop added
 
     def shutdown(self) -> None:
         children = list(self.children.values())
@@ -376,6 +382,30 @@ class Supervisor:
         self.engine.dispose()
         self.reader.dispose()
         log.info("cxrnode stopped")
+
+
+def start_audit(settings: Settings, stop: threading.Event) -> threading.Thread | None:
+    """Application Start in the audit trail, and the thread forwarding the audit files to
+    AUDIT_SYSLOG when one is set (cxrnode.audit.syslog)."""
+    from cxrnode.audit.dicom import application
+
+    application(settings, started=True)
+    if not settings.audit_syslog:
+        return None
+    from cxrnode.audit import auditor
+    from cxrnode.audit.syslog import SyslogForwarder
+
+    forwarder = SyslogForwarder(settings, auditor(settings).files)
+    thread = threading.Thread(target=forwarder.run, args=(stop,), name="audit", daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_audit(settings: Settings) -> None:
+    """Application Stop in the audit trail."""
+    from cxrnode.audit.dicom import application
+
+    application(settings, started=False)
 
 
 # ------------------------------------------------------------------------ start-up summary
@@ -528,4 +558,5 @@ def _web_url(settings: Settings) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.http_port}/ (admin web app)"
+    scheme = "https" if settings.http_tls_cert else "http"
+    return f"{scheme}://{host}:{settings.http_port}/ (admin web app)"

@@ -195,7 +195,27 @@ def _purge_batch(
         for study_id in study_ids:
             result += _purge_study(session, settings, study_id, before, now)
         session.commit()
+    _audit_deleted(settings, sessions, study_ids)
     return result
+
+
+def _audit_deleted(settings: Settings, sessions: sessionmaker, study_ids: list[int]) -> None:
+    """110105 Study Deleted for each study whose files were removed (after the commit)."""
+    if not study_ids:
+        return
+    try:
+        from cxrnode.audit import patient_id_of
+        from cxrnode.audit.dicom import study_deleted
+
+        with sessions() as session:
+            uids = session.scalars(
+                select(Study.study_instance_uid).where(Study.id.in_(study_ids))
+            ).all()
+            for uid in uids:
+                study_deleted(settings, uid, patient_id_of(session, uid))
+            session.rollback()
+    except Exception:
+        log.exception("cannot write the audit records of %d removed studies", len(study_ids))
 
 
 def _purge_study(

@@ -52,6 +52,56 @@ def _check_aet(value: str, what: str) -> str:
     return value
 
 
+#: Settings that hold secrets: each is also read from the file named by CXRNODE_<NAME>_FILE
+#: (Docker secrets, systemd credentials), masked by `config show` and never logged.
+SECRET_SETTINGS = ("api_token", "ldap_bind_password", "database_url", "broker_url")
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """``CXRNODE_<NAME>_FILE=/run/secrets/x`` for every secret setting: the file's content
+    (one trailing newline dropped). The plain variable, when also set, is an error: two
+    sources for one secret hide which one is in effect."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every secret at once
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in SECRET_SETTINGS:
+            variable = f"{ENV_PREFIX}{name.upper()}_FILE"
+            path = os.environ.get(variable)
+            if not path:
+                continue
+            if os.environ.get(f"{ENV_PREFIX}{name.upper()}"):
+                raise ValueError(
+                    f"both {ENV_PREFIX}{name.upper()} and {variable} are set; keep one"
+                )
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ValueError(
+                    f"{variable} names {path}, which cannot be read ({exc.strerror}); point it "
+                    "at the secret's file (e.g. /run/secrets/...)"
+                ) from None
+            values[name] = text[:-1] if text.endswith("\n") else text
+        return values
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready values with every secret replaced by ``***`` (and the
+    password inside a URL setting by ``***``): what `config show` prints."""
+    data = settings.model_dump(mode="json")
+    for name in SECRET_SETTINGS:
+        value = data.get(name)
+        if not value:
+            continue
+        if name.endswith("_url"):
+            data[name] = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", str(value))
+        else:
+            data[name] = "***"
+    return data
+
+
 class Settings(BaseSettings):
     """Configuration of a cxrnode installation (node, workers and CLI share it)."""
 
@@ -505,6 +555,119 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
+    # --- security: users, directory, web hardening, audit (docs/security.md) -----------------
+    session_idle_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="Minutes without a request after which a dashboard session ends.",
+    )
+    login_max_failures: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Failed dashboard logins for one name (or from one address) within "
+            "LOGIN_LOCKOUT_MINUTES after which further tries are refused (a Security Alert)."
+        ),
+    )
+    login_lockout_minutes: float = Field(
+        15.0, gt=0, description="Minutes a locked-out name or address waits."
+    )
+    http_tls_cert: Path | None = Field(
+        None,
+        description=(
+            "PEM certificate (chain) for the admin web app's own HTTPS (sites without a "
+            "reverse proxy); needs HTTP_TLS_KEY. HSTS is then sent."
+        ),
+    )
+    http_tls_key: Path | None = Field(None, description="PEM private key for HTTP_TLS_CERT.")
+    ldap_url: str | None = Field(
+        None,
+        description=(
+            "Directory for dashboard logins: ldaps://host:636 or ldap://host:389 (then "
+            "StartTLS, see LDAP_START_TLS). Unset: local accounts only."
+        ),
+    )
+    ldap_start_tls: bool = Field(
+        True, description="Upgrade an ldap:// connection with StartTLS before any bind."
+    )
+    ldap_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that signed the directory's certificate."
+    )
+    ldap_user_dn: str | None = Field(
+        None,
+        description=(
+            "Bind as the user: a DN template with {user}, e.g. "
+            "uid={user},ou=people,dc=example,dc=org. Unset: search-then-bind with LDAP_BIND_DN."
+        ),
+    )
+    ldap_bind_dn: str | None = Field(
+        None, description="Service account that searches for the user (search-then-bind)."
+    )
+    ldap_bind_password: SecretStr | None = Field(
+        None, description="Password of LDAP_BIND_DN (or CXRNODE_LDAP_BIND_PASSWORD_FILE)."
+    )
+    ldap_user_base: str = Field("", description="Where users are searched (search-then-bind).")
+    ldap_user_filter: str = Field(
+        "(|(uid={user})(sAMAccountName={user}))",
+        description="Filter finding the user's entry; {user} is the escaped login name.",
+    )
+    ldap_group_base: str = Field("", description="Where groups are searched.")
+    ldap_group_filter: str = Field(
+        "(|(member={dn})(uniqueMember={dn}))",
+        description="Filter finding the groups of the user entry {dn}.",
+    )
+    ldap_admin_groups: CommaList = Field(
+        default_factory=list,
+        description="Group DNs whose members are admins (semicolon-separated: DNs hold commas).",
+    )
+    ldap_operator_groups: CommaList = Field(
+        default_factory=list, description="Group DNs whose members are operators."
+    )
+    ldap_viewer_groups: CommaList = Field(
+        default_factory=list,
+        description="Group DNs whose members are viewers. A user in none of the groups is refused.",
+    )
+    audit_syslog: str | None = Field(
+        None,
+        description=(
+            "The site's audit repository, tls://host:6514 (RFC 5425 syslog over TLS). Records "
+            "always go to DATA_DIR/audit/ first and are forwarded from there."
+        ),
+    )
+    audit_syslog_ca: Path | None = Field(
+        None, description="PEM CA bundle that signed the audit repository's certificate."
+    )
+    audit_syslog_cert: Path | None = Field(
+        None, description="PEM client certificate for the audit repository (mutual TLS)."
+    )
+    audit_syslog_key: Path | None = Field(None, description="PEM key of AUDIT_SYSLOG_CERT.")
+    audit_file_max_mb: int = Field(
+        64, ge=1, description="Size in MiB at which an audit file is closed and a new one begun."
+    )
+    audit_site: str = Field(
+        "", description="AuditEnterpriseSiteID of the audit messages (the site's name)."
+    )
+
+    @field_validator(
+        "ldap_admin_groups", "ldap_operator_groups", "ldap_viewer_groups", mode="before"
+    )
+    @classmethod
+    def _groups_comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(";") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _security_pairs(self) -> Settings:
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("HTTP_TLS_CERT and HTTP_TLS_KEY go together: set both or neither")
+        if self.audit_syslog and not self.audit_syslog.startswith("tls://"):
+            raise ValueError(
+                f"AUDIT_SYSLOG {self.audit_syslog!r}: expected tls://host:port (RFC 5425); "
+                "audit records do not travel in clear"
+            )
+        return self
+
     # --- retention ----------------------------------------------------------------------------
     retention_days: float = Field(
         30.0,
@@ -580,7 +743,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            SecretFileSource(settings_cls),
+        ]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:
             path = Path(config_file)

@@ -43,9 +43,29 @@ def test_the_gpu_worker_reserves_an_nvidia_gpu_and_needs_only_the_broker_and_the
     assert target == env["CXRNODE_MODEL"] and read_only and source.startswith("/")
     assert "ports" not in gpu and "container_name" not in gpu, "--scale must work"
     for name in ("node", "worker-cpu"):
-        assert compose["services"][name]["environment"]["CXRNODE_DATABASE_URL"].startswith(
-            "postgresql+psycopg://"
-        )
+        env = compose["services"][name]["environment"]
+        assert env["CXRNODE_DATABASE_URL_FILE"] == "/run/secrets/database_url"
+
+
+def test_secrets_come_from_files_and_none_is_in_an_environment(compose: dict) -> None:
+    from cxrnode.settings import SECRET_SETTINGS
+
+    assert set(compose["secrets"]) == {"api_token", "database_url", "postgres_password"}
+    for secret in compose["secrets"].values():
+        assert secret["file"].startswith("/"), "a file, resolved by docker-compose config"
+    for name, service in compose["services"].items():
+        env = service.get("environment") or {}
+        for setting in SECRET_SETTINGS:
+            value = str(env.get(f"CXRNODE_{setting.upper()}", ""))
+            assert not value or "@" not in value or setting == "broker_url", (name, setting)
+        assert "POSTGRES_PASSWORD" not in env and "CXRNODE_API_TOKEN" not in env, name
+        for variable, value in env.items():
+            if variable.endswith("_FILE"):
+                wanted = value.removeprefix("/run/secrets/")
+                given = [
+                    s["source"] if isinstance(s, dict) else s for s in service.get("secrets", [])
+                ]
+                assert wanted in given, (name, variable)
 
 
 def test_health_checks_and_start_order(compose: dict) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from cxrnode.cli.accounts import token_app, user_app
 from cxrnode.cli.common import load_settings
 from cxrnode.cli.demo import demo_command
 from cxrnode.cli.label import eval_command, label_command
@@ -28,6 +29,8 @@ config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(user_app, name="user")
+app.add_typer(token_app, name="token")
 app.command("label")(label_command)
 app.command("eval")(eval_command)
 app.command("resend")(resend_command)
@@ -161,11 +164,10 @@ def config_example() -> None:
 
 @config_app.command("show")
 def config_show() -> None:
-    """Print the settings in effect (the API token is masked)."""
-    data = _settings().model_dump(mode="json")
-    if data.get("api_token"):
-        data["api_token"] = "***"
-    typer.echo(json.dumps(data, indent=2))
+    """Print the settings in effect (every secret masked, see SECRET_SETTINGS)."""
+    from cxrnode.settings import masked
+
+    typer.echo(json.dumps(masked(_settings()), indent=2))
 
 
 def main() -> None:

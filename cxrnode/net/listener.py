@@ -49,6 +49,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
+from cxrnode.audit import dicom as audit_dicom
 from cxrnode.compat.pynetdicom import configure_receive, reject, request_handler
 from cxrnode.db import AssociationLog, make_engine, make_sessionmaker, utcnow
 from cxrnode.ingest.receive import SUCCESS, Ingest
@@ -145,11 +146,32 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class AuditedTLSContext(ssl.SSLContext):
+    """A server context whose failed handshakes (no or a wrong client certificate, a plain
+    DICOM peer on the TLS port) are Security Alerts in the audit trail. pynetdicom wraps
+    each accepted socket with ``wrap_socket`` (the handshake happens there)."""
+
+    audit_settings: Settings | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        try:
+            return super().wrap_socket(sock, *args, **kwargs)
+        except (ssl.SSLError, OSError) as exc:
+            if self.audit_settings is not None:
+                try:
+                    host = sock.getpeername()[0]
+                except OSError:
+                    host = None
+                audit_dicom.tls_refused(self.audit_settings, host, exc)
+            raise
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext:
     """Server-side TLS; with a client CA the caller must present a certificate (mutual TLS)."""
     if not (settings.tls_cert and settings.tls_key):
         raise ValueError("DICOM TLS needs both TLS_CERT and TLS_KEY")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = AuditedTLSContext(ssl.PROTOCOL_TLS_SERVER)
+    context.audit_settings = settings
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
     if settings.tls_client_ca:
@@ -179,6 +201,7 @@ class Handlers:
         self.waker = waker
         self.reports = reports or ReportIngest(settings, sessions)
         self._stats: dict[int, list[int]] = {}  # association log id -> [instances, bytes]
+        self._received: dict[int, list[int]] = {}  # association log id -> instance ids (audit)
         self._lock = threading.Lock()
 
     def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
@@ -214,6 +237,7 @@ class Handlers:
         if not self.settings.calling_aet_allowed(calling, host):
             log.warning("association from %s@%s refused: calling AE not allowed", calling, host)
             self._log_association(assoc, False, "calling AE title not allowed")
+            audit_dicom.association_refused(self.settings, calling, host, "calling AE not allowed")
             reject(assoc, REJECTED_PERMANENT, SOURCE_USER, DIAG_CALLING_AET_NOT_RECOGNISED)
             return
         if self.ingest.disk_low():
@@ -239,6 +263,7 @@ class Handlers:
         reason = None
         if self.settings.require_called_aet and called != self.settings.ae_title:
             reason = f"called AE title {called!r} is not ours"  # pynetdicom rejects it next
+            audit_dicom.association_refused(self.settings, calling, host, reason)
         row_id = self._log_association(assoc, reason is None, reason)
         assoc.cxrnode_log_id = row_id  # type: ignore[attr-defined]
         with self._lock:
@@ -272,6 +297,8 @@ class Handlers:
                 stats = self._stats.setdefault(row_id, [0, 0])
                 stats[0] += 1
                 stats[1] += outcome.size_bytes
+                if outcome.instance_id is not None and not outcome.duplicate:
+                    self._received.setdefault(row_id, []).append(outcome.instance_id)
         if outcome.status == SUCCESS or outcome.reason is None:
             return outcome.status
         status = Dataset()
@@ -296,6 +323,7 @@ class Handlers:
             return
         with self._lock:
             instances, nbytes = self._stats.pop(row_id, [0, 0])
+            received = self._received.pop(row_id, [])
         try:
             with self.sessions() as session:
                 session.execute(
@@ -306,6 +334,17 @@ class Handlers:
                 session.commit()
         except Exception:  # bookkeeping must never break the association
             log.exception("cannot update association log %s", row_id)
+        try:  # after the association: the C-STORE path itself does no audit work
+            requestor = event.assoc.requestor
+            audit_dicom.received(
+                self.settings,
+                self.sessions,
+                str(requestor.ae_title).strip(),
+                requestor.address,
+                received,
+            )
+        except Exception:
+            log.exception("cannot write the audit record of association %s", row_id)
 
 
 #: Room in pynetdicom's own association count for connections that are not associations yet

@@ -506,6 +506,7 @@ def send_batch(
         session.rollback()
     if not items:
         return {}
+    _audit_batch(settings, session_factory, destination, study_uid, begin=True)
 
     try:
         target = Destination.parse(destination)
@@ -544,7 +545,29 @@ def send_batch(
             if row.state == OutputState.dead:
                 log.warning("output %d to %s is dead: %s", output_id, destination, row.last_error)
         session.commit()
+    failures = [o for o in outcomes.values() if o.verdict in (Verdict.retry, Verdict.dead)]
+    _audit_batch(
+        settings,
+        session_factory,
+        destination,
+        study_uid,
+        begin=False,
+        ok=not failures,
+        why=failures[0].detail if failures else None,
+    )
     return outcomes
+
+
+def _audit_batch(
+    settings: Settings, sessions: Any, destination: str, study_uid: str, **kw: Any
+) -> None:
+    """The batch's audit record (cxrnode.audit.dicom); never fails the send."""
+    try:
+        from cxrnode.audit.dicom import destination_batch
+
+        destination_batch(settings, sessions, destination, study_uid, **kw)
+    except Exception:
+        log.exception("cannot write the audit record of a send to %s", destination)
 
 
 def _read(items: Sequence[_Item]) -> tuple[list[tuple[_Item, Dataset]], dict[int, Outcome]]:

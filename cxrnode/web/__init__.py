@@ -2,7 +2,10 @@
 
 - :mod:`.app` builds the FastAPI application (health, metrics, API, dashboard);
 - :mod:`.server` runs it in the node's ``web`` child process (uvicorn, no idle tick);
-- :mod:`.auth` the bearer token, dashboard sessions and CSRF checks;
+- :mod:`.auth` who is asking (:func:`.auth.current_principal` returns the request's
+  principal: name and role), the role each route declares, sessions and CSRF checks;
+- :mod:`.accounts` roles, local accounts and service-account tokens; :mod:`.directory` LDAP
+  logins; :mod:`.trail` the web app's audit records (:mod:`cxrnode.audit`);
 - :mod:`.health` the liveness and readiness checks;
 - :mod:`.metrics` the Prometheus metrics (listener instruments, scrape-time gauges, stage
   latencies from the job history);

@@ -44,8 +44,9 @@ from cxrnode.monitor.metrics import AgreementCollector
 from cxrnode.settings import Settings
 from cxrnode.status import quick_redis
 from cxrnode.web import api, dashboard
+from cxrnode.web.accounts import Role
 from cxrnode.web.actions import Actions
-from cxrnode.web.auth import Auth, LoginRequired, require_token_or_session
+from cxrnode.web.auth import AnyRole, Auth, LoginRequired, route_roles
 from cxrnode.web.health import Readiness, readiness
 from cxrnode.web.metrics import NodeCollector, RetentionCollector, StageHistograms, build_registry
 
@@ -114,7 +115,9 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
         description=(
             "Watch and steer a cxrnode node: summary, studies, study detail with the draft "
             "and its delivery, and the actions re-run and resend. Every route takes "
-            "`Authorization: Bearer <API_TOKEN>`."
+            "`Authorization: Bearer <token>` (a service account's token, or API_TOKEN) and "
+            "needs a role: viewer reads, operator acts, admin manages tokens (see "
+            "`/api/v1/roles`)."
         ),
         openapi_url="/api/v1/openapi.json",
         docs_url=None,  # Swagger UI would load scripts from a CDN; the schema is enough
@@ -123,6 +126,7 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
     )
     app.state.settings = settings
     app.state.auth = Auth(settings)
+    app.state.auth.bind(resources.readers, resources.writers)
     app.state.resources = resources
     app.state.agreement = agreement or agreement_panel
     app.state.version = package_version()
@@ -136,6 +140,9 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
             response: Response = JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
         else:
             response = await call_next(request)
+        refreshed = getattr(request.state, "refresh_session", None)
+        if refreshed is not None and "set-cookie" not in response.headers:
+            request.app.state.auth.set_cookie(request, response, refreshed)  # idle clock restarts
         headers = response.headers
         headers["date"] = formatdate(usegmt=True)
         if request.url.path.startswith("/static/"):
@@ -143,6 +150,8 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
         headers.setdefault("cache-control", "no-store")
         headers["x-content-type-options"] = "nosniff"
         headers["x-frame-options"] = "DENY"
+        if request.url.scheme == "https":
+            headers["strict-transport-security"] = "max-age=31536000"
         headers["referrer-policy"] = (
             "same-origin"  # no-referrer would make POSTs send "Origin: null"
         )
@@ -157,8 +166,8 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/login?next={_quote(target)}", status_code=303)
 
-    guard = [] if settings.health_open else [Depends(require_token_or_session)]
-    metrics_guard = [] if settings.metrics_open else [Depends(require_token_or_session)]
+    guard = [] if settings.health_open else [Depends(AnyRole(Role.VIEWER))]
+    metrics_guard = [] if settings.metrics_open else [Depends(AnyRole(Role.VIEWER))]
 
     @app.get("/healthz", tags=["health"], dependencies=guard)
     def healthz() -> dict[str, str | int]:
@@ -198,6 +207,7 @@ def create_app(settings: Settings, *, agreement: AgreementSource | None = None) 
     app.include_router(api.router)
     app.include_router(dashboard.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.state.route_roles = route_roles(app)  # raises when a route declares no role
     return app
 
 

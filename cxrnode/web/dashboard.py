@@ -24,12 +24,15 @@ from fastapi.templating import Jinja2Templates
 from cxrnode.db import utcnow
 from cxrnode.jobs.rerun import RerunRefused
 from cxrnode.status import LastHour, collect_status
+from cxrnode.web import trail
+from cxrnode.web.accounts import Role
 from cxrnode.web.auth import (
+    ActionRole,
     DashboardSession,
-    action_session,
+    PageRole,
     auth_of,
     client_of,
-    page_session,
+    current_principal,
 )
 from cxrnode.web.health import readiness
 from cxrnode.web.studies import STAGES, STATE_FILTERS, list_studies, study_detail
@@ -39,8 +42,10 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
-PageSession = Annotated[DashboardSession, Depends(page_session)]
-ActionSession = Annotated[DashboardSession, Depends(action_session)]
+#: Every page and action declares the least role it needs (cxrnode.web.auth).
+PageSession = Annotated[DashboardSession, Depends(PageRole(Role.VIEWER))]
+ActionSession = Annotated[DashboardSession, Depends(ActionRole(Role.VIEWER))]
+OperatorAction = Annotated[DashboardSession, Depends(ActionRole(Role.OPERATOR))]
 
 #: What an action's redirect may say (codes only: no text travels in the URL).
 NOTICES = {
@@ -51,6 +56,7 @@ NOTICES = {
     "resent-dead": "{n} dead letter(s) queued again.",
     "missing": "That study or output does not exist (any more).",
     "login-failed": "That token is not right.",
+    "session-ended": "Your session ended; log in again.",
 }
 
 
@@ -215,7 +221,7 @@ def render(request: Request, name: str, session: DashboardSession, **context: An
     auth = auth_of(request)
     fresh = not session.csrf
     if fresh:
-        session = auth.new_session()
+        session = auth.new_session(session.name, session.role, session.source)
     settings = request.app.state.settings
     notice = request.query_params.get("notice")
     text = NOTICES.get(notice or "")
@@ -227,6 +233,10 @@ def render(request: Request, name: str, session: DashboardSession, **context: An
         {
             "csrf": session.csrf,
             "token_required": auth.required,
+            "user_name": session.name,
+            "user_role": session.role.value,
+            "directory": bool(settings.ldap_url),
+            "idle_minutes": f"{settings.session_idle_minutes:g}",
             "version": request.app.state.version,
             "ae_title": settings.ae_title,
             "dicom_port": settings.dicom_port,
@@ -240,6 +250,12 @@ def render(request: Request, name: str, session: DashboardSession, **context: An
     if fresh:
         auth.set_cookie(request, response, session)
     return response
+
+
+def automatic(request: Request) -> bool:
+    """The page's own 10-second refresh (static/app.js): not a new query by the user, and not
+    a use that keeps the session from its idle timeout."""
+    return request.headers.get("x-cxrnode-refresh") == "1"
 
 
 def _back(target: str | None, default: str = "/", **notice: Any) -> RedirectResponse:
@@ -262,36 +278,94 @@ def login_page(request: Request, next: str = "/") -> Response:  # noqa: A002
     )
 
 
-@router.post("/login")
-def login(
-    request: Request,
-    token: Annotated[str, Form()] = "",
-    next: Annotated[str, Form()] = "/",  # noqa: A002
-) -> Response:
-    auth = auth_of(request)
-    if not auth.token_matches(token):
-        log.warning("dashboard login refused from %s (wrong token)", client_of(request))
-        response = render(
-            request,
-            "login.html",
-            auth.new_session(),
-            title="Log in",
-            next=next,
-            failed=True,
-            bare=True,
-        )
-        response.status_code = 401
-        return response
-    response = _back(next)
-    auth.set_cookie(request, response, auth.new_session())
-    log.info("dashboard login from %s", client_of(request))
+def _refused_login(request: Request, next: str, text: str, status: int = 401) -> Response:  # noqa: A002
+    response = render(
+        request,
+        "login.html",
+        auth_of(request).new_session(),
+        title="Log in",
+        next=next,
+        failed=True,
+        failed_text=text,
+        bare=True,
+    )
+    response.status_code = status
     return response
 
 
+@router.post("/login")
+def login(
+    request: Request,
+    username: Annotated[str, Form(max_length=128)] = "",
+    password: Annotated[str, Form(max_length=1024)] = "",
+    token: Annotated[str, Form(max_length=1024)] = "",
+    next: Annotated[str, Form()] = "/",  # noqa: A002
+) -> Response:
+    """A name and password (local account or directory), or a token. Failures are counted
+    per name and per address; past LOGIN_MAX_FAILURES both are locked out for a while."""
+    auth = auth_of(request)
+    client = client_of(request)
+    name = username.strip() if not token else "token"
+    keys = (f"name:{name.lower()}", f"addr:{client}")
+    if auth.throttle.locked(*keys):
+        trail.login(request, name or "unknown", ok=False, why="locked out after failed logins")
+        log.warning("dashboard login refused from %s (locked out)", client)
+        return _refused_login(
+            request, next, "Too many failed logins: wait a few minutes and try again.", 429
+        )
+    session, why = _check_login(request, name, password, token)
+    if session is None:
+        trail.login(request, name or "unknown", ok=False, why=why)
+        log.warning("dashboard login refused from %s (%s)", client, why)
+        if auth.throttle.fail(*keys):
+            trail.alert(request, name or "unknown", "login locked out after repeated failures")
+            log.warning("dashboard logins locked out for a name or the address %s", client)
+        text = "That token is not right." if token else "That name and password are not right."
+        return _refused_login(request, next, text)
+    auth.throttle.succeed(keys[0])
+    response = _back(next)
+    auth.set_cookie(request, response, session)
+    trail.login(request, session.name, ok=True)
+    log.info("dashboard login from %s (%s, %s)", client, session.source, session.role.value)
+    return response
+
+
+def _check_login(
+    request: Request, name: str, password: str, token: str
+) -> tuple[DashboardSession | None, str]:
+    """The new session, or None and why not (for the audit record; never the secret)."""
+    auth = auth_of(request)
+    settings = request.app.state.settings
+    if token:
+        principal = auth.token_principal(token)
+        if principal is None:
+            return None, "wrong, expired or revoked token"
+        return auth.new_session(principal.name, principal.role, "token"), ""
+    if not name or not password:
+        return None, "name or password missing"
+    from cxrnode.web.accounts import authenticate_local
+
+    with request.app.state.resources.readers() as db:
+        role = authenticate_local(db, name, password)
+    if role is not None:
+        return auth.new_session(name, role, "local"), ""
+    if settings.ldap_url:
+        from cxrnode.web.directory import authenticate
+
+        answer = authenticate(settings, name, password)
+        if answer.ok and answer.role is not None:
+            return auth.new_session(name, answer.role, "directory"), ""
+        return None, f"directory: {answer.why}"
+    return None, "wrong name or password"
+
+
 @router.post("/logout")
-def logout(request: Request, _: ActionSession) -> Response:
+def logout(request: Request, session: ActionSession) -> Response:
     response = RedirectResponse("/login", status_code=303)
     auth_of(request).end_session(response)
+    if session.name:
+        trail.logout(request, session.name)
+        log.info("dashboard logout from %s", client_of(request))
     return response
 
 
@@ -311,6 +385,8 @@ def overview(request: Request, session: PageSession) -> Response:
             agreement = None
         db.rollback()
     ready = readiness(resources.settings, resources.readers, resources.redis)
+    if not automatic(request):
+        trail.query(request, session.name)
     return render(
         request,
         "overview.html",
@@ -349,6 +425,8 @@ def studies_page(
             limit=per_page,
             offset=(page - 1) * per_page,
         )
+    if not automatic(request):
+        trail.query(request, session.name)
     filters = {
         "state": state,
         "from": start.isoformat() if start else None,
@@ -383,6 +461,8 @@ def study_page(request: Request, session: PageSession, study_uid: str) -> Respon
         found = study_detail(db, study_uid)
     if found is None:
         raise HTTPException(404, f"no study {study_uid} was received")
+    if not automatic(request):
+        trail.accessed(request, session.name, study_uid, description="study page with the draft")
     latest = found.jobs[0] if found.jobs else None
     newest_outputs: dict[str, int] = {}
     for output in found.outputs:
@@ -401,36 +481,73 @@ def study_page(request: Request, session: PageSession, study_uid: str) -> Respon
     )
 
 
+@router.get("/admin")
+def admin_page(
+    request: Request, session: Annotated[DashboardSession, Depends(PageRole(Role.ADMIN))]
+) -> Response:
+    """Local accounts, service-account tokens and the settings in effect (secrets masked)."""
+    from cxrnode.settings import masked
+    from cxrnode.web.accounts import list_tokens, list_users
+
+    with request.app.state.resources.readers() as db:
+        users, tokens = list_users(db), list_tokens(db)
+    return render(
+        request,
+        "admin.html",
+        session,
+        title="Access",
+        users=users,
+        tokens=tokens,
+        settings_view=masked(request.app.state.settings),
+    )
+
+
 # ------------------------------------------------------------------------------ actions
 
 
 @router.post("/actions/rerun/{study_uid}")
 def rerun_action(
-    request: Request, _: ActionSession, study_uid: str, back: Annotated[str, Form()] = ""
+    request: Request, session: OperatorAction, study_uid: str, back: Annotated[str, Form()] = ""
 ) -> Response:
     try:
-        made = request.app.state.resources.actions.rerun(study_uid, client_of(request))
+        made = request.app.state.resources.actions.rerun(study_uid, _actor(request))
     except LookupError:
         return _back(back, notice="missing")
     except RerunRefused:
         return _back(back, notice="rerun-refused")
+    trail.accessed(
+        request,
+        session.name,
+        study_uid,
+        action="C",
+        description=f"re-run: draft version {made.version}",
+    )
     return _back(back, notice="rerun", n=made.version)
 
 
 @router.post("/actions/resend/{output_id}")
 def resend_action(
-    request: Request, _: ActionSession, output_id: int, back: Annotated[str, Form()] = ""
+    request: Request, session: OperatorAction, output_id: int, back: Annotated[str, Form()] = ""
 ) -> Response:
     try:
-        request.app.state.resources.actions.resend_output(output_id, client_of(request))
+        request.app.state.resources.actions.resend_output(output_id, _actor(request))
     except LookupError:
         return _back(back, notice="missing")
+    trail.resend(request, session.name, f"output {output_id}")
     return _back(back, notice="resent", n=output_id)
 
 
 @router.post("/actions/resend-dead")
 def resend_dead_action(
-    request: Request, _: ActionSession, back: Annotated[str, Form()] = ""
+    request: Request, session: OperatorAction, back: Annotated[str, Form()] = ""
 ) -> Response:
-    sent = request.app.state.resources.actions.resend_dead(client_of(request))
+    sent = request.app.state.resources.actions.resend_dead(_actor(request))
+    trail.resend(request, session.name, f"{len(sent.output_ids)} dead letters")
     return _back(back, notice="resent-dead", n=len(sent.output_ids))
+
+
+def _actor(request: Request) -> str:
+    """Who acts, for the action's log line: the principal's name and the client's address."""
+    principal = current_principal(request)
+    who = principal.name if principal else "unknown"
+    return f"{who} at {client_of(request)}"

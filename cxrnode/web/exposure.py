@@ -35,6 +35,8 @@ def exposure_problem(settings: Settings) -> str | None:
     """Why the web app must not start with these settings (None: it may)."""
     if has_token(settings) or is_loopback(settings.http_host) or settings.http_allow_no_token:
         return None
+    if settings.ldap_url:  # every login goes to the directory
+        return None
     return (
         f"the admin web app would listen on {settings.http_host}:{settings.http_port} without "
         "a token, so anyone who reaches it could re-run studies and resend outputs; set "

@@ -49,5 +49,8 @@ def run_web(settings: Settings) -> None:
         date_header=False,  # added per response by the app (QuietServer has no tick)
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # HTTPS for sites without a reverse proxy (docs/security.md); HSTS is then sent
+        ssl_certfile=str(settings.http_tls_cert) if settings.http_tls_cert else None,
+        ssl_keyfile=str(settings.http_tls_key) if settings.http_tls_key else None,
     )
     quiet_server(config).run()

@@ -360,3 +360,17 @@ def test_on_postgresql_the_same_pass_locks_and_purges_only_what_is_due(
             assert purged(sessions, due) and not purged(sessions, pending)
         finally:
             engine.dispose()
+
+
+def test_each_study_retention_removes_is_a_study_deleted_audit_record(
+    settings: Settings, sessions
+) -> None:
+    from cxrnode.audit.files import AuditFiles
+
+    made = make_study(sessions, settings)
+    kept = make_study(sessions, settings, last_arrival=RECENT)
+    purge_due(settings, sessions, now=NOW)
+    records = list(AuditFiles(settings.data_dir / "audit").records())
+    deleted = [r for r in records if 'csd-code="110105"' in r]
+    assert len(deleted) == 1 and f'ParticipantObjectID="{made.uid}"' in deleted[0]
+    assert 'EventActionCode="D"' in deleted[0] and kept.uid not in deleted[0]

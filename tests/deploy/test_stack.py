@@ -131,8 +131,13 @@ def test_the_compose_stack_runs_natively_and_a_routed_study_comes_back_with_its_
     try:
         data_dir = tmp_path / "data"
         dicom_port, http_port, flower_port = free_port(), free_port(), free_port()
+        secrets = tmp_path / "secrets"  # what compose mounts under /run/secrets
+        secrets.mkdir()
+        (secrets / "database_url").write_text(database_url + "\n")
+        (secrets / "api_token").write_text("stack-test-token-0123456789\n")
         replacements = {
-            "CXRNODE_DATABASE_URL": database_url,
+            "CXRNODE_DATABASE_URL_FILE": str(secrets / "database_url"),
+            "CXRNODE_API_TOKEN_FILE": str(secrets / "api_token"),
             "CXRNODE_BROKER_URL": broker,
             "CXRNODE_DATA_DIR": str(data_dir),
             "CXRNODE_DESTINATIONS": orthanc.destination,

@@ -9,7 +9,7 @@ from pathlib import Path
 import dicomgen
 import pydicom
 import pytest
-from services import echoscu, free_port, storescu
+from services import echoscu, free_port, storescu, wait_for
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
@@ -152,4 +152,10 @@ def test_a_tls_association_from_dcmtk_works_and_needs_a_client_certificate(
     assert storescu(tls_port, image, extra=with_cert).returncode == 0
     anonymous = ("+tla", "+cf", str(pki / "ca.crt"))
     assert echoscu(tls_port, extra=anonymous).returncode != 0
+
+    def tls_alert() -> bool:  # the refused handshake is a Security Alert in the audit trail
+        records = "".join(p.read_text() for p in (node.data_dir / "audit").glob("audit-*.log"))
+        return 'csd-code="110113"' in records and "DICOM TLS handshake failed" in records
+
+    wait_for(tls_alert, 20, "the TLS refusal's audit record")
     assert echoscu(node.port).returncode == 0  # the plain port keeps working beside it

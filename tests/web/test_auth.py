@@ -28,14 +28,18 @@ def api_routes(site: Site) -> list[tuple[str, str]]:
     for path, methods in schema["paths"].items():
         if not path.startswith("/api/v1/"):
             continue
-        concrete = path.replace("{study_uid}", site.delivered[0]).replace("{output_id}", "1")
+        concrete = (
+            path.replace("{study_uid}", site.delivered[0])
+            .replace("{output_id}", "1")
+            .replace("{name}", "nobody")
+        )
         routes.extend((method.upper(), concrete) for method in methods)
     return routes
 
 
 def test_every_api_route_and_action_is_refused_without_the_right_token(site: Site) -> None:
     routes = api_routes(site)
-    assert {m for m, _ in routes} == {"GET", "POST"} and len(routes) >= 6
+    assert {m for m, _ in routes} == {"GET", "POST", "DELETE"} and len(routes) >= 6
     before = site.get("/api/v1/summary")
     for method, path in routes:
         missing = site.api(method, path, token=None)
@@ -156,6 +160,7 @@ def test_without_a_token_the_loopback_web_app_asks_nothing_but_refuses_other_hos
         assert requests.get(base + "/api/v1/studies", timeout=10).json()["total"] == 0
         page = requests.get(base + "/", timeout=10)
         assert page.status_code == 200 and "Log out" not in page.text
+        assert 'class="role-admin"' in page.text, "nobody is asked: the actions are offered"
         rebound = requests.get(
             base + "/api/v1/studies", headers={"Host": "attacker.example:80"}, timeout=10
         )
@@ -163,6 +168,8 @@ def test_without_a_token_the_loopback_web_app_asks_nothing_but_refuses_other_hos
         browser = requests.Session()
         csrf = re.search(CSRF, browser.get(base + "/").text)
         assert csrf and browser.cookies.get("cxrnode_session")
+        again = browser.get(base + "/").text
+        assert 'class="role-admin"' in again, "also once the page has started a session"
         action = base + "/actions/resend-dead"
         assert browser.post(action, data={}).status_code == 403, "CSRF still applies"
         assert browser.post(action, data={"csrf_token": csrf.group(1)}).status_code == 200

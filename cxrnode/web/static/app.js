@@ -16,7 +16,7 @@
   function refresh() {
     timer = null;
     if (document.hidden) return;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html", "X-Cxrnode-Refresh": "1" } })
       .then(function (response) {
         if (response.redirected || !response.ok) throw new Error("status " + response.status);
         return response.text();

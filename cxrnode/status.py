@@ -58,7 +58,7 @@ class WorkerStatus(BaseModel):
         None,
         description=(
             "Inference workers: 'loaded', 'unavailable' (loading failed; see model_error) or "
-            "None (not tried yet: the model loads with the first study)."
+            "None (still loading: a worker loads it as soon as it starts)."
         ),
     )
     model_id: str | None = None
@@ -442,7 +442,7 @@ def render_status(summary: Summary) -> str:
     for worker in summary.workers or []:
         model = ""
         if "infer" in worker.queues:
-            model = f", model {worker.model or 'not loaded yet'}"
+            model = f", model {worker.model or 'loading'}"
             if worker.model_id:
                 model += f" ({worker.model_id} on {worker.device})"
             if worker.gpu is not None:

@@ -107,6 +107,17 @@ def worker_environment(
     return env
 
 
+def _child(target: Any, *args: Any) -> None:
+    """Run a supervised child process's ``target``, deaf to SIGINT.
+
+    Ctrl-C reaches the whole process group; the supervisor stops its children itself, in
+    order, with SIGTERM. A child that took the SIGINT too would die mid-work with a
+    KeyboardInterrupt traceback (uvicorn re-raises it after its own shutdown).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args)
+
+
 class WorkerProcess:
     """A `cxrnode worker` subprocess, with the same interface as multiprocessing's."""
 
@@ -159,21 +170,24 @@ class Supervisor:
         name = f"listener-{index}"
         self.cap.reset(index)  # a dead listener's associations died with it
         process = self.context.Process(
-            target=run_listener, args=(self.settings, self.cap, index), name=name, daemon=True
+            target=_child,
+            args=(run_listener, self.settings, self.cap, index),
+            name=name,
+            daemon=True,
         )
         process.start()
         self.children[name] = process
 
     def _start_monitor(self) -> None:
         process = self.context.Process(
-            target=run_monitor, args=(self.settings,), name="monitor", daemon=True
+            target=_child, args=(run_monitor, self.settings), name="monitor", daemon=True
         )
         process.start()
         self.children["monitor"] = process
 
     def _start_web(self) -> None:
         process = self.context.Process(
-            target=run_web, args=(self.settings,), name="web", daemon=True
+            target=_child, args=(run_web, self.settings), name="web", daemon=True
         )
         process.start()
         self.children["web"] = process

@@ -224,8 +224,14 @@ class EmbeddedBroker:
             "--hz", "1",  # background tasks once a second, not ten times: an idle node is quiet
             "--dynamic-hz", "no",
         ]  # fmt: skip
+        # Its own session: Ctrl-C or a SIGTERM to the node's process group must not stop the
+        # broker before the workers have acknowledged through it; the supervisor stops it last.
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self.preexec_fn
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

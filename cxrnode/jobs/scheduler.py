@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: The longest the scheduler blocks without looking at its stop flag.
 STOP_CHECK_SECONDS = 2.0
+#: After a failed pass, how long the scheduler waits for a stop before calling it a failure.
+STOP_GRACE_SECONDS = 1.0
 
 
 class Scheduler:
@@ -173,9 +175,15 @@ class Scheduler:
                     pubsub.subscribe(WAKE_CHANNEL)
                 wait = self.run_once()
                 self._sleep(pubsub, wait, stop)
-            except Exception:  # the scheduler must outlive a bad moment of the DB or broker
-                log.exception("scheduler pass failed; retrying in a few seconds")
+            except Exception as exc:  # the scheduler must outlive a bad moment of the DB or broker
                 pubsub = _close(pubsub)
+                # A stop by signal can reach the broker or database first (systemd's SIGTERM to
+                # the whole unit, Ctrl-C to the process group): the failure is then the stop
+                # itself, not worth a traceback.
+                if stop.wait(STOP_GRACE_SECONDS):
+                    log.info("scheduler stopped (%s while stopping)", type(exc).__name__)
+                    break
+                log.exception("scheduler pass failed; retrying in a few seconds")
                 stop.wait(3.0)
         _close(pubsub)
 

@@ -40,6 +40,7 @@ from cxrnode.jobs.tracking import WorkerInfo, live_workers
 from cxrnode.monitor.service import run_monitor
 from cxrnode.net.cap import AssociationCap
 from cxrnode.net.listener import die_with_parent, run_listener
+from cxrnode.outputs.probe import Prober
 from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
 from cxrnode.web.metrics import prepare_metrics_dir
@@ -340,6 +341,13 @@ class Supervisor:
             daemon=True,
         )
         retention.start()
+        prober = Prober(
+            self.settings,
+            make_sessionmaker(self.engine),
+            make_sessionmaker(self.reader),
+            lambda: redis_client(self.settings, timeout=5),
+        )
+        threading.Thread(target=prober.run, args=(self.stop,), name="probe", daemon=True).start()
         try:
             scheduler = Scheduler(
                 self.settings, make_sessionmaker(self.engine), make_sessionmaker(self.reader)

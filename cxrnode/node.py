@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.db.migrate import upgrade
+from cxrnode.ingest.reconcile import reconcile_files
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import EmbeddedBroker, broker_url, is_embedded, redis_client
 from cxrnode.jobs.scheduler import Scheduler
@@ -216,6 +217,7 @@ class Supervisor:
         self._check_web()
         prepare_data_dir(self.settings)
         upgrade(self.engine)
+        reconcile_files(self.settings, make_sessionmaker(self.engine))  # before listening
         prepare_metrics_dir(self.settings)  # before any child: they inherit its name
         if is_embedded(self.settings):
             self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()

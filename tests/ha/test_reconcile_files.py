@@ -64,7 +64,9 @@ def test_files_without_rows_are_recorded_again_and_strays_quarantined(core: Core
 def test_cxrnode_db_reconcile_records_the_files_a_restored_database_lacks(tmp_path: Path) -> None:
     data = tmp_path / "node"
     env = node_env(data)
-    subprocess.run([str(BIN / "cxrnode"), "db", "upgrade"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "cxrnode"), "db", "upgrade"], env=env, check=True, capture_output=True
+    )
     image = dicomgen.make_chest(tmp_path / "restored.dcm", modality="CR", seed=5)
     study, sop = _uids(image)
     (data / "instances" / study).mkdir(parents=True)

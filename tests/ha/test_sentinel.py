@@ -38,6 +38,8 @@ def test_sentinel_urls_are_parsed_as_celery_writes_them(tmp_path: Path) -> None:
     assert celery_app(named).conf.broker_transport_options["master_name"] == "cxr"
 
 
+@pytest.mark.slow
+@pytest.mark.redis
 def test_the_nodes_redis_client_follows_a_failover(tmp_path: Path) -> None:
     redis_set = SentinelSet(tmp_path / "redis").start()
     try:

@@ -17,6 +17,10 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from cxrnode.db import utcnow
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 STOP_CHECK_SECONDS = 2.0
 #: After a failed pass, how long the scheduler waits for a stop before calling it a failure.
 STOP_GRACE_SECONDS = 1.0
+#: Failures that mean the broker or the database is away for a moment (a restart, a
+#: failover, a partition): logged in one line, not with a traceback.
+OUTAGES = (RedisConnectionError, RedisTimeoutError, OperationalError, InterfaceError)
 
 
 class Scheduler:
@@ -183,7 +190,16 @@ class Scheduler:
                 if stop.wait(STOP_GRACE_SECONDS):
                     log.info("scheduler stopped (%s while stopping)", type(exc).__name__)
                     break
-                log.exception("scheduler pass failed; retrying in a few seconds")
+                if isinstance(exc, OUTAGES):  # a broker or database failover: one line
+                    log.warning(
+                        "scheduler pass failed: %s (%s); retrying in a few seconds",
+                        "the broker does not answer"
+                        if isinstance(exc, RedisError)
+                        else "the database does not answer",
+                        type(exc).__name__,
+                    )
+                else:
+                    log.exception("scheduler pass failed; retrying in a few seconds")
                 stop.wait(3.0)
         _close(pubsub)
 

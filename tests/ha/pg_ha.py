@@ -93,15 +93,6 @@ class PgPair:
     def promote(self) -> None:
         self._run(_pg_bin("pg_ctl") or "pg_ctl", "-D", str(self.root / "replica"), "-w", "promote")
 
-    def writable_port(self) -> int:
-        """The port of the host that accepts writes now (libpq picks it, as the node does)."""
-        conninfo = (
-            f"host=127.0.0.1,127.0.0.1 port={self.primary_port},{self.replica_port} "
-            "user=postgres dbname=postgres target_session_attrs=read-write connect_timeout=3"
-        )
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            return int(conn.execute("SELECT inet_server_port()").fetchone()[0])
-
     def stop(self) -> None:
         for name in ("primary", "replica"):
             subprocess.run(

@@ -15,33 +15,9 @@ from pathlib import Path
 import pytest
 from pg_ha import PgPair
 from services import Node, wait_for
-from sqlalchemy import text
 from stream import Stream, drafts
 
-from cxrnode.db import make_engine
-from cxrnode.db.migrate import current_revision, upgrade
-
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-
-def test_an_engine_on_the_multi_host_url_follows_a_promotion() -> None:
-    pair = PgPair().start()
-    engine = make_engine(pair.url)
-    try:
-        upgrade(engine)
-        with engine.connect() as conn:
-            assert conn.execute(text("SELECT inet_server_port()")).scalar() == pair.primary_port
-        pair.kill_primary()
-        pair.promote()
-        wait_for(lambda: pair.writable_port() == pair.replica_port, 30, "the promotion")
-        with engine.connect() as conn:  # the pooled connection is dead: pre-ping replaces it
-            assert conn.execute(text("SELECT inet_server_port()")).scalar() == pair.replica_port
-            conn.execute(text("CREATE TABLE after_failover (x int)"))
-            conn.commit()
-        assert current_revision(engine) is not None  # the schema came across
-    finally:
-        engine.dispose()
-        pair.stop()
 
 
 def test_killing_the_database_primary_under_load_loses_and_repeats_no_draft(

@@ -3,11 +3,15 @@ processes; the master is killed and the replica promoted.
 
 `BROKER_URL=sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379` with
 `BROKER_SENTINEL_MASTER` (Celery's own form) serves Celery's transport and the node's own
-Redis clients (wake-ups, heartbeats, tracking keys); both follow the new master.
+Redis clients (wake-ups, heartbeats, tracking keys); both follow the new master. The node
+test ends with Ctrl-C to the node's whole process group: it stops without a traceback (its
+children used to die of the SIGINT with a KeyboardInterrupt traceback).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,5 +103,14 @@ def test_killing_the_broker_master_under_load_loses_and_repeats_no_draft(
         assert len(stream.sent) == 12
         assert result.once(stream.sent), result
         print(f"sentinel failover: 12 sent, 12 drafted once, recovered in {recovered:.0f} s")
+
+        # Ctrl-C in the terminal (SIGINT to the whole process group) stops it cleanly too
+        assert "Traceback" not in node.log(), node.log()[-6000:]  # the failover: one-line logs
+        assert node.proc is not None
+        before = len(node.log())
+        os.killpg(node.proc.pid, signal.SIGINT)
+        assert node.proc.wait(90) == 0, node.log()[-4000:]
+        after = node.log()[before:]
+        assert "Traceback" not in after and "cxrnode stopped" in after, after[-6000:]
     finally:
         redis_set.stop()

@@ -20,8 +20,14 @@ import os
 import random
 import signal
 import subprocess
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import dicomgen
+import pydicom
 
 
 def ip(*args: str) -> None:
@@ -131,3 +137,37 @@ class Network:
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.switch], capture_output=True)
+
+
+class NsStream:
+    """Studies sent from inside the node's namespace; unacknowledged ones are sent again."""
+
+    def __init__(
+        self, net: Network, host: Host, port: int, directory: Path, count: int, every: float = 1.0
+    ) -> None:
+        self.net, self.host, self.port, self.directory = net, host, port, directory
+        self.count, self.every = count, every
+        self.acknowledged: list[str] = []  # SOP Instance UIDs answered 0x0000
+        self.studies: list[str] = []
+        self.refused = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for index in range(self.count):
+            path = dicomgen.make_chest(
+                self.directory / f"s{index}.dcm", modality="CR", seed=500 + index
+            )
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for _ in range(120):
+                answer = self.net.run(
+                    self.host, "/usr/bin/storescu", "-v", "-to", "60", "-td", "60",
+                    "-aec", "CXRNODE", "127.0.0.1", str(self.port), str(path),
+                )  # fmt: skip
+                if "Received Store Response (Success)" in answer.stdout + answer.stderr:
+                    self.acknowledged.append(str(ds.SOPInstanceUID))
+                    self.studies.append(str(ds.StudyInstanceUID))
+                    break
+                self.refused += 1
+                time.sleep(1.0)
+            time.sleep(self.every)

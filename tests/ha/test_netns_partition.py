@@ -15,15 +15,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import dicomgen
-import pydicom
 import pytest
-from netns import Host, Network
+from netns import Host, Network, NsStream
 from services import BIN, _pg_bin, node_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -90,43 +87,6 @@ def _postgres(net: Network, host: Host) -> str:
 
     wait_for(created, 60, "PostgreSQL in its namespace", interval=0.5)
     return f"postgresql+psycopg://postgres@{host.address}:5432/cxrnode"
-
-
-class NsStream:
-    """Studies sent from inside the node's namespace; unacknowledged ones are sent again."""
-
-    def __init__(self, net: Network, host: Host, port: int, directory: Path, count: int) -> None:
-        self.net, self.host, self.port, self.directory, self.count = (
-            net,
-            host,
-            port,
-            directory,
-            count,
-        )
-        self.acknowledged: list[str] = []  # SOP Instance UIDs answered 0x0000
-        self.studies: list[str] = []
-        self.refused = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for index in range(self.count):
-            path = dicomgen.make_chest(
-                self.directory / f"s{index}.dcm", modality="CR", seed=500 + index
-            )
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            for _ in range(120):
-                answer = self.net.run(
-                    self.host, "/usr/bin/storescu", "-v", "-to", "60", "-td", "60",
-                    "-aec", "CXRNODE", "127.0.0.1", str(self.port), str(path),
-                )  # fmt: skip
-                if "Received Store Response (Success)" in answer.stdout + answer.stderr:
-                    self.acknowledged.append(str(ds.SOPInstanceUID))
-                    self.studies.append(str(ds.StudyInstanceUID))
-                    break
-                self.refused += 1
-                time.sleep(1.0)
-            time.sleep(1.0)
 
 
 def test_the_database_host_partitioned_for_30_s_loses_no_acknowledged_instance_and_recovers(

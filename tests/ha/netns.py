@@ -143,10 +143,17 @@ class NsStream:
     """Studies sent from inside the node's namespace; unacknowledged ones are sent again."""
 
     def __init__(
-        self, net: Network, host: Host, port: int, directory: Path, count: int, every: float = 1.0
+        self,
+        net: Network,
+        host: Host,
+        port: int,
+        directory: Path,
+        count: int,
+        every: float = 1.0,
+        seed: int = 500,
     ) -> None:
         self.net, self.host, self.port, self.directory = net, host, port, directory
-        self.count, self.every = count, every
+        self.count, self.every, self.seed = count, every, seed
         self.acknowledged: list[str] = []  # SOP Instance UIDs answered 0x0000
         self.studies: list[str] = []
         self.refused = 0
@@ -156,7 +163,7 @@ class NsStream:
         self.directory.mkdir(parents=True, exist_ok=True)
         for index in range(self.count):
             path = dicomgen.make_chest(
-                self.directory / f"s{index}.dcm", modality="CR", seed=500 + index
+                self.directory / f"s{index}.dcm", modality="CR", seed=self.seed + index
             )
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             for _ in range(120):

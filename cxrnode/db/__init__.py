@@ -398,7 +398,8 @@ PG_NETWORK_DEFAULTS: dict[str, int] = {
 }
 
 
-def _network_defaults(url: str) -> dict[str, int]:
+def network_connect_args(url: str) -> dict[str, int]:
+    """:data:`PG_NETWORK_DEFAULTS` for a PostgreSQL URL, less what its query sets."""
     parsed = make_url(url)
     if not parsed.drivername.startswith("postgresql"):
         return {}
@@ -425,7 +426,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         else:
             event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    engine = create_engine(url, pool_pre_ping=True, connect_args=_network_defaults(url))
+    engine = create_engine(url, pool_pre_ping=True, connect_args=network_connect_args(url))
     if read_only:
         engine = engine.execution_options(postgresql_readonly=True)
     return engine

@@ -29,6 +29,8 @@ from cxrnode.jobs import states, tracking
 from cxrnode.jobs.broker import TASK_QUEUES, WAKE_CHANNEL
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.grouping import next_settle_at, settle_due_studies
+from cxrnode.jobs.lease import CHECK_SECONDS as LEASE_CHECK_SECONDS
+from cxrnode.jobs.lease import Lease
 from cxrnode.outputs import outbox
 from cxrnode.prepare.images import load_model_input
 from cxrnode.settings import Settings
@@ -53,11 +55,13 @@ class Scheduler:
         sessions: sessionmaker,
         readers: sessionmaker,
         dispatcher: Dispatcher | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.readers = readers
         self.dispatch = dispatcher or Dispatcher(settings)
+        self.lease = lease or Lease(settings.effective_database_url)
         self._next_reconcile = 0.0
         self._started = False
 
@@ -65,15 +69,18 @@ class Scheduler:
     def run_once(self, now_monotonic: float | None = None) -> float:
         """Do everything due now; return the seconds until the next thing is due."""
         now_monotonic = time.monotonic() if now_monotonic is None else now_monotonic
-        self.settle_studies()
-        if not self._started:
-            self.queue_new_jobs()  # jobs a previous run made and did not hand out
-            self._started = True
+        leads = self.lease.held()  # settling and reconciling: one node at a time
+        if leads:
+            self.settle_studies()
+            if not self._started:
+                self.queue_new_jobs()  # jobs a previous run made and did not hand out
+                self._started = True
         self.send_due_outputs()
-        if now_monotonic >= self._next_reconcile:
+        if leads and now_monotonic >= self._next_reconcile:
             self.reconcile()
             self._next_reconcile = now_monotonic + self.settings.reconcile_interval
-        return self.seconds_until_due(now_monotonic)
+        wait = self.seconds_until_due(now_monotonic)
+        return wait if leads else min(wait, LEASE_CHECK_SECONDS)
 
     def settle_studies(self) -> None:
         """Settle the studies whose quiet period is over and hand their new jobs to the

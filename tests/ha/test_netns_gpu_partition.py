@@ -155,7 +155,7 @@ def test_a_gpu_host_partitioned_mid_batch_has_its_studies_drafted_once_by_the_ot
     drafted_after = time.monotonic() - cut
     time.sleep(max(0.0, 60 - drafted_after))
     network.heal(gpu1)
-    time.sleep(20)  # room for the partitioned worker's late results to arrive and be refused
+    time.sleep(10)  # room for the partitioned worker's late results to arrive and be refused
     found = in_node(DRAFTS, database)
     assert len(stream.studies) == 10
     for study in stream.studies:

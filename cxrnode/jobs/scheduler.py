@@ -7,6 +7,10 @@ reconciliation) and then blocks on the broker's wake-up channel until that momen
 someone publishes there: the listener after each readable arrival, a send task after it
 scheduled a retry. An idle node therefore wakes once per reconcile interval, runs two
 indexed read-only queries, and sleeps again.
+
+Settling and reconciling are singletons: where several nodes share a PostgreSQL database only
+the holder of the lease (:mod:`cxrnode.jobs.lease`) runs them; the others send due outputs
+and look for the lease every few seconds.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 from cxrnode.compat.pynetdicom import startup_problem as pynetdicom_problem
 from cxrnode.db import make_engine, make_sessionmaker
 from cxrnode.db.migrate import upgrade
+from cxrnode.ingest.reconcile import reconcile_files
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import EmbeddedBroker, broker_url, is_embedded, redis_client
 from cxrnode.jobs.scheduler import Scheduler
@@ -44,6 +45,7 @@ from cxrnode.monitor.service import run_monitor_thread
 from cxrnode.net.cap import AssociationCap
 from cxrnode.net.listener import run_listener
 from cxrnode.net.metrics import prepare_metrics_dir
+from cxrnode.outputs.probe import Prober
 from cxrnode.process import die_with_parent, set_title, spawn_context
 from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
@@ -123,6 +125,17 @@ def worker_environment(
     return env
 
 
+def _child(target: Any, *args: Any) -> None:
+    """Run a supervised child process's ``target``, deaf to SIGINT.
+
+    Ctrl-C reaches the whole process group; the supervisor stops its children itself, in
+    order, with SIGTERM. A child that took the SIGINT too would die mid-work with a
+    KeyboardInterrupt traceback (uvicorn re-raises it after its own shutdown).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args)
+
+
 class WorkerProcess:
     """A `cxrnode worker` subprocess, with the same interface as multiprocessing's."""
 
@@ -176,7 +189,10 @@ class Supervisor:
         name = f"listener-{index}"
         self.cap.reset(index)  # a dead listener's associations died with it
         process = self.context.Process(
-            target=run_listener, args=(self.settings, self.cap, index), name=name, daemon=True
+            target=_child,
+            args=(run_listener, self.settings, self.cap, index),
+            name=name,
+            daemon=True,
         )
         process.start()
         self.children[name] = process
@@ -189,7 +205,7 @@ class Supervisor:
 
     def _start_web(self) -> None:
         process = self.context.Process(
-            target=run_web, args=(self.settings,), name="web", daemon=True
+            target=_child, args=(run_web, self.settings), name="web", daemon=True
         )
         process.start()
         self.children["web"] = process
@@ -221,6 +237,7 @@ class Supervisor:
             raise SystemExit(2)
         prepare_data_dir(self.settings)
         upgrade(self.engine)
+        reconcile_files(self.settings, make_sessionmaker(self.engine))  # before listening
         prepare_metrics_dir(self.settings)  # before any child: they inherit its name
         if is_embedded(self.settings):
             self.broker = EmbeddedBroker(self.settings, preexec_fn=die_with_parent).start()
@@ -350,6 +367,13 @@ class Supervisor:
             daemon=True,
         )
         retention.start()
+        prober = Prober(
+            self.settings,
+            make_sessionmaker(self.engine),
+            make_sessionmaker(self.reader),
+            lambda: redis_client(self.settings, timeout=5),
+        )
+        threading.Thread(target=prober.run, args=(self.stop,), name="probe", daemon=True).start()
         try:
             scheduler = Scheduler(
                 self.settings, make_sessionmaker(self.engine), make_sessionmaker(self.reader)

@@ -185,6 +185,24 @@ class Settings(BaseSettings):
             "unix socket under DATA_DIR. Distributed: redis://host:6379/0."
         ),
     )
+    # --- high availability (docs/operations.md, "High availability") ---------------------
+    broker_sentinel_master: str | None = Field(
+        None,
+        description=(
+            "Redis Sentinel: the monitored master's name, with BROKER_URL listing the "
+            "Sentinels as sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379. The "
+            "workers and the node follow the master the Sentinels elect."
+        ),
+    )
+    destination_probe_seconds: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "While outputs wait for a destination after a failed try, check it this often "
+            "(C-ECHO, or an HTTP request for STOW-RS) and send as soon as it answers; "
+            "0: only the retry backoff."
+        ),
+    )
     duplicates: Literal["keep_first", "replace"] = Field(
         "keep_first",
         description="What to do when an SOP Instance UID arrives again: keep the first copy or replace it.",

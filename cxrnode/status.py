@@ -37,6 +37,7 @@ from cxrnode.db import (
 )
 from cxrnode.jobs.broker import QUEUES, is_embedded, redis_client
 from cxrnode.jobs.tracking import WorkerInfo, live_workers
+from cxrnode.outputs.probe import DestinationDown, destinations_down
 from cxrnode.retention import retention_counts
 from cxrnode.settings import Settings
 
@@ -58,7 +59,7 @@ class WorkerStatus(BaseModel):
         None,
         description=(
             "Inference workers: 'loaded', 'unavailable' (loading failed; see model_error) or "
-            "None (not tried yet: the model loads with the first study)."
+            "None (still loading: a worker loads it as soon as it starts)."
         ),
     )
     model_id: str | None = None
@@ -168,6 +169,11 @@ class Summary(BaseModel):
         description="C-STOREs refused in the last 24 hours, by kind (uid-conflict, unreadable, "
         "mismatch, not-supported, out-of-resources)."
     )
+    destinations_down: list[DestinationDown] = Field(
+        default_factory=list,
+        description="Destinations with outputs waiting after a failed try: since when, the "
+        "last error, the next probe (sent as soon as it answers) and the next scheduled try.",
+    )
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -207,9 +213,25 @@ def collect_status(
         disk=disk(settings),
         last_hour=last_hour(session, now),
         retention=Retention(days=settings.retention_days, **retention_counts(session)),
+        destinations_down=down_view(settings, session, redis),
     )
     session.rollback()
     return summary
+
+
+def down_view(settings: Settings, session: Session, redis: Any = None) -> list[DestinationDown]:
+    """The destinations that are down; the prober's notes only when the broker answers."""
+    client = redis
+    try:
+        if client is None:
+            client = quick_redis(settings)
+    except Exception:
+        client = None
+    try:
+        return destinations_down(session, client)
+    finally:
+        if redis is None and client is not None:
+            client.close()
 
 
 def counts_by_state(session: Session, column: Any, states: type) -> dict[str, int]:
@@ -430,6 +452,18 @@ def render_status(summary: Summary) -> str:
             f"{'failed':<10} job {failure.job_id} (study {failure.study_instance_uid}): "
             f"{failure.error}"
         )
+    for down in summary.destinations_down:
+        lines.append(
+            f"{'DOWN':<10} {down.destination} since {down.since:%Y-%m-%d %H:%M:%S} UTC, "
+            f"{down.waiting} outputs waiting; last error: {down.last_error or down.last_status}; "
+            + (
+                f"next probe {down.next_probe_at:%H:%M:%S} UTC (sent as soon as it answers)"
+                if down.next_probe_at
+                else f"next try {down.next_send_at:%H:%M:%S} UTC"
+                if down.next_send_at
+                else "no try scheduled"
+            )
+        )
     for dead in summary.dead_letters:
         lines.append(
             f"{'dead':<10} output {dead.id} ({dead.kind}) to {dead.destination}: "
@@ -442,7 +476,7 @@ def render_status(summary: Summary) -> str:
     for worker in summary.workers or []:
         model = ""
         if "infer" in worker.queues:
-            model = f", model {worker.model or 'not loaded yet'}"
+            model = f", model {worker.model or 'loading'}"
             if worker.model_id:
                 model += f" ({worker.model_id} on {worker.device})"
             if worker.gpu is not None:

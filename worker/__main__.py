@@ -79,7 +79,9 @@ def main() -> None:
         sys.exit(run_per_gpu(args.queues, args.concurrency, gpu_list(args.gpus)))
     from worker.app import run_worker
 
-    run_worker([q for q in args.queues.split(",") if q], args.concurrency, settings.log_level)
+    sys.exit(
+        run_worker([q for q in args.queues.split(",") if q], args.concurrency, settings.log_level)
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ app.conf.include = ["worker.tasks"]
 
 #: This process's heartbeat (set when the worker is ready).
 heartbeat: Heartbeat | None = None
+#: The exit status of this process's worker (its WorkController's, when it shut down).
+exit_status = 0
 
 
 def worker_name(queues: list[str]) -> str:
@@ -75,8 +77,11 @@ def _load_model() -> None:
 
 
 @signals.worker_shutdown.connect
-def _stop_heartbeat(**_: Any) -> None:
+def _stop_heartbeat(sender: Any = None, **_: Any) -> None:
     import worker.tasks
+
+    global exit_status
+    exit_status = int(getattr(sender, "exitcode", None) or 0)
 
     if worker.tasks.model_host.cache_info().currsize:
         worker.tasks.model_host().close()
@@ -103,11 +108,18 @@ def _release_unrun(request: Any = None, **_: Any) -> None:
         heartbeat.release(_request_keys(request))
 
 
-def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> None:
-    """Run a worker consuming ``queues`` with a thread pool of ``concurrency`` threads.
+def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> int:
+    """Run a worker consuming ``queues`` with a thread pool of ``concurrency`` threads and
+    return its exit status.
 
     Threads, not processes: inference needs one model per process and many waiting tasks
     to batch; the node-side tasks are I/O-bound or release the GIL in numpy and zlib.
+
+    The status is Celery's own (the worker's ``exitcode``, kept by :func:`_stop_heartbeat`):
+    1 after an "Unrecoverable error" (e.g. kombu's transport failing when Redis went away),
+    0 after a requested stop. ``app.worker_main`` drops it (Celery runs its command line
+    with click's standalone mode off and ignores the code it returns), which made such a
+    worker exit 0 and a unit with ``Restart=on-failure`` leave it down.
     """
     import worker.tasks  # noqa: F401  (registers the tasks)
 
@@ -125,3 +137,4 @@ def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> N
             "--heartbeat-interval=10",
         ]
     )
+    return exit_status

@@ -156,6 +156,25 @@ def db_upgrade() -> None:
     typer.echo(f"database at revision {current_revision(engine)}")
 
 
+@db_app.command("reconcile")
+def db_reconcile() -> None:
+    """Record again every durable instance file without a row (after a restore from backup or
+    a database failover); stray files go to DATA_DIR/quarantine. `serve` does this at start."""
+    from cxrnode.db import make_engine, make_sessionmaker
+    from cxrnode.ingest.reconcile import reconcile_files
+
+    settings = _settings()
+    engine = make_engine(settings.effective_database_url)
+    try:
+        found = reconcile_files(settings, make_sessionmaker(engine))
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"{len(found.recorded)} instances recorded again, {len(found.quarantined)} stray files "
+        f"quarantined ({found.studies_checked} study folders had more files than rows)"
+    )
+
+
 @config_app.command("example")
 def config_example() -> None:
     """Print a TOML file with every option, its description and its default."""

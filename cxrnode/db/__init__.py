@@ -25,7 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from model.contracts import ModelResult
@@ -413,6 +413,28 @@ def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: libpq settings that bound how long a dead or partitioned database host can hold a
+#: connection (a C-STORE's commit, a scheduler pass): connecting gives up after 10 s, and
+#: unacknowledged data or silent keepalives break the connection after about 20 s, instead of
+#: the kernel's ~15 minutes of retransmissions. A setting in the URL's query wins.
+PG_NETWORK_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 20000,
+}
+
+
+def network_connect_args(url: str) -> dict[str, int]:
+    """:data:`PG_NETWORK_DEFAULTS` for a PostgreSQL URL, less what its query sets."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgresql"):
+        return {}
+    return {k: v for k, v in PG_NETWORK_DEFAULTS.items() if k not in parsed.query}
+
+
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """Create an engine; SQLite gets WAL, full fsync on commit and a generous busy timeout.
 
@@ -433,7 +455,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         else:
             event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=network_connect_args(url))
     if read_only:
         engine = engine.execution_options(postgresql_readonly=True)
     return engine

@@ -405,6 +405,15 @@ class Ingest:
             return Outcome(OUT_OF_RESOURCES, f"database unavailable: {type(exc).__name__}")
         return Outcome(SUCCESS, None, instance_id, duplicate, size)
 
+    def record_stored(
+        self, header: Header, relpath: str, size: int, calling_aet: str
+    ) -> tuple[int, bool]:
+        """Record an instance whose file is already durable at ``relpath`` (the start-up
+        reconciliation, :mod:`cxrnode.ingest.reconcile`); returns (row id, was it known)."""
+        return self._record(
+            header, relpath, size, calling_aet, None, self._find(header.sop_instance_uid)
+        )
+
     def _refuse(
         self,
         refused: Refused,

@@ -20,6 +20,10 @@ Both run the same kombu transport, whose consumers block in ``BRPOP`` and wake w
 arrives: no polling. The database stays the truth; the broker is transport (a reconciler
 re-sends what the broker loses, see :mod:`cxrnode.jobs.tracking`).
 
+**High availability**: ``BROKER_URL=sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379``
+with ``BROKER_SENTINEL_MASTER=<name>`` (Celery's own form): Celery's transport and every
+client below ask the Sentinels for the master and follow a failover (docs/operations.md).
+
 Besides Celery's queues the node keeps three small things in the same Redis: worker
 heartbeats and held jobs (:mod:`cxrnode.jobs.tracking`) and the scheduler's wake-up channel
 (:data:`WAKE_CHANNEL`).
@@ -99,9 +103,69 @@ def is_embedded(settings: Settings) -> bool:
     return not settings.broker_url
 
 
+SENTINEL_SCHEME = "sentinel://"
+
+
+def is_sentinel(settings: Settings) -> bool:
+    """BROKER_URL names Redis Sentinels (``sentinel://h1:26379;sentinel://h2:26379;...``)."""
+    return bool(settings.broker_url) and str(settings.broker_url).startswith(SENTINEL_SCHEME)
+
+
+def sentinel_addresses(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, int]:
+    """The Sentinels of a ``sentinel://[:password@]host:port;sentinel://...[/db]`` URL (Celery's
+    and kombu's own form), the master's username and password (taken from the first entry
+    that has one, as kombu does) and the database number (the last path that names one).
+
+    Raises
+    ------
+    ValueError
+        When an entry is not ``sentinel://host:port``.
+    """
+    sentinels: list[tuple[str, int]] = []
+    username = password = None
+    db = 0
+    for entry in (part.strip() for part in url.split(";")):
+        if not entry:
+            continue
+        parts = urlsplit(entry)
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ValueError(
+                f"BROKER_URL entry {entry!r} is not sentinel://host:port; Sentinels are listed "
+                "as sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379"
+            )
+        sentinels.append((parts.hostname, parts.port or 26379))
+        if parts.password and password is None:
+            username, password = parts.username or None, unquote(parts.password)
+        if parts.path.strip("/").isdigit():
+            db = int(parts.path.strip("/"))
+    return sentinels, username, password, db
+
+
+def _sentinel_master(settings: Settings) -> str:
+    if not settings.broker_sentinel_master:
+        raise ValueError(
+            "BROKER_URL lists Redis Sentinels but CXRNODE_BROKER_SENTINEL_MASTER is not set: "
+            "set it to the master's name in the Sentinels' configuration (sentinel monitor NAME)"
+        )
+    return settings.broker_sentinel_master
+
+
 def redis_client(settings: Settings, *, timeout: float = 5.0) -> Any:
-    """A redis-py client for the broker's Redis (heartbeats, wake-ups, queue depths)."""
+    """A redis-py client for the broker's Redis (heartbeats, wake-ups, queue depths).
+
+    With Sentinels it is a client of the current master: on a connection error its pool asks
+    the Sentinels again, so it follows a failover by itself.
+    """
     url = broker_url(settings)
+    if url.startswith(SENTINEL_SCHEME):
+        from redis.sentinel import Sentinel
+
+        sentinels, username, password, db = sentinel_addresses(url)
+        options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        manager = Sentinel(sentinels, sentinel_kwargs=dict(options), **options)
+        return manager.master_for(
+            _sentinel_master(settings), db=db, username=username, password=password, **options
+        )
     if url.startswith("redis+socket://"):
         return redis.Redis(
             unix_socket_path=url.removeprefix("redis+socket://"), socket_timeout=timeout
@@ -109,7 +173,8 @@ def redis_client(settings: Settings, *, timeout: float = 5.0) -> Any:
     if not url.startswith(("redis://", "rediss://")):
         raise ValueError(
             f"BROKER_URL {url!r} is not a Redis URL; cxrnode's broker is Redis "
-            "(redis://host:6379/0 or rediss://...), or leave it unset for the embedded one"
+            "(redis://host:6379/0, rediss://... or sentinel://h1:26379;sentinel://h2:26379 with "
+            "BROKER_SENTINEL_MASTER), or leave it unset for the embedded one"
         )
     parts = urlsplit(url)
     if parts.password:
@@ -124,6 +189,9 @@ def redis_client(settings: Settings, *, timeout: float = 5.0) -> Any:
 def celery_app(settings: Settings) -> Celery:
     """A Celery app configured for this node's broker; tasks are registered by ``worker``."""
     app = Celery("cxrnode", broker=broker_url(settings), set_as_current=False)
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT, "polling_interval": BRPOP_TIMEOUT}
+    if is_sentinel(settings):
+        transport["master_name"] = _sentinel_master(settings)
     app.conf.update(
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         task_default_queue="outputs",
@@ -136,10 +204,7 @@ def celery_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "visibility_timeout": VISIBILITY_TIMEOUT,
-            "polling_interval": BRPOP_TIMEOUT,
-        },
+        broker_transport_options=transport,
         worker_send_task_events=True,  # Flower
         task_send_sent_event=True,
         enable_utc=True,
@@ -224,8 +289,14 @@ class EmbeddedBroker:
             "--hz", "1",  # background tasks once a second, not ten times: an idle node is quiet
             "--dynamic-hz", "no",
         ]  # fmt: skip
+        # Its own session: Ctrl-C or a SIGTERM to the node's process group must not stop the
+        # broker before the workers have acknowledged through it; the supervisor stops it last.
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self.preexec_fn
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,6 +7,10 @@ reconciliation) and then blocks on the broker's wake-up channel until that momen
 someone publishes there: the listener after each readable arrival, a send task after it
 scheduled a retry. An idle node therefore wakes once per reconcile interval, runs two
 indexed read-only queries, and sleeps again.
+
+Settling and reconciling are singletons: where several nodes share a PostgreSQL database only
+the holder of the lease (:mod:`cxrnode.jobs.lease`) runs them; the others send due outputs
+and look for the lease every few seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from cxrnode.db import Study, StudyState, utcnow
@@ -26,6 +34,8 @@ from cxrnode.jobs import states, tracking
 from cxrnode.jobs.broker import TASK_QUEUES, WAKE_CHANNEL
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.grouping import next_settle_at, settle_due_studies
+from cxrnode.jobs.lease import CHECK_SECONDS as LEASE_CHECK_SECONDS
+from cxrnode.jobs.lease import Lease
 from cxrnode.outputs import outbox
 from cxrnode.prepare.images import load_model_input
 from cxrnode.settings import Settings
@@ -34,6 +44,11 @@ log = logging.getLogger(__name__)
 
 #: The longest the scheduler blocks without looking at its stop flag.
 STOP_CHECK_SECONDS = 2.0
+#: After a failed pass, how long the scheduler waits for a stop before calling it a failure.
+STOP_GRACE_SECONDS = 1.0
+#: Failures that mean the broker or the database is away for a moment (a restart, a
+#: failover, a partition): logged in one line, not with a traceback.
+OUTAGES = (RedisConnectionError, RedisTimeoutError, OperationalError, InterfaceError)
 
 
 class Scheduler:
@@ -45,11 +60,13 @@ class Scheduler:
         sessions: sessionmaker,
         readers: sessionmaker,
         dispatcher: Dispatcher | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.readers = readers
         self.dispatch = dispatcher or Dispatcher(settings)
+        self.lease = lease or Lease(settings.effective_database_url)
         self._next_reconcile = 0.0
         self._started = False
         self._held_since: datetime | None = None  # receive first: when settling began to wait
@@ -59,15 +76,18 @@ class Scheduler:
     def run_once(self, now_monotonic: float | None = None) -> float:
         """Do everything due now; return the seconds until the next thing is due."""
         now_monotonic = time.monotonic() if now_monotonic is None else now_monotonic
-        self.settle_studies()
-        if not self._started:
-            self.queue_new_jobs()  # jobs a previous run made and did not hand out
-            self._started = True
+        leads = self.lease.held()  # settling and reconciling: one node at a time
+        if leads:
+            self.settle_studies()
+            if not self._started:
+                self.queue_new_jobs()  # jobs a previous run made and did not hand out
+                self._started = True
         self.send_due_outputs()
-        if now_monotonic >= self._next_reconcile:
+        if leads and now_monotonic >= self._next_reconcile:
             self.reconcile()
             self._next_reconcile = now_monotonic + self.settings.reconcile_interval
-        return self.seconds_until_due(now_monotonic)
+        wait = self.seconds_until_due(now_monotonic)
+        return wait if leads else min(wait, LEASE_CHECK_SECONDS)
 
     def settle_studies(self) -> None:
         """Settle the studies whose quiet period is over and hand their new jobs to the
@@ -210,9 +230,24 @@ class Scheduler:
                     pubsub.subscribe(WAKE_CHANNEL)
                 wait = self.run_once()
                 self._sleep(pubsub, wait, stop)
-            except Exception:  # the scheduler must outlive a bad moment of the DB or broker
-                log.exception("scheduler pass failed; retrying in a few seconds")
+            except Exception as exc:  # the scheduler must outlive a bad moment of the DB or broker
                 pubsub = _close(pubsub)
+                # A stop by signal can reach the broker or database first (systemd's SIGTERM to
+                # the whole unit, Ctrl-C to the process group): the failure is then the stop
+                # itself, not worth a traceback.
+                if stop.wait(STOP_GRACE_SECONDS):
+                    log.info("scheduler stopped (%s while stopping)", type(exc).__name__)
+                    break
+                if isinstance(exc, OUTAGES):  # a broker or database failover: one line
+                    log.warning(
+                        "scheduler pass failed: %s (%s); retrying in a few seconds",
+                        "the broker does not answer"
+                        if isinstance(exc, RedisError)
+                        else "the database does not answer",
+                        type(exc).__name__,
+                    )
+                else:
+                    log.exception("scheduler pass failed; retrying in a few seconds")
                 stop.wait(3.0)
         _close(pubsub)
 

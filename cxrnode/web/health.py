@@ -13,9 +13,9 @@ data_dir  a file can be written and fsynced in DATA_DIR/tmp, and free space is a
           MIN_FREE_DISK_MB (below it the listener refuses C-STOREs)
 scp       the DICOM port accepts a TCP connection
 workers   every queue (prepare, infer, outputs, send) has a worker with a live heartbeat
-model     an inference worker has its model loaded; one that has not tried yet (the
-          model loads with its first study) passes with that said, one whose loading
-          failed does not
+model     an inference worker has its model loaded (a worker loads it as soon as it
+          starts); while it is still loading, or when loading failed on every inference
+          worker, the check fails and says which, with the loader's error
 ========  ======================================================================
 """
 
@@ -144,4 +144,8 @@ def _model(workers: list[Any] | None) -> tuple[bool, str]:
     failed = [w for w in inference if w.state.get("model") == "unavailable"]
     if len(failed) == len(inference):
         return False, f"not loadable: {failed[0].state.get('model_error') or 'unknown error'}"
-    return True, "not loaded yet: the inference workers load it with their first study"
+    loading = len(inference) - len(failed)
+    return False, (
+        f"loading on {loading} of {len(inference)} inference workers: drafts start once it is "
+        "loaded" + (f" (failed elsewhere: {failed[0].state.get('model_error')})" if failed else "")
+    )

@@ -93,6 +93,7 @@ class NodeCollector:
         yield depth
         if workers is not None:
             yield from self._workers(workers, list(queues))
+        yield from self._destinations()
 
         space = disk(self.settings)
         for name, doc, value in (
@@ -107,6 +108,43 @@ class NodeCollector:
             family = _gauge(name, doc)
             family.add_metric([], value)
             yield family
+
+    def _destinations(self) -> Iterator[GaugeMetricFamily]:
+        """Each destination up (1) or down (0: outputs wait after a failed try), and how
+        long it has been down (:mod:`cxrnode.outputs.probe`)."""
+        from cxrnode.db import utcnow
+        from cxrnode.outputs.probe import destinations_down
+
+        try:
+            with self.readers() as session:
+                down = {d.destination: d for d in destinations_down(session, self.redis)}
+                session.rollback()
+        except Exception:
+            return
+        now = utcnow()
+        up = _gauge(
+            "cxrnode_destination_up",
+            "1 when nothing waits for the destination after a failed try; 0 when it is down.",
+            ["destination"],
+        )
+        since = _gauge(
+            "cxrnode_destination_down_seconds",
+            "Seconds since the destination was first seen failing (0 while up).",
+            ["destination"],
+        )
+        waiting = _gauge(
+            "cxrnode_destination_waiting_outputs",
+            "Outputs waiting for the destination after a failed try.",
+            ["destination"],
+        )
+        entries = dict.fromkeys([*self.settings.destinations, *self.settings.hl7_destinations])
+        entries.update(dict.fromkeys(down))
+        for entry in entries:
+            item = down.get(entry)
+            up.add_metric([entry], 0 if item else 1)
+            since.add_metric([entry], (now - item.since).total_seconds() if item else 0)
+            waiting.add_metric([entry], item.waiting if item else 0)
+        yield from (up, since, waiting)
 
     def _database(self, session: Session, counts: Any, open_states: Any) -> list[Any]:
         from cxrnode.db import (

@@ -43,6 +43,7 @@ def test_the_rules_alert_on_what_an_admin_acts_on() -> None:
         "CxrnodeDiskNearReserve": "cxrnode_disk_reserve_bytes",
         "CxrnodeModelNotLoaded": "cxrnode_model_loaded",
         "CxrnodeModelUnavailable": 'model_state="unavailable"',
+        "CxrnodeDestinationDown": "cxrnode_destination_up",
     }.items():
         assert metric in alerts[alert], alert
 

@@ -76,6 +76,7 @@ def test_a_scheduler_without_the_lease_leaves_settling_to_the_holder(
         broker_url=redis_url + "/0",
         min_free_disk_mb=1,
         settle_seconds=0,
+        receive_hold_seconds=0,  # settle at once: this test is about who settles, not when
     )
     engine = make_engine(pg_url)
     upgrade(engine)

@@ -236,6 +236,8 @@ class ModelResult:
         out = asdict(self)
         for name in ("findings", "finding_sources", "prompts", "timings", "votes"):
             out[name] = dict(out[name])
+        if self.samples == 1:  # an unvoted result reads as it did before the vote existed
+            del out["samples"], out["votes"]
         return out
 
     @classmethod

@@ -19,9 +19,11 @@ from functools import cache
 from typing import Any
 
 from celery import Task
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from cxrnode.db import JobState, make_engine, make_sessionmaker
+from cxrnode import notify
+from cxrnode.db import JobState, Output, make_engine, make_sessionmaker
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states
 from cxrnode.jobs.dispatch import Dispatcher
@@ -225,11 +227,24 @@ def build_and_send(job_id: int) -> str:
     if not output_ids:
         return "no outputs to send"
     with sessions()() as session:
+        urgent = bool(
+            session.scalar(
+                select(func.count(Output.id)).where(Output.id.in_(output_ids), Output.priority < 2)
+            )
+        )
         batches = outbox.due_outputs(
             session, lease_seconds=outbox.lease_seconds(settings), only=output_ids
         )
-    dispatcher().send_outputs(batches)
-    return f"{len(output_ids)} outputs recorded"
+    if not urgent:
+        dispatcher().send_outputs(batches)
+        return f"{len(output_ids)} outputs recorded"
+    # An urgent draft does not queue behind waiting sends: it is announced and sent from here,
+    # ahead of the send queue (a failed try is retried by the outbox as usual).
+    notify.send_due(sessions(), settings)
+    for batch in sorted(batches, key=lambda b: not b.destination.startswith("mllp")):
+        send_batch(sessions(), settings, batch.destination, batch.output_ids)
+    dispatcher().wake_scheduler()
+    return f"{len(output_ids)} urgent outputs recorded and sent"
 
 
 # ------------------------------------------------------------------------------------- send

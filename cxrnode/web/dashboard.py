@@ -24,6 +24,7 @@ from fastapi.templating import Jinja2Templates
 from cxrnode.db import utcnow
 from cxrnode.jobs.rerun import RerunRefused
 from cxrnode.status import LastHour, collect_status
+from cxrnode.urgent import acknowledge, unacknowledged
 from cxrnode.web.auth import (
     DashboardSession,
     action_session,
@@ -51,6 +52,7 @@ NOTICES = {
     "resent-dead": "{n} dead letter(s) queued again.",
     "missing": "That study or output does not exist (any more).",
     "login-failed": "That token is not right.",
+    "acknowledged": "Urgent draft acknowledged.",
 }
 
 
@@ -304,6 +306,7 @@ def overview(request: Request, session: PageSession) -> Response:
     with resources.readers() as db:
         summary = collect_status(resources.settings, session=db, redis=resources.redis)
         recent = list_studies(db, limit=12)
+        urgent = unacknowledged(db)
         try:
             agreement = request.app.state.agreement(db)
         except Exception:
@@ -324,6 +327,7 @@ def overview(request: Request, session: PageSession) -> Response:
             queue: sum(queue in w.queues for w in summary.workers or []) for queue in summary.queues
         },
         agreement=agreement,
+        urgent=urgent,
     )
 
 
@@ -426,6 +430,22 @@ def resend_action(
     except LookupError:
         return _back(back, notice="missing")
     return _back(back, notice="resent", n=output_id)
+
+
+@router.post("/actions/acknowledge/{urgent_id}")
+def acknowledge_action(
+    request: Request, session: ActionSession, urgent_id: int, back: Annotated[str, Form()] = ""
+) -> Response:
+    """Record who acknowledged an urgent draft: the session's user where the web app has
+    users, else the client address the other actions log."""
+    who = str(getattr(session, "user", None) or client_of(request))
+    with request.app.state.resources.writers() as db:
+        try:
+            acknowledge(db, urgent_id, who)
+        except LookupError:
+            return _back(back, notice="missing")
+    log.info("urgent draft %d acknowledged by %s", urgent_id, who)
+    return _back(back, notice="acknowledged")
 
 
 @router.post("/actions/resend-dead")

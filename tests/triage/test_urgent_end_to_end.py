@@ -1,0 +1,368 @@
+"""Done-when of triage, end to end with real peers: a draft that codes pneumothorax present
+reaches the RIS first as a stat ORU (a real MLLP peer), is announced by webhook (a real HTTP
+server) and e-mail (a real SMTP server, STARTTLS), is marked in its objects, and waits on the
+dashboard (a real browser) until acknowledged. A routine draft gets none of this.
+
+The tiny model writes random text, so the drafts here are recorded results with known
+findings, as the HL7 and viewer tests do (the model's part is tested in tests/model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hl7"))
+
+import dicomgen  # noqa: E402
+from dicom_checks import dciodvfy  # noqa: E402
+from loop_helpers import mllp_peer, model_result  # noqa: E402
+from services import free_port, wait_for  # noqa: E402
+
+from cxrnode import notify  # noqa: E402
+from cxrnode.db import (  # noqa: E402
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Notification,
+    NotificationState,
+    Output,
+    Study,
+    StudyState,
+    UrgentDraft,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+from cxrnode.db.migrate import upgrade  # noqa: E402
+from cxrnode.ingest.header import recorded_header  # noqa: E402
+from cxrnode.ingest.storage import instance_relpath  # noqa: E402
+from cxrnode.outputs.build import build_outputs  # noqa: E402
+from cxrnode.outputs.outbox import due_outputs, send_batch  # noqa: E402
+from cxrnode.settings import Settings  # noqa: E402
+
+ARTIFACTS = Path("/tmp/cxrnode-test-artifacts/triage")
+SECRET = "webhook-secret-for-tests"
+URGENT = {"pneumothorax": "present", "cardiomegaly": "absent"}
+ROUTINE = {"cardiomegaly": "present", "pneumothorax": "absent"}
+
+
+# ---------------------------------------------------------------------------- receivers
+
+
+@dataclass
+class Hook:
+    port: int
+    received: list[tuple[dict[str, str], bytes]]
+
+
+@pytest.fixture
+def webhook() -> Iterator[Hook]:
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Hook(server.server_address[1], received)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class Mailbox:
+    port: int
+    ca: Path
+    messages: list[tuple[bytes, list[str], bool]]  # (content, recipients, was TLS)
+
+
+@pytest.fixture
+def mailbox(tmp_path: Path) -> Iterator[Mailbox]:
+    from aiosmtpd.controller import Controller
+
+    key, cert = tmp_path / "smtp.key", tmp_path / "smtp.pem"
+    subprocess.run(
+        ["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    messages: list[tuple[bytes, list[str], bool]] = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
+            messages.append((envelope.content, list(envelope.rcpt_tos), session.ssl is not None))
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(
+        Handler(), hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True
+    )
+    controller.start()
+    try:
+        yield Mailbox(port, cert, messages)
+    finally:
+        controller.stop()
+
+
+# ---------------------------------------------------------------------------- the node side
+
+
+@dataclass
+class Site:
+    settings: Settings
+    sessions: sessionmaker
+    tmp: Path
+
+    def drafted_job(self, findings: dict[str, str], accession: str) -> int:
+        """A stored source image and an inferred job with a known result."""
+        source = dicomgen.make_chest(
+            self.tmp / f"{generate_uid()}.dcm",
+            study_uid=generate_uid(),
+            rows=64,
+            cols=64,
+            extra={"AccessionNumber": accession},
+        )
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        relpath = instance_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
+        target = self.settings.instances_dir / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        with self.sessions() as session:
+            study = Study(
+                study_instance_uid=ds.StudyInstanceUID,
+                state=StudyState.settled,
+                settle_at=utcnow(),
+                accession_number=accession,
+                version=1,
+            )
+            session.add(study)
+            session.flush()
+            instance = Instance(
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
+                study_instance_uid=ds.StudyInstanceUID,
+                series_instance_uid=ds.SeriesInstanceUID,
+                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                modality=ds.Modality,
+                body_part="CHEST",
+                view="PA",
+                path=relpath,
+                size_bytes=target.stat().st_size,
+                calling_aet="TEST",
+                state=InstanceState.stored,
+                study_id=study.id,
+                header=recorded_header(ds),
+            )
+            session.add(instance)
+            session.flush()
+            job = Job(
+                study_id=study.id,
+                instance_id=instance.id,
+                version=1,
+                state=JobState.inferred,
+                result=model_result(findings),
+            )
+            session.add(job)
+            session.commit()
+            return job.id
+
+    def outputs(self, job_id: int) -> list[Output]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Output).where(Output.job_id == job_id)))
+
+
+@pytest.fixture
+def site(tmp_path: Path, webhook: Hook, mailbox: Mailbox) -> Iterator[Site]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    upgrade(engine)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'node.db'}",
+        broker_url="redis://127.0.0.1:6379/15",
+        send_timeout=3,
+        webhook_urls=[f"http://127.0.0.1:{webhook.port}/hook"],
+        webhook_secret=SECRET,
+        smtp_host="127.0.0.1",
+        smtp_port=mailbox.port,
+        smtp_tls_ca=mailbox.ca,
+        smtp_to=["oncall@example.org"],
+    )
+    try:
+        yield Site(settings, make_sessionmaker(engine), tmp_path)
+    finally:
+        engine.dispose()
+
+
+def _answers(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=2).status_code < 500
+    except requests.ConnectionError:
+        return False
+
+
+def _obx_of(message, code: str):  # noqa: ANN001, ANN202
+    return next(s for s in message.segments("OBX") if str(s(3)).startswith(code))
+
+
+def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledgement(
+    site: Site, webhook: Hook, mailbox: Mailbox
+) -> None:
+    with mllp_peer("AA") as peer:
+        site.settings = site.settings.model_copy(
+            update={"hl7_destinations": [f"mllp://127.0.0.1:{peer.port}"]}
+        )
+        routine_job = site.drafted_job(ROUTINE, "ACC-ROUTINE")
+        urgent_job = site.drafted_job(URGENT, "ACC-URGENT")
+        with site.sessions() as session:  # the routine draft is recorded first...
+            routine_ids = build_outputs(session, site.settings, routine_job)
+        with site.sessions() as session:
+            urgent_ids = build_outputs(session, site.settings, urgent_job)
+        # ...yet the claim hands out the urgent one first, and it is sent first.
+        with site.sessions() as session:
+            batches = due_outputs(session)
+        assert set(batches[0].output_ids) <= set(urgent_ids)
+        for batch in batches:
+            send_batch(site.sessions, site.settings, batch.destination, batch.output_ids)
+        first, second = peer.messages()
+    assert str(first.segment("OBR")(3)) == "ACC-URGENT"
+    assert str(first.segment("TQ1")(9)).startswith("S^")
+    assert str(_obx_of(first, "36118008")(8)) == "AA"  # pneumothorax, critically abnormal
+    assert str(second.segment("OBR")(3)) == "ACC-ROUTINE"
+    assert str(second.segment("TQ1")(9)).startswith("R^")
+    assert all(str(obx(8)) == "" for obx in second.segments("OBX"))
+
+    # Announced: one webhook call (signed) and one e-mail (over STARTTLS), urgent draft only.
+    assert notify.send_due(site.sessions, site.settings) == 2
+    ((headers, body),) = webhook.received
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers[notify.SIGNATURE_HEADER] == expected
+    payload = json.loads(body)
+    assert payload["priority"] == "stat" and payload["suspected"] == ["pneumothorax"]
+    assert payload["accession_number"] == "ACC-URGENT"
+    ((content, recipients, tls),) = mailbox.messages
+    assert tls and recipients == ["oncall@example.org"]
+    assert b"SUSPECTED PNEUMOTHORAX" in content
+    with site.sessions() as session:
+        states = session.scalars(select(Notification.state)).all()
+        urgent_rows = session.scalars(select(UrgentDraft)).all()
+        priorities = dict(session.execute(select(Job.id, Job.priority)).all())
+    assert states == [NotificationState.sent, NotificationState.sent]
+    assert [(u.job_id, u.priority, u.suspected) for u in urgent_rows] == [
+        (urgent_job, "stat", "pneumothorax")
+    ]
+    assert priorities == {routine_job: "routine", urgent_job: "stat"}
+
+    # Marked in the objects the radiologist sees; the routine draft is not.
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for job_id, marked in ((urgent_job, True), (routine_job, False)):
+        for row in site.outputs(job_id):
+            if row.kind == "hl7":
+                continue
+            path = site.settings.outputs_dir / row.path
+            ds = pydicom.dcmread(path)
+            assert ds.SeriesDescription.startswith("SUSPECTED PNEUMOTHORAX") == marked
+            assert len(ds.SeriesDescription) <= 64
+            assert dciodvfy(path).errors == []
+            if row.kind == "text_sr":
+                notices = [
+                    item.TextValue
+                    for item in ds.ContentSequence
+                    if getattr(item, "ValueType", "") == "TEXT"
+                ]
+                banner = "AI DRAFT — SUSPECTED PNEUMOTHORAX — NOT VERIFIED"
+                assert (notices[0] == banner) == marked
+            if row.kind == "sc":
+                from PIL import Image
+
+                Image.fromarray(ds.pixel_array).save(ARTIFACTS / f"sc-{row.kind}-{job_id}.png")
+    assert routine_ids and urgent_ids
+
+
+def test_the_dashboard_lists_the_urgent_draft_until_acknowledged_and_metrics_count_it(
+    site: Site,
+) -> None:
+    import requests
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from cxrnode.web.app import create_app
+
+    urgent_job = site.drafted_job(URGENT, "ACC-URGENT")
+    routine_job = site.drafted_job(ROUTINE, "ACC-ROUTINE")
+    for job_id in (urgent_job, routine_job):
+        with site.sessions() as session:
+            build_outputs(session, site.settings, job_id)
+    port = free_port()
+    settings = site.settings.model_copy(update={"http_host": "127.0.0.1", "http_port": port})
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{base}/healthz"), 30, "the web app")
+        metrics = requests.get(f"{base}/metrics", timeout=10).text
+        assert "cxrnode_urgent_unacknowledged 1.0" in metrics
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--headless", "--no-sandbox", "--disable-gpu"],
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(base + "/")
+            panel = page.locator("#urgent")
+            assert "Suspected pneumothorax" in panel.inner_text()
+            assert "STAT" in panel.inner_text()
+            assert panel.locator("tbody tr").count() == 1  # the routine draft is not listed
+            page.screenshot(path=str(ARTIFACTS / "dashboard-urgent.png"))
+            panel.get_by_role("button", name="Acknowledge").click()
+            page.wait_for_url("**/?notice=acknowledged")
+            assert page.locator("#urgent").count() == 0
+            browser.close()
+        with site.sessions() as session:
+            (row,) = session.scalars(select(UrgentDraft)).all()
+        assert row.acknowledged_at is not None and row.acknowledged_by
+        deadline = time.monotonic() + 10
+        while "cxrnode_urgent_unacknowledged 0.0" not in requests.get(
+            f"{base}/metrics", timeout=10
+        ).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.should_exit = True
+        thread.join(10)

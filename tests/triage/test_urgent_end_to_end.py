@@ -244,7 +244,10 @@ def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledg
 ) -> None:
     with mllp_peer("AA") as peer:
         site.settings = site.settings.model_copy(
-            update={"hl7_destinations": [f"mllp://127.0.0.1:{peer.port}"]}
+            update={
+                "hl7_destinations": [f"mllp://127.0.0.1:{peer.port}"],
+                "destinations": [f"PACS@127.0.0.1:{free_port()}"],  # down: the rows stay
+            }
         )
         routine_job = site.drafted_job(ROUTINE, "ACC-ROUTINE")
         urgent_job = site.drafted_job(URGENT, "ACC-URGENT")
@@ -290,6 +293,7 @@ def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledg
     # Marked in the objects the radiologist sees; the routine draft is not.
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for job_id, marked in ((urgent_job, True), (routine_job, False)):
+        assert {row.kind for row in site.outputs(job_id)} == {"hl7", "text_sr", "sc"}
         for row in site.outputs(job_id):
             if row.kind == "hl7":
                 continue
@@ -309,7 +313,8 @@ def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledg
             if row.kind == "sc":
                 from PIL import Image
 
-                Image.fromarray(ds.pixel_array).save(ARTIFACTS / f"sc-{row.kind}-{job_id}.png")
+                name = "sc-urgent.png" if marked else "sc-routine.png"
+                Image.fromarray(ds.pixel_array).save(ARTIFACTS / name)
     assert routine_ids and urgent_ids
 
 

@@ -13,6 +13,7 @@ from cxrnode.cli.demo import demo_command
 from cxrnode.cli.label import eval_command, label_command
 from cxrnode.cli.model import model_app
 from cxrnode.cli.monitor import monitor_command
+from cxrnode.cli.notify import notify_app
 from cxrnode.cli.resend import resend_command
 from cxrnode.settings import Settings, example_toml, get_settings, parse_destination
 
@@ -27,6 +28,7 @@ config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(notify_app, name="notify")
 app.command("label")(label_command)
 app.command("eval")(eval_command)
 app.command("resend")(resend_command)

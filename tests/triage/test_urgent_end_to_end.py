@@ -13,14 +13,11 @@ import hashlib
 import hmac
 import json
 import shutil
-import ssl
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
@@ -35,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hl7"))
 import dicomgen  # noqa: E402
 from dicom_checks import dciodvfy  # noqa: E402
 from loop_helpers import mllp_peer, model_result  # noqa: E402
+from receivers import Hook, Mailbox  # noqa: E402
 from services import free_port, wait_for  # noqa: E402
 
 from cxrnode import notify  # noqa: E402
@@ -64,77 +62,6 @@ ARTIFACTS = Path("/tmp/cxrnode-test-artifacts/triage")
 SECRET = "webhook-secret-for-tests"
 URGENT = {"pneumothorax": "present", "cardiomegaly": "absent"}
 ROUTINE = {"cardiomegaly": "present", "pneumothorax": "absent"}
-
-
-# ---------------------------------------------------------------------------- receivers
-
-
-@dataclass
-class Hook:
-    port: int
-    received: list[tuple[dict[str, str], bytes]]
-
-
-@pytest.fixture
-def webhook() -> Iterator[Hook]:
-    received: list[tuple[dict[str, str], bytes]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((dict(self.headers), body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Hook(server.server_address[1], received)
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@dataclass
-class Mailbox:
-    port: int
-    ca: Path
-    messages: list[tuple[bytes, list[str], bool]]  # (content, recipients, was TLS)
-
-
-@pytest.fixture
-def mailbox(tmp_path: Path) -> Iterator[Mailbox]:
-    from aiosmtpd.controller import Controller
-
-    key, cert = tmp_path / "smtp.key", tmp_path / "smtp.pem"
-    subprocess.run(
-        ["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    messages: list[tuple[bytes, list[str], bool]] = []
-
-    class Handler:
-        async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
-            messages.append((envelope.content, list(envelope.rcpt_tos), session.ssl is not None))
-            return "250 OK"
-
-    port = free_port()
-    controller = Controller(
-        Handler(), hostname="127.0.0.1", port=port, tls_context=context, require_starttls=True
-    )
-    controller.start()
-    try:
-        yield Mailbox(port, cert, messages)
-    finally:
-        controller.stop()
 
 
 # ---------------------------------------------------------------------------- the node side
@@ -363,9 +290,10 @@ def test_the_dashboard_lists_the_urgent_draft_until_acknowledged_and_metrics_cou
             (row,) = session.scalars(select(UrgentDraft)).all()
         assert row.acknowledged_at is not None and row.acknowledged_by
         deadline = time.monotonic() + 10
-        while "cxrnode_urgent_unacknowledged 0.0" not in requests.get(
-            f"{base}/metrics", timeout=10
-        ).text:
+        while (
+            "cxrnode_urgent_unacknowledged 0.0"
+            not in requests.get(f"{base}/metrics", timeout=10).text
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.2)
     finally:

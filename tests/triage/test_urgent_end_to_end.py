@@ -62,6 +62,11 @@ ARTIFACTS = Path("/tmp/cxrnode-test-artifacts/triage")
 SECRET = "webhook-secret-for-tests"
 URGENT = {"pneumothorax": "present", "cardiomegaly": "absent"}
 ROUTINE = {"cardiomegaly": "present", "pneumothorax": "absent"}
+#: The urgent draft was voted over five samples (self-consistency).
+VOTED = {
+    "samples": 5,
+    "votes": {"pneumothorax": {"present": 4, "absent": 1}, "cardiomegaly": {"absent": 5}},
+}
 
 
 # ---------------------------------------------------------------------------- the node side
@@ -120,7 +125,7 @@ class Site:
                 instance_id=instance.id,
                 version=1,
                 state=JobState.inferred,
-                result=model_result(findings),
+                result=model_result(findings) | (VOTED if findings == URGENT else {}),
             )
             session.add(job)
             session.commit()
@@ -151,6 +156,14 @@ def site(tmp_path: Path, webhook: Hook, mailbox: Mailbox) -> Iterator[Site]:
         yield Site(settings, make_sessionmaker(engine), tmp_path)
     finally:
         engine.dispose()
+
+
+def _texts(item) -> list[str]:  # noqa: ANN001
+    """Every TEXT value of an SR content tree."""
+    found = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        found += _texts(child)
+    return found
 
 
 def _answers(url: str) -> bool:
@@ -237,6 +250,9 @@ def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledg
                 ]
                 banner = "AI DRAFT — SUSPECTED PNEUMOTHORAX — NOT VERIFIED"
                 assert (notices[0] == banner) == marked
+                text = "\n".join(_texts(ds))
+                assert ("Pneumothorax: Present, 4 of 5 samples" in text) == marked
+                assert ("Cardiomegaly: Absent, 5 of 5 samples" in text) == marked
             if row.kind == "sc":
                 from PIL import Image
 
@@ -282,8 +298,15 @@ def test_the_dashboard_lists_the_urgent_draft_until_acknowledged_and_metrics_cou
             assert "STAT" in panel.inner_text()
             assert panel.locator("tbody tr").count() == 1  # the routine draft is not listed
             page.screenshot(path=str(ARTIFACTS / "dashboard-urgent.png"))
+            study_url = panel.locator("a.uid").get_attribute("href")
+            page.goto(base + study_url)
+            findings = page.locator("table.findings").inner_text()
+            assert "4 of 5 samples" in findings and "5 of 5 samples" in findings
+            assert "STAT" in page.locator(".urgent-note").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "study-votes.png"), full_page=True)
+            page.goto(base + "/")
             panel.get_by_role("button", name="Acknowledge").click()
-            page.wait_for_url("**/?notice=acknowledged")
+            page.get_by_role("status").filter(has_text="Urgent draft acknowledged").wait_for()
             assert page.locator("#urgent").count() == 0
             browser.close()
         with site.sessions() as session:

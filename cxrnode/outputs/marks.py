@@ -74,14 +74,17 @@ def marked_series_description(plain: str, suspected: str | None) -> str:
     """``plain`` ("AI DRAFT IMAGE - NOT FOR DIAGNOSTIC USE") led by the suspected finding.
 
     The finding comes first (viewers cut descriptions); the rest of ``plain`` follows as far as
-    LO's 64 characters allow, cut at a " - " boundary so it never ends mid-word.
+    LO's 64 characters allow, cut at a " - " boundary so it never ends mid-word; "AI DRAFT
+    <what it is>" is always kept.
     """
     if not suspected:
         return plain
     parts = plain.split(" - ")
-    while parts:
+    while len(parts) > 1:
         text = f"{suspected} - {' - '.join(parts)}"
         if len(text) <= _LO:
             return text
         parts.pop()
-    return suspected[:_LO]
+    # "AI DRAFT <what>" always stays (drafts look like drafts); a finding too long is cut.
+    room = _LO - len(parts[0]) - 3
+    return f"{suspected[:room].rstrip()} - {parts[0]}"

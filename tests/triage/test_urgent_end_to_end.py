@@ -322,3 +322,52 @@ def test_the_dashboard_lists_the_urgent_draft_until_acknowledged_and_metrics_cou
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
+    site: Site, webhook: Hook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's record_result: a routine draft's sends wait in the send queue (no send
+    worker runs here); an urgent draft recorded after it is announced and delivered by the
+    outputs task itself, so it reaches the RIS while the routine one still waits."""
+    import redis as redis_py
+    from services import redis_server
+
+    from cxrnode.settings import get_settings
+    from worker import tasks
+
+    with redis_server() as broker, mllp_peer("AA") as peer:
+        env = {
+            "CXRNODE_DATA_DIR": str(site.settings.data_dir),
+            "CXRNODE_DATABASE_URL": site.settings.database_url or "",
+            "CXRNODE_BROKER_URL": broker,
+            "CXRNODE_HL7_DESTINATIONS": f"mllp://127.0.0.1:{peer.port}",
+            "CXRNODE_WEBHOOK_URLS": f"http://127.0.0.1:{webhook.port}/hook",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for cached in (get_settings, tasks.sessions, tasks.dispatcher):
+            cached.cache_clear()
+        # the worker's Celery app was configured at import, before this test's broker existed
+        monkeypatch.setattr(tasks.app.conf, "broker_url", broker)
+        try:
+            routine_job = site.drafted_job(ROUTINE, "ACC-ROUTINE")
+            urgent_job = site.drafted_job(URGENT, "ACC-URGENT")
+            for job_id in (routine_job, urgent_job):
+                # record_result takes a prepared job and the model's answer for it
+                with site.sessions() as session:
+                    job = session.get(Job, job_id)
+                    version, result = job.version, dict(job.result)
+                    job.state, job.result = JobState.prepared, None
+                    session.commit()
+                outcome = tasks.record_result(job_id, version, result)
+                assert ("urgent" in outcome) == (job_id == urgent_job), outcome
+            (message,) = peer.messages()  # only the urgent ORU went out
+            assert str(message.segment("OBR")(3)) == "ACC-URGENT"
+            assert len(webhook.received) == 1
+            queued = redis_py.Redis.from_url(broker).llen("send")
+            assert queued == 1  # the routine draft's send message still waits
+        finally:
+            tasks.app.close()  # drop connections to this test's broker
+            for cached in (get_settings, tasks.sessions, tasks.dispatcher):
+                cached.cache_clear()

@@ -118,6 +118,7 @@ def test_eval_with_the_same_seed_gives_the_same_reports_and_intervals(
     assert again.stderr == first_run[0]  # with "--json -" the table moves to stderr
 
 
+@pytest.mark.slow  # several sampled runs of the whole set
 def test_eval_stability_reports_f1_mean_and_spread_per_temperature(
     tiny_model: Path, image_set: Path, tmp_path: Path
 ) -> None:

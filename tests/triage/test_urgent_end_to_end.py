@@ -261,6 +261,7 @@ def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledg
     assert routine_ids and urgent_ids
 
 
+@pytest.mark.slow  # a browser / a Redis server of its own
 def test_the_dashboard_lists_the_urgent_draft_until_acknowledged_and_metrics_count_it(
     site: Site,
 ) -> None:
@@ -324,6 +325,7 @@ def test_the_dashboard_lists_the_urgent_draft_until_acknowledged_and_metrics_cou
         thread.join(10)
 
 
+@pytest.mark.slow  # a browser / a Redis server of its own
 def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
     site: Site, webhook: Hook, monkeypatch: pytest.MonkeyPatch
 ) -> None:

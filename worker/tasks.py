@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from cxrnode import notify
-from cxrnode.db import JobState, Output, make_engine, make_sessionmaker
+from cxrnode.db import JobState, Output, UrgentDraft, make_engine, make_sessionmaker
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states
 from cxrnode.jobs.dispatch import Dispatcher
@@ -219,11 +219,20 @@ def build_outputs(job_id: int, version: int) -> str:
 
 def build_and_send(job_id: int) -> str:
     """Write the job's outputs and their outbox rows (the job is then done), and hand them
-    to the send queue at once. Rows not claimed here are sent by the scheduler."""
+    to the send queue at once. Rows not claimed here are sent by the scheduler.
+
+    An urgent draft (triage) does not wait behind queued sends: its announcements and its
+    outputs are sent from here, ahead of the send queue (a failed try is retried by the
+    notifications table and the outbox as usual)."""
 
     settings = get_settings()
     with sessions()() as session:
         output_ids = build(session, settings, job_id)
+    with sessions()() as session:
+        announced = session.scalar(select(UrgentDraft.id).where(UrgentDraft.job_id == job_id))
+        session.rollback()
+    if announced is not None:
+        notify.send_due(sessions(), settings)
     if not output_ids:
         return "no outputs to send"
     with sessions()() as session:
@@ -238,9 +247,6 @@ def build_and_send(job_id: int) -> str:
     if not urgent:
         dispatcher().send_outputs(batches)
         return f"{len(output_ids)} outputs recorded"
-    # An urgent draft does not queue behind waiting sends: it is announced and sent from here,
-    # ahead of the send queue (a failed try is retried by the outbox as usual).
-    notify.send_due(sessions(), settings)
     for batch in sorted(batches, key=lambda b: not b.destination.startswith("mllp")):
         send_batch(sessions(), settings, batch.destination, batch.output_ids)
     dispatcher().wake_scheduler()

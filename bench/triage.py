@@ -20,7 +20,7 @@ samples cost.
    webhook received minus the last image's arrival, less the model's own time and the quiet
    period (SETTLE_SECONDS = 1 s, a site setting); p50 / p95 / max.
 3. **k samples vs 1.** The same study drafted with k = 1 and k = ``--k`` on the tiny model
-   (CPU, sampled at T = 0.2, 48 new tokens per answer, all three turns), best of 3 each, in
+   (CPU, sampled at T = 0.2, 48 new tokens per answer, all three turns), best of 10 each, in
    one run; the ratio is what self-consistency costs in wall time (goal <= 2x).
 
 Prints one JSON object.
@@ -295,9 +295,9 @@ def consensus_cost(k: int) -> dict[str, float]:
         image = np.random.default_rng(0).integers(0, 256, (600, 560), dtype=np.uint8)
         options = {"temperature": 0.2, "max_new_tokens": 48, "ignore_eos": True, "seed": 1}
         best: dict[int, float] = {}
-        for samples in (1, k, 1, k):  # each block: a warm-up (the scheduler is made), best of 3
+        for samples in (1, k, 1, k):  # each block: a warm-up (the scheduler is made), best of 5
             engine.generate([image], samples=samples, **options)
-            for _ in range(3):
+            for _ in range(5):
                 t0 = time.perf_counter()
                 engine.generate([image], samples=samples, **options)
                 best[samples] = min(best.get(samples, float("inf")), time.perf_counter() - t0)

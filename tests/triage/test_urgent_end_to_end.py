@@ -78,14 +78,19 @@ class Site:
     sessions: sessionmaker
     tmp: Path
 
-    def drafted_job(self, findings: dict[str, str], accession: str) -> int:
+    def drafted_job(
+        self, findings: dict[str, str], accession: str, order_priority: str | None = None
+    ) -> int:
         """A stored source image and an inferred job with a known result."""
+        extra = {"AccessionNumber": accession}
+        if order_priority:
+            extra["RequestedProcedurePriority"] = order_priority
         source = dicomgen.make_chest(
             self.tmp / f"{generate_uid()}.dcm",
             study_uid=generate_uid(),
             rows=64,
             cols=64,
-            extra={"AccessionNumber": accession},
+            extra=extra,
         )
         ds = pydicom.dcmread(source, stop_before_pixels=True)
         relpath = instance_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
@@ -373,3 +378,21 @@ def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
             tasks.app.close()  # drop connections to this test's broker
             for cached in (get_settings, tasks.sessions, tasks.dispatcher):
                 cached.cache_clear()
+
+
+def test_a_stat_order_keeps_its_priority_without_making_the_draft_urgent(site: Site) -> None:
+    """The order said STAT, the draft finds nothing urgent: the outputs keep the order's
+    priority (never lowered), but nothing is announced or listed as a suspected finding."""
+    site.settings = site.settings.model_copy(update={"destinations": ["PACS@127.0.0.1:9"]})
+    job_id = site.drafted_job(ROUTINE, "ACC-STAT-ORDER", order_priority="STAT")
+    with site.sessions() as session:
+        build_outputs(session, site.settings, job_id)
+    with site.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.priority == "stat"
+        assert session.scalars(select(UrgentDraft)).all() == []
+        assert session.scalars(select(Notification)).all() == []
+    assert {row.priority for row in site.outputs(job_id)} == {0}
+    for row in site.outputs(job_id):
+        ds = pydicom.dcmread(site.settings.outputs_dir / row.path, stop_before_pixels=True)
+        assert ds.SeriesDescription.startswith("AI DRAFT")

@@ -25,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 from cxrnode import notify
 from cxrnode.db import JobState, Output, UrgentDraft, make_engine, make_sessionmaker
 from cxrnode.ingest.header import header_dataset, study_context
-from cxrnode.jobs import states
+from cxrnode.jobs import states, tracking
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.outputs import outbox
 from cxrnode.outputs.build import build_outputs as build
@@ -247,8 +247,18 @@ def build_and_send(job_id: int) -> str:
     if not urgent:
         dispatcher().send_outputs(batches)
         return f"{len(output_ids)} outputs recorded"
-    for batch in sorted(batches, key=lambda b: not b.destination.startswith("mllp")):
-        send_batch(sessions(), settings, batch.destination, batch.output_ids)
+    # Held by this worker while sent, like a send message's outputs, so the reconciler does
+    # not take the claimed rows for lost and hand them out again.
+    keys = [tracking.output_key(i) for batch in batches for i in batch.output_ids]
+    heartbeat = worker_app.heartbeat
+    if heartbeat is not None:
+        heartbeat.hold(keys)
+    try:
+        for batch in sorted(batches, key=lambda b: not b.destination.startswith("mllp")):
+            send_batch(sessions(), settings, batch.destination, batch.output_ids)
+    finally:
+        if heartbeat is not None:
+            heartbeat.release(keys)
     dispatcher().wake_scheduler()
     return f"{len(output_ids)} urgent outputs recorded and sent"
 

@@ -361,6 +361,63 @@ class Settings(BaseSettings):
         description="While no model can be loaded, seconds between retries of a waiting job.",
     )
 
+    # --- triage, notifications and self-consistency ------------------------------------------
+    triage_priorities: str = Field(
+        "pneumothorax=stat,pleural_effusion=asap,consolidation=asap",
+        description=(
+            "Which findings, when the draft codes them present, raise the study's priority: "
+            "comma-separated finding=stat|asap pairs (findings not listed stay routine); "
+            "'off' turns triage off. A draft never lowers the priority its order carries."
+        ),
+    )
+    webhook_urls: CommaList = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated http(s) URLs that get a JSON POST for every urgent draft "
+            "(X-Cxrnode-Signature: sha256=HMAC of the body with WEBHOOK_SECRET); empty: none."
+        ),
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of the webhook signature (None: unsigned)."
+    )
+    smtp_host: str | None = Field(
+        None, description="SMTP server for urgent-draft e-mails (None: no e-mail)."
+    )
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP port (submission).")
+    smtp_starttls: bool = Field(
+        True, description="Upgrade the SMTP connection with STARTTLS before sending (required)."
+    )
+    smtp_tls_ca: Path | None = Field(
+        None, description="PEM CA bundle that verifies the SMTP server (None: system CAs)."
+    )
+    smtp_user: str | None = Field(None, description="SMTP login user (None: no login).")
+    smtp_password: SecretStr | None = Field(None, description="SMTP login password.")
+    smtp_from: str = Field("cxrnode@localhost", description="From address of the e-mails.")
+    smtp_to: CommaList = Field(
+        default_factory=list, description="Comma-separated recipients of urgent-draft e-mails."
+    )
+    notify_max_attempts: int = Field(
+        10, ge=1, description="Tries of one notification before it is recorded as failed."
+    )
+    consensus_samples: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Reports sampled per study in one batched decode (shared image and prompt); "
+            "findings are voted across them. 1: a single report, as before."
+        ),
+    )
+    consensus_min_agreement: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Least fraction of the samples that must agree on a finding's state; below it "
+            "the finding is coded Undetermined (0: the majority always stands)."
+        ),
+    )
+
     # --- outputs ------------------------------------------------------------------------------
     outputs: CommaList = Field(
         default_factory=lambda: ["text_sr", "sc"],
@@ -742,6 +799,30 @@ class Settings(BaseSettings):
                 f"comma-separated list of {', '.join(kinds)} (the default is text_sr,sc)"
             )
         return chosen
+
+    @field_validator("triage_priorities")
+    @classmethod
+    def _valid_triage(cls, value: str) -> str:
+        from cxrnode.triage import parse_priority_table
+
+        parse_priority_table(value)
+        return value
+
+    @field_validator("webhook_urls", "smtp_to", mode="before")
+    @classmethod
+    def _notify_comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _valid_webhooks(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"WEBHOOK_URLS entry {url!r} is not an http(s):// URL; give full URLs, "
+                    "comma-separated"
+                )
+        return value
 
     @field_validator("destinations")
     @classmethod

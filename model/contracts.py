@@ -101,8 +101,16 @@ class GenerationParams:
     top_p: float = 0.8
     top_k: int = 50
     max_new_tokens: int = 512
+    #: Self-consistency: reports sampled for the study (1: one report, no vote), and the least
+    #: fraction of them that must agree on a finding before it is coded (else "uncertain").
+    samples: int = 1
+    min_agreement: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.samples <= 16:
+            raise ValueError(f"samples must be in [1, 16]; got {self.samples}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ValueError(f"min_agreement must be in [0, 1]; got {self.min_agreement}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -113,7 +121,10 @@ class GenerationParams:
             raise ValueError(f"max_new_tokens must be in [1, 512]; got {self.max_new_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.samples == 1 and self.min_agreement == 0:  # what workers before the vote read
+            del out["samples"], out["min_agreement"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> GenerationParams:
@@ -148,6 +159,11 @@ class ModelResult:
         The inference batch this study ran in (None outside a worker).
     worker
         The worker that ran it (None outside a worker).
+    samples
+        Reports sampled for the study (self-consistency); 1 when there was no vote.
+    votes
+        Finding -> {state: how many of the ``samples`` had it} (empty when ``samples`` is 1);
+        the fraction of the state in ``findings`` is its vote fraction.
     """
 
     report: str
@@ -162,6 +178,8 @@ class ModelResult:
     batch_id: str | None = None
     batch_size: int | None = None
     worker: str | None = None
+    samples: int = 1
+    votes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("report", "differential", "recommendation"):
@@ -195,12 +213,31 @@ class ModelResult:
             object.__setattr__(self, name, dict(value))
         timings = _mapping(self.timings, "ModelResult.timings")
         object.__setattr__(self, "timings", {str(k): float(v) for k, v in timings.items()})
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"ModelResult.samples must be an integer >= 1; got {self.samples!r}")
+        votes = _mapping(self.votes, "ModelResult.votes")
+        bad_votes = {
+            k: v
+            for k, v in votes.items()
+            if k not in FINDINGS
+            or not isinstance(v, Mapping)
+            or not set(v) <= set(FINDING_STATES)
+            or sum(v.values()) != self.samples
+        }
+        if bad_votes:
+            raise ValueError(
+                "ModelResult.votes must map finding names to {state: count} with counts that "
+                f"add up to samples ({self.samples}); got {bad_votes}"
+            )
+        object.__setattr__(self, "votes", {k: dict(v) for k, v in votes.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (broker messages, the job's result column)."""
         out = asdict(self)
-        for name in ("findings", "finding_sources", "prompts", "timings"):
+        for name in ("findings", "finding_sources", "prompts", "timings", "votes"):
             out[name] = dict(out[name])
+        if self.samples == 1:  # an unvoted result reads as it did before the vote existed
+            del out["samples"], out["votes"]
         return out
 
     @classmethod

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from model.chat import Message, render_llama2, tokenize_with_image
+from model.consensus import vote
 from model.contracts import FINDINGS, ModelResult, StudyContext
 from model.generate import MAX_NEW_TOKENS, SamplingParams, new_seed
 from model.labeler import label_report
@@ -150,6 +151,8 @@ class ReportEngine:
         seed: int | None = None,
         ignore_eos: bool = False,
         report_only: bool = False,
+        samples: int = 1,
+        min_agreement: float = 0.0,
     ) -> list[ModelResult]:
         """Draft a report for each 8-bit grayscale image (uint8 HxW, any size).
 
@@ -157,6 +160,9 @@ class ReportEngine:
         request draws from ``seed + i``, whatever else runs with it). ``ignore_eos`` forces
         ``max_new_tokens`` per turn (benchmarks). ``report_only`` skips the differential and
         recommendation turns (left empty), for evaluations that score only the report.
+        ``samples`` > 1 draws that many reports per study in the same batch (sharing the image
+        encoding and the prompt's prefill) and votes them (``model.consensus``); sample j of
+        study i draws from ``seed + i * samples + j``.
         """
         images = list(images)
         contexts = list(contexts) if contexts is not None else [None] * len(images)
@@ -165,26 +171,42 @@ class ReportEngine:
         if not images:
             return []
         params = SamplingParams(temperature, top_p, top_k, max_new_tokens, ignore_eos)
-        studies = [
-            self.conversation(
-                image,
-                context,
-                params,
-                seed=None if seed is None else seed + i,
-                report_only=report_only,
-            )
-            for i, (image, context) in enumerate(zip(images, contexts, strict=True))
-        ]
+        if samples == 1:
+            studies = [
+                [
+                    self.conversation(
+                        image,
+                        context,
+                        params,
+                        seed=None if seed is None else seed + i,
+                        report_only=report_only,
+                    )
+                ]
+                for i, (image, context) in enumerate(zip(images, contexts, strict=True))
+            ]
+        else:
+            studies = [
+                self.samples(
+                    image,
+                    context,
+                    params,
+                    samples,
+                    seed=None if seed is None else seed + i * samples,
+                    report_only=report_only,
+                )
+                for i, (image, context) in enumerate(zip(images, contexts, strict=True))
+            ]
+        rows = [conv for group in studies for conv in group]
         scheduler = self._scheduler_for(
-            min(self.max_batch_size, len(studies)), max_new_tokens, 1 if report_only else 3
+            min(self.max_batch_size, len(rows)), max_new_tokens, 1 if report_only else 3
         )
-        for study in studies:
-            scheduler.add(study)
+        for conv in rows:
+            scheduler.add(conv)
         scheduler.run()
         _, failed = scheduler.drain()
         if failed:
             raise failed[0][1]
-        return [study.result() for study in studies]
+        return [vote([c.result() for c in group], min_agreement) for group in studies]
 
     def conversation(
         self,
@@ -202,6 +224,24 @@ class ReportEngine:
         return StudyConversation(
             self, torch.from_numpy(pixels), context, params or SamplingParams(), seed, report_only
         )
+
+    def samples(
+        self,
+        image: np.ndarray,
+        context: StudyContext | None,
+        params: SamplingParams,
+        k: int,
+        *,
+        seed: int | None = None,
+        report_only: bool = False,
+    ) -> list[StudyConversation]:
+        """``k`` conversations of one study that share one preprocessed image (so the
+        scheduler encodes it once and shares the prompt's prefill); seeds ``seed + j``."""
+        first = self.conversation(image, context, params, seed=seed, report_only=report_only)
+        return [first] + [
+            StudyConversation(self, first.pixels, context, params, first.seed + j, report_only)
+            for j in range(1, k)
+        ]
 
     def _scheduler_for(self, slots: int, max_new_tokens: int, turns: int) -> Scheduler:
         """The scheduler of the previous call when it has the same shape (its KV cache and, on

@@ -19,6 +19,11 @@ keeps the longest prefix that its cache already holds and feeds only the rest, s
 prefix, the 1024 image embeddings included, is computed once. Re-tokenized answers usually
 match the generated ids; where they do not, the row is cut back at the first difference.
 
+Samples of one study (self-consistency, ``model.consensus``) are conversations that share one
+``pixels`` tensor: admitted together, their image is encoded once, and when their first turns
+are the same ids the prompt is prefilled in one row and its KV prefix copied to the others;
+each row then draws its own tokens from the shared logits with its own seed.
+
 Stopping follows the reference: a row stops after EOS (kept in its output), when ``stop`` says
 so (the reference's keyword check on the decoded text) or at its budget,
 ``min(max_new_tokens, context_limit - len(sequence) - 1)``. EOS and the budget are checked on
@@ -380,8 +385,13 @@ class Scheduler:
             self.slots[i] = _Slot(conv=conv, image=None, pending=turn)
             placed.append(i)
         # Placed before encoding, so that a failure of the vision tower fails them via abort().
-        for start in range(0, len(placed), self.encode_batch):
-            chunk = placed[start : start + self.encode_batch]
+        # Samples of one study share their pixels tensor: one encoding serves them all.
+        shared: dict[int, list[int]] = {}
+        for i in placed:
+            shared.setdefault(id(self.slots[i].conv.pixels), []).append(i)
+        owners = [rows[0] for rows in shared.values()]
+        for start in range(0, len(owners), self.encode_batch):
+            chunk = owners[start : start + self.encode_batch]
             t0 = time.perf_counter()
             pixels = torch.stack([self.slots[i].conv.pixels for i in chunk])
             if self.device.type == "cuda":
@@ -392,8 +402,9 @@ class Scheduler:
             self.stats.encode_time += elapsed
             self.stats.images += len(chunk)
             for i, image in zip(chunk, images, strict=True):
-                self.slots[i].image = image
-                self.slots[i].conv.stats.encode += elapsed
+                for j in shared[id(self.slots[i].conv.pixels)]:
+                    self.slots[j].image = image
+                    self.slots[j].conv.stats.encode += elapsed
 
     # ------------------------------------------------------------------ prefill
     def _columns(self, ids: list[int], k: int) -> int:
@@ -419,6 +430,21 @@ class Scheduler:
                 self._end_turn(i)
                 continue
             jobs.append(job)
+        # First turns of samples of one study with the same ids are prefilled once: the other
+        # rows copy that row's KV prefix and draw from its logits (``_prefill_chunk``).
+        followers: dict[int, list[int]] = {}
+        leaders: dict[tuple[int, tuple[int, ...]], int] = {}
+        kept = []
+        for job in jobs:
+            slot = self.slots[job[0]]
+            if job[1] == 0 and self.reuse_prefix:
+                key = (id(slot.conv.pixels), tuple(slot.fed))
+                if key in leaders:
+                    followers.setdefault(leaders[key], []).append(job[0])
+                    continue
+                leaders[key] = job[0]
+            kept.append(job)
+        jobs = kept
         # First turns (column 0) and follow-ups run as separate calls: the former can use
         # plain causal attention on the fresh keys.
         for fresh in (True, False):
@@ -430,11 +456,11 @@ class Scheduler:
                 # Follow-ups gather their rows' cached keys, one layer at a time.
                 too_many = not fresh and (len(chunk) + 1) * self._gather_row_bytes > GATHER_BYTES
                 if chunk and (too_wide or too_many):
-                    self._prefill_chunk(chunk)
+                    self._prefill_chunk(chunk, followers)
                     chunk = []
                 chunk.append(job)
             if chunk:
-                self._prefill_chunk(chunk)
+                self._prefill_chunk(chunk, followers)
 
     def _start_turn(self, i: int, slot: _Slot, turn: Turn) -> tuple[int, int, torch.Tensor] | None:
         """Set the slot up for ``turn``; return its prefill job, or None if it has no budget."""
@@ -489,10 +515,24 @@ class Scheduler:
     def _token_embeds(self, ids: list[int]) -> torch.Tensor:
         return self.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def _prefill_chunk(self, chunk: list[tuple[int, int, torch.Tensor]]) -> None:
+    def _prefill_chunk(
+        self,
+        chunk: list[tuple[int, int, torch.Tensor]],
+        followers: dict[int, list[int]] | None = None,
+    ) -> None:
         t0 = time.perf_counter()
         slots = [j[0] for j in chunk]
         logits = self.decoder.prefill(slots, [j[1] for j in chunk], [j[2] for j in chunk])
+        copies = [(k, f) for k, s in enumerate(slots) for f in (followers or {}).get(s, [])]
+        if copies:  # rows that share a leader's prompt: its keys, values and logits
+            for k, f in copies:
+                n = self.slots[slots[k]].prompt_end
+                for keys, values in zip(self.decoder.k, self.decoder.v, strict=True):
+                    keys[f, :, :n] = keys[slots[k], :, :n]
+                    values[f, :, :n] = values[slots[k], :, :n]
+            logits = torch.cat([logits, logits[[k for k, _ in copies]]])
+            slots = slots + [f for _, f in copies]
+            chunk = chunk + [(f, 0, chunk[k][2][:0]) for k, f in copies]
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         rows = [self.slots[i] for i in slots]
         self.decoder.positions[idx] = _tensor([s.prompt_end for s in rows], self.device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.consensus import vote
 from model.contracts import GenerationParams, ModelResult, StudyContext
 from model.generate import MAX_NEW_TOKENS, SamplingParams
 from model.pipeline import ReportEngine, StudyConversation
@@ -33,6 +34,25 @@ class ServerClosed(RuntimeError):
 class _Request:
     conversation: StudyConversation
     future: Future
+
+
+def _voted(futures: list[Future[ModelResult]], min_agreement: float) -> Future[ModelResult]:
+    """A future of the vote of ``futures`` (a study's samples), failed if any of them fails."""
+    combined: Future[ModelResult] = Future()
+    lock = threading.Lock()
+
+    def settle(_: Future) -> None:
+        with lock:
+            if combined.done() or not all(f.done() for f in futures):
+                return
+            try:
+                combined.set_result(vote([f.result() for f in futures], min_agreement))
+            except BaseException as exc:
+                combined.set_exception(exc)
+
+    for future in futures:
+        future.add_done_callback(settle)
+    return combined
 
 
 class ReportServer:
@@ -127,19 +147,26 @@ class ReportServer:
 
         ``seed`` fixes the study's draws when sampling (the same seed gives the same answers
         whatever else runs with it). Raises ``ServerClosed`` after ``close``.
+
+        ``params.samples`` > 1 queues that many samples of the study together (one image
+        encoding, one prompt prefill) and resolves the future to their vote
+        (``model.consensus``).
         """
         params = params or GenerationParams()
         sampling = SamplingParams(
             params.temperature, params.top_p, params.top_k, params.max_new_tokens
         )
-        conversation = self.engine.conversation(image, context, sampling, seed=seed)
-        future: Future[ModelResult] = Future()
+        conversations = self.engine.samples(image, context, sampling, params.samples, seed=seed)
+        futures: list[Future[ModelResult]] = [Future() for _ in conversations]
         with self._lock:
             if self._closing:
                 raise ServerClosed("the report server is closed; no new studies are taken.")
-            self._incoming.append(_Request(conversation, future))
+            for conversation, future in zip(conversations, futures, strict=True):
+                self._incoming.append(_Request(conversation, future))
             self._wakeup.notify()
-        return future
+        if len(futures) == 1:
+            return futures[0]
+        return _voted(futures, params.min_agreement)
 
     def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop taking studies, finish the ones already submitted (or, with

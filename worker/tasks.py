@@ -19,11 +19,13 @@ from functools import cache
 from typing import Any
 
 from celery import Task
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from cxrnode.db import JobState, make_engine, make_sessionmaker
+from cxrnode import notify
+from cxrnode.db import JobState, Output, UrgentDraft, make_engine, make_sessionmaker
 from cxrnode.ingest.header import header_dataset, study_context
-from cxrnode.jobs import states
+from cxrnode.jobs import states, tracking
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.outputs import outbox
 from cxrnode.outputs.build import build_outputs as build
@@ -217,19 +219,48 @@ def build_outputs(job_id: int, version: int) -> str:
 
 def build_and_send(job_id: int) -> str:
     """Write the job's outputs and their outbox rows (the job is then done), and hand them
-    to the send queue at once. Rows not claimed here are sent by the scheduler."""
+    to the send queue at once. Rows not claimed here are sent by the scheduler.
+
+    An urgent draft (triage) does not wait behind queued sends: its announcements and its
+    outputs are sent from here, ahead of the send queue (a failed try is retried by the
+    notifications table and the outbox as usual)."""
 
     settings = get_settings()
     with sessions()() as session:
         output_ids = build(session, settings, job_id)
+    with sessions()() as session:
+        announced = session.scalar(select(UrgentDraft.id).where(UrgentDraft.job_id == job_id))
+        session.rollback()
+    if announced is not None:
+        notify.send_due(sessions(), settings)
     if not output_ids:
         return "no outputs to send"
     with sessions()() as session:
+        urgent = bool(
+            session.scalar(
+                select(func.count(Output.id)).where(Output.id.in_(output_ids), Output.priority < 2)
+            )
+        )
         batches = outbox.due_outputs(
             session, lease_seconds=outbox.lease_seconds(settings), only=output_ids
         )
-    dispatcher().send_outputs(batches)
-    return f"{len(output_ids)} outputs recorded"
+    if not urgent:
+        dispatcher().send_outputs(batches)
+        return f"{len(output_ids)} outputs recorded"
+    # Held by this worker while sent, like a send message's outputs, so the reconciler does
+    # not take the claimed rows for lost and hand them out again.
+    keys = [tracking.output_key(i) for batch in batches for i in batch.output_ids]
+    heartbeat = worker_app.heartbeat
+    if heartbeat is not None:
+        heartbeat.hold(keys)
+    try:
+        for batch in sorted(batches, key=lambda b: not b.destination.startswith("mllp")):
+            send_batch(sessions(), settings, batch.destination, batch.output_ids)
+    finally:
+        if heartbeat is not None:
+            heartbeat.release(keys)
+    dispatcher().wake_scheduler()
+    return f"{len(output_ids)} urgent outputs recorded and sent"
 
 
 # ------------------------------------------------------------------------------------- send

@@ -15,6 +15,7 @@ from cxrnode.cli.demo import demo_command
 from cxrnode.cli.label import eval_command, label_command
 from cxrnode.cli.model import model_app
 from cxrnode.cli.monitor import monitor_command
+from cxrnode.cli.notify import notify_app
 from cxrnode.cli.resend import resend_command
 from cxrnode.settings import example_toml, parse_destination
 
@@ -31,6 +32,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
+app.add_typer(notify_app, name="notify")
 app.command("label")(label_command)
 app.command("eval")(eval_command)
 app.command("resend")(resend_command)

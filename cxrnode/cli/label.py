@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -124,6 +124,52 @@ def _model_reports(
     return reports, {"id": engine.model_id, "hash": engine.model_hash}
 
 
+def _stability(
+    model: str,
+    paths: Sequence[Path],
+    table: Any,
+    temperatures: str,
+    samples: int,
+    seed: int,
+    max_new_tokens: int,
+    json_out: Path | None,
+) -> None:
+    """``eval --stability``: F1 mean and spread per finding per temperature."""
+    from model.pipeline import ReportEngine
+    from model.stability import format_stability, stability
+
+    try:
+        values = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError as exc:
+        raise _fail("eval", f"--temperatures must be numbers, e.g. 0.2,0.5,1.0: {exc}") from exc
+    if not values or any(t < 0 for t in values):
+        raise _fail("eval", "--temperatures needs at least one temperature >= 0")
+    items = []
+    for number, path in enumerate(paths, start=1):
+        try:
+            items.append(load_image(path))
+        except Exception as exc:
+            raise _fail("eval", f"row {number}: cannot read image {path}: {exc}") from exc
+    engine = ReportEngine.load(model)
+    result = stability(
+        engine,
+        items,
+        table,
+        temperatures=values,
+        samples=samples,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+    )
+    to_stdout = json_out is not None and str(json_out) == "-"
+    print(format_stability(result), file=sys.stderr if to_stdout else sys.stdout)
+    if json_out is not None:
+        document = json.dumps(result.to_dict(), indent=2)
+        if to_stdout:
+            print(document)
+        else:
+            json_out.write_text(document + "\n", encoding="utf-8")
+
+
 def _default_model() -> str | None:
     from cxrnode.settings import get_settings
 
@@ -172,6 +218,22 @@ def eval_command(
             "--max-new-tokens", min=1, help="Token limit per answer (512, as in the paper)."
         ),
     ] = 512,
+    stability: Annotated[
+        bool,
+        typer.Option(
+            "--stability",
+            help=(
+                "Instead: run the set --samples times at each of --temperatures and print "
+                "per-finding F1 mean and spread per temperature (the paper's first experiment)."
+            ),
+        ),
+    ] = False,
+    temperatures: Annotated[
+        str, typer.Option("--temperatures", help="Comma-separated temperatures (--stability).")
+    ] = "0.2,0.5,1.0",
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Sampled runs per temperature (--stability).")
+    ] = 10,
 ) -> None:
     """Score generated reports against ground truth: per-finding precision, recall and F1.
 
@@ -206,6 +268,11 @@ def eval_command(
                 f"row {number}: image {path} does not exist ({len(absent)} missing in all); "
                 "image paths are taken relative to the CSV's folder unless absolute",
             )
+        if stability:
+            _stability(
+                model_ref, paths, table, temperatures, samples, seed, max_new_tokens, json_out
+            )
+            return
         texts, model_info = _model_reports(model_ref, paths, seed, max_new_tokens)
 
     outcome = run(table, texts, resamples=bootstrap, seed=seed, model=model_info)

@@ -143,6 +143,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     #: The model's answer, stored once: ``ModelResult.to_dict()`` (see :attr:`model_result`).
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The draft's reading priority (stat / asap / routine, :mod:`cxrnode.triage`), set with
+    #: its outputs; None before then.
+    priority: Mapped[str | None] = mapped_column(String(8))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     events: Mapped[list[JobEvent]] = relationship(order_by="JobEvent.id", viewonly=True)
@@ -189,6 +192,8 @@ class Output(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     #: When retention removed the file (the row stays: cxrnode.retention).
     purged_at: Mapped[datetime | None]
+    #: 0 stat, 1 ASAP, 2 routine (:attr:`cxrnode.triage.Priority.rank`): claimed in this order.
+    priority: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
 
     @classmethod
     def pending(
@@ -201,8 +206,9 @@ class Output(Base):
         sop_instance_uid: str,
         path: str,
         now: datetime,
+        priority: int = 2,
     ) -> Output:
-        """A new outbox row, due at once."""
+        """A new outbox row, due at once (``priority``: 0 stat, 1 ASAP, 2 routine)."""
         return cls(
             job_id=job_id,
             kind=kind,
@@ -215,6 +221,7 @@ class Output(Base):
             next_try_at=now,
             created_at=now,
             updated_at=now,
+            priority=priority,
         )
 
 
@@ -388,6 +395,54 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class UrgentDraft(Base):
+    """A draft that triage made urgent: listed on the dashboard until someone acknowledges it.
+
+    ``suspected`` is the comma-separated findings that raised the priority (most urgent
+    first); ``acknowledged_by`` names the operator (the dashboard's identity of the session).
+    """
+
+    __tablename__ = "urgent_drafts"
+    __table_args__ = (Index("ix_urgent_drafts_acknowledged_at", "acknowledged_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    priority: Mapped[str] = mapped_column(String(8))
+    suspected: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    acknowledged_at: Mapped[datetime | None]
+    acknowledged_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class NotificationState(enum.StrEnum):
+    pending = "pending"  # waiting for its next try
+    sent = "sent"
+    failed = "failed"  # out of tries or refused for good (reason in last_error)
+
+
+class Notification(Base):
+    """One announcement of an urgent draft to one channel target (a webhook URL, an e-mail
+    recipient list): recorded with the draft's outputs, then sent and retried from here."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_state_next", "state", "next_try_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    urgent_id: Mapped[int | None] = mapped_column(ForeignKey("urgent_drafts.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(16))  # "webhook" or "email"
+    target: Mapped[str] = mapped_column(String(500))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[NotificationState] = mapped_column(
+        Enum(NotificationState, native_enum=False, length=16)
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

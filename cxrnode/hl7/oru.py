@@ -19,6 +19,10 @@ The same draft as the SR, in the RIS's language. Why this shape:
   system names). Unmentioned findings are left out, as in the SR.
 - **The algorithm.** OBX-18 (equipment instance identifier) is the SR's Device UID with the
   namespace ``cxrnode``, so a report that comes back from the RIS is recognised as our own.
+- **Priority.** A TQ1 after the OBR carries the draft's reading priority in TQ1-9 (HL7 table
+  0485: ``S`` stat, ``A`` ASAP, ``R`` routine; :mod:`cxrnode.triage`), and the OBX of each
+  finding that made the draft urgent has the abnormal flag ``AA`` (critically abnormal) in
+  OBX-8, so a RIS can sort its worklist and highlight the finding.
 - **Deterministic.** MSH-7 is when the model's result was recorded and MSH-10 derives from the
   draft's identity, so a rebuilt or re-sent draft is the same message (a receiver can drop the
   duplicate); a new version of the draft is a new message.
@@ -47,6 +51,7 @@ from cxrnode.outputs.findings_sr import (
     STATE_VALUES,
 )
 from cxrnode.outputs.text import multi_line
+from cxrnode.triage import Priority
 from cxrnode.uids import device_uid, uid_from_key
 
 __all__ = ["VERSION", "Oru", "build_oru", "control_id"]
@@ -112,6 +117,8 @@ def build_oru(
     sending_facility: str = "",
     receiving_application: str = "",
     receiving_facility: str = "",
+    priority: Priority = Priority.routine,
+    suspected: Sequence[str] = (),
 ) -> Oru:
     """Build the ORU^R01 of one draft (see the module docstring).
 
@@ -126,6 +133,10 @@ def build_oru(
         The job's version (1, 2, ...): a new version is a new message.
     made_at
         When the model's result was recorded (naive UTC): MSH-7, OBR-22, OBX-14.
+    priority
+        The draft's reading priority (TQ1-9).
+    suspected
+        The findings that made the draft urgent (their OBX-8 is ``AA``).
 
     Raises
     ------
@@ -185,8 +196,10 @@ def build_oru(
                 25: RESULT_STATUS,
             },
         ),
+        _fields("TQ1", {1: "1", 9: f"{priority.hl7}^{_PRIORITY_NAMES[priority]}^HL70485"}),
     ]
     observations = _observations(draft)
+    critical = {_finding_concept(name) for name in suspected}
     for number, (value_type, concept, value) in enumerate(observations, start=1):
         segments.append(
             _fields(
@@ -196,6 +209,7 @@ def build_oru(
                     2: value_type,
                     3: concept,
                     5: value,
+                    8: "AA" if concept in critical else "",
                     11: RESULT_STATUS,
                     14: stamp,
                     18: equipment,
@@ -204,6 +218,14 @@ def build_oru(
         )
     segments.append(_fields("ZDS", {1: f"{study_uid}^{MANUFACTURER}^Application^DICOM"}))
     return Oru(uid, message_id, "\r".join(segments) + "\r")
+
+
+_PRIORITY_NAMES = {Priority.stat: "Stat", Priority.asap: "ASAP", Priority.routine: "Routine"}
+
+
+def _finding_concept(name: str) -> str:
+    concept = FINDING_CONCEPTS[name]
+    return _coded(concept.value, concept.meaning, concept.scheme_designator)
 
 
 def _coded(code: str, meaning: str, scheme: str) -> str:

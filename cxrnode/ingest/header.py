@@ -433,6 +433,7 @@ RECORDED_KEYWORDS: tuple[str, ...] = (
     "StudyID",
     "ReferringPhysicianName",
     "StudyDescription",
+    "RequestedProcedurePriority",  # the order's priority: triage never goes below it
     "PatientAge",
     "PatientSize",
     "PatientWeight",

@@ -26,6 +26,8 @@ def generation_params(settings: Settings) -> GenerationParams:
         temperature=settings.temperature,
         top_p=settings.top_p,
         max_new_tokens=settings.max_new_tokens,
+        samples=settings.consensus_samples,
+        min_agreement=settings.consensus_min_agreement,
     )
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
+from cxrnode import notify
 from cxrnode.db import Study, StudyState, utcnow
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states, tracking
@@ -83,6 +84,7 @@ class Scheduler:
                 self.queue_new_jobs()  # jobs a previous run made and did not hand out
                 self._started = True
         self.send_due_outputs()
+        self.send_due_notifications()
         if leads and now_monotonic >= self._next_reconcile:
             self.reconcile()
             self._next_reconcile = now_monotonic + self.settings.reconcile_interval
@@ -151,6 +153,15 @@ class Scheduler:
             batches = outbox.due_outputs(session, lease_seconds=outbox.lease_seconds(self.settings))
         self.dispatch.send_outputs(batches)
 
+    def send_due_notifications(self) -> None:
+        """Send urgent-draft announcements that are due (new ones the outputs task did not
+        send, and retries)."""
+        with self.readers() as session:
+            due = notify.next_due(session)
+        if due is None or due > utcnow():
+            return
+        notify.send_due(self.sessions, self.settings)
+
     def reconcile(self) -> None:
         """The database is the truth: re-send jobs, and give back outputs claimed for sending,
         whose message is neither waiting in a queue nor held by a live worker (see
@@ -209,7 +220,7 @@ class Scheduler:
 
     def seconds_until_due(self, now_monotonic: float) -> float:
         with self.readers() as session:
-            moments = [next_settle_at(session), outbox.next_due(session)]
+            moments = [next_settle_at(session), outbox.next_due(session), notify.next_due(session)]
         wall_now = utcnow()
         until = self._next_reconcile - now_monotonic
         if self._hold_until is not None:  # settling waits for the burst: look again then

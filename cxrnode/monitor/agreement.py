@@ -73,8 +73,10 @@ def window_name(days: int | None) -> str:
 
 def model_label(model_hash: str) -> str:
     """The first 16 hex digits of a model hash (an ``algo:`` prefix dropped): a short,
-    stable name of a model version for tables and metric labels."""
-    return model_hash.rsplit(":", 1)[-1][:16]
+    stable name of a model version for tables and metric labels; a voted setting
+    (``<hash>~k5``, :func:`cxrnode.monitor.scoring.consensus_model`) keeps its "~k5"."""
+    digits, sep, samples = model_hash.rsplit(":", 1)[-1].partition("~")
+    return digits[:16] + (f"~{samples}" if sep else "")
 
 
 def _since(now: datetime, days: int | None) -> datetime | None:

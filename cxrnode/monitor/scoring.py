@@ -100,6 +100,15 @@ def latest_draft(session: Session, study_id: int) -> Job | None:
     ).first()
 
 
+def consensus_model(result: ModelResult) -> tuple[str, str]:
+    """(model hash, model id) under which a draft's agreement is counted: a voted draft
+    (self-consistency, k samples) counts as its own model, ``<hash>~k5`` and "<id> (k=5)", so
+    a site sees whether k = 5 agrees better than k = 1 in every per-model view."""
+    if result.samples == 1:
+        return result.model_hash, result.model_id
+    return f"{result.model_hash}~k{result.samples}", f"{result.model_id} (k={result.samples})"
+
+
 def score_study(session: Session, study_id: int, now: datetime | None = None) -> int:
     """Compare a study's chosen report with its latest draft and store the result.
 
@@ -124,7 +133,7 @@ def score_study(session: Session, study_id: int, now: datetime | None = None) ->
     model_hash = model_id = ""
     if report is not None and job is not None and job.result is not None and report.labels:
         result = ModelResult.from_dict(job.result)
-        model_hash, model_id = result.model_hash, result.model_id
+        model_hash, model_id = consensus_model(result)
         wanted = {
             finding: (result.findings[finding], str(report.labels.get(finding, "not_mentioned")))
             for finding in FINDINGS

@@ -17,6 +17,12 @@ With ``HL7_DESTINATIONS`` configured, the draft is also written as an HL7 ORU^R0
 (:mod:`cxrnode.hl7.oru`, kind ``hl7``) with one row per MLLP destination; the DICOM objects go
 to ``DESTINATIONS`` only.
 
+Triage (:mod:`cxrnode.triage`) ranks the draft by its findings in the same step: the job's
+priority is recorded, its outbox rows carry it (the outbox claims the most urgent first), and an
+urgent draft is marked in its objects (:mod:`cxrnode.outputs.marks`), listed for acknowledgement
+(:class:`~cxrnode.db.UrgentDraft`) and announced (:class:`~cxrnode.db.Notification` rows,
+sent by :mod:`cxrnode.notify`), all in the transaction that records the outputs.
+
 No destinations configured: the files are still written (an admin may fetch them, and a
 later ``cxrnode resend --study`` after adding a destination sends them), but no rows are
 recorded, because a row means "to be sent somewhere".
@@ -39,13 +45,15 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
+from cxrnode import notify
+from cxrnode.db import Instance, Job, JobState, Output, OutputState, UrgentDraft, utcnow
 from cxrnode.ingest.record import SourceRecord
 from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
 from cxrnode.outputs.common import PriorDocument, series_description, source_record
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
+from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.outbox import KIND_ORDER, LEGACY_SR_KIND
 from cxrnode.outputs.pdf import build_pdf
 from cxrnode.outputs.report_sr import build_report_sr
@@ -53,6 +61,7 @@ from cxrnode.outputs.sc import build_sc
 from cxrnode.prepare.display import ImagingError
 from cxrnode.prepare.images import load_display
 from cxrnode.settings import Settings
+from cxrnode.triage import Triage, order_priority, parse_priority_table, triage
 from cxrnode.uids import OutputKind
 from model.contracts import ModelResult
 
@@ -137,6 +146,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         return _fail(session, job_id, job.version, "the job's source instance row is missing")
     raw_result, job_version, recorded_at = job.result, job.version, job.updated_at
     recorded = instance.header or {}
+    study_id = job.study_id
     study_uid, sop_uid = instance.study_instance_uid, instance.sop_instance_uid
     source_path = settings.instances_dir / instance.path
     predecessors = {
@@ -160,6 +170,8 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
                 pydicom.dcmread(source_path, stop_before_pixels=True)
             )
         draft = DraftReport.from_result(result.to_dict(), PIPELINE_VERSION)
+        decision = draft_triage(settings, result, source)
+        marks = DraftMarks(decision.label, result.samples, result.votes)
         display = (
             load_display(settings, study_uid, sop_uid, source_path)
             if OutputKind.SC in settings.outputs
@@ -172,13 +184,14 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
             version=job_version,
             predecessors=predecessors,
             settings=settings,
+            marks=marks,
         )
     except (ImagingError, InvalidDicomError, OSError, TypeError, ValueError) as exc:
         log.warning("job %d: outputs cannot be built: %s", job_id, exc)
         return _fail(session, job_id, job_version, f"outputs cannot be built: {exc}")
     built = [_write(settings, ds, kind) for kind, ds in objects]
     try:
-        messages = _hl7_outputs(settings, source, draft, job_version, recorded_at)
+        messages = _hl7_outputs(settings, source, draft, job_version, recorded_at, decision)
     except (OSError, ValueError) as exc:
         log.warning("job %d: the HL7 draft cannot be built: %s", job_id, exc)
         return _fail(session, job_id, job_version, f"the HL7 draft cannot be built: {exc}")
@@ -202,6 +215,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
             sop_instance_uid=item.sop_instance_uid,
             path=item.path,
             now=now,
+            priority=decision.priority.rank,
         )
         for destinations, items in (
             (settings.destinations, built),  # DICOM objects to the PACS
@@ -211,6 +225,9 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         for item in items
     ]
     session.add_all(rows)
+    session.execute(update(Job).where(Job.id == job_id).values(priority=decision.priority.value))
+    if decision.urgent:
+        _record_urgent(session, settings, job_id, study_id, source, decision, now)
     superseded = _supersede_older(session, job, now)
     session.flush()
     ids = [row.id for row in rows]
@@ -223,6 +240,43 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         f"; {superseded} older pending outputs superseded" if superseded else "",
     )
     return ids
+
+
+def draft_triage(settings: Settings, result: ModelResult, source: SourceRecord) -> Triage:
+    """The draft's priority from its (voted) findings, never below the order's."""
+    table = parse_priority_table(settings.triage_priorities)
+    order = order_priority(source.text("RequestedProcedurePriority") or None)
+    return triage(result.findings, table, order)
+
+
+def _record_urgent(
+    session: Session,
+    settings: Settings,
+    job_id: int,
+    study_id: int,
+    source: SourceRecord,
+    decision: Triage,
+    now: datetime,
+) -> None:
+    """List the draft for acknowledgement and record its announcements (same transaction)."""
+    urgent = UrgentDraft(
+        job_id=job_id,
+        study_id=study_id,
+        priority=decision.priority.value,
+        suspected=",".join(decision.suspected),
+        created_at=now,
+    )
+    session.add(urgent)
+    session.flush()
+    payload = notify.urgent_payload(
+        study_uid=source.study_instance_uid,
+        accession=source.text("AccessionNumber") or None,
+        priority=decision.priority.value,
+        suspected=decision.suspected,
+        job_id=job_id,
+        made_at=now,
+    )
+    session.add_all(notify.new_notifications(settings, payload, urgent.id, now))
 
 
 def _supersede_older(session: Session, job: Job, now: datetime) -> int:
@@ -248,6 +302,7 @@ def make_objects(
     version: int,
     predecessors: Mapping[str, PriorDocument | None],
     settings: Settings,
+    marks: DraftMarks | None = None,
 ) -> list[tuple[str, Dataset]]:
     """The DICOM objects of one draft that ``settings.outputs`` asks for, in the order they
     travel (:data:`~cxrnode.outputs.outbox.KIND_ORDER`): ``(kind, dataset)`` pairs.
@@ -255,7 +310,8 @@ def make_objects(
     Pure: no I/O. ``header`` is the source image's checked record (a dataset is checked
     first; no pixel data needed),
     ``display`` its 8-bit display image (uint8, H x W) as the prepare step made it, and
-    ``predecessors`` the SR each SR kind replaces (by kind; absent or ``None``: none).
+    ``predecessors`` the SR each SR kind replaces (by kind; absent or ``None``: none);
+    ``marks`` a suspected urgent finding and the samples' agreement, printed by each object.
     """
     institution = settings.institution_name
     header = source_record(header)  # checked once, whatever the number of objects
@@ -269,6 +325,7 @@ def make_objects(
                 version=version,
                 predecessor=predecessors.get(kind),
                 institution_name=institution,
+                marks=marks,
             )
         elif kind == OutputKind.AIR_SR:
             ds = build_findings_sr(
@@ -277,6 +334,7 @@ def make_objects(
                 version=version,
                 predecessor=predecessors.get(kind),
                 institution_name=institution,
+                marks=marks,
             )
         elif kind == OutputKind.SC:
             if display is None:
@@ -287,20 +345,25 @@ def make_objects(
                 draft,
                 version=version,
                 institution_name=institution,
-                full_text_series=full_text_series(settings.outputs),
+                full_text_series=full_text_series(
+                    settings.outputs, marks.suspected if marks else None
+                ),
+                marks=marks,
             )
         else:
-            ds = build_pdf(header, draft, version=version, institution_name=institution)
+            ds = build_pdf(
+                header, draft, version=version, institution_name=institution, marks=marks
+            )
         objects.append((kind.value, ds))
     return objects
 
 
-def full_text_series(outputs: Sequence[str]) -> str | None:
+def full_text_series(outputs: Sequence[str], suspected: str | None = None) -> str | None:
     """Series description of the object a reader of the SC should open for the full text:
     the text report, else the PDF; ``None`` when the site makes neither."""
     for kind in (OutputKind.TEXT_SR, OutputKind.PDF):
         if kind in outputs:
-            return series_description(kind)
+            return marked_series_description(series_description(kind), suspected)
     return None
 
 
@@ -366,7 +429,12 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def _hl7_outputs(
-    settings: Settings, header: SourceRecord, draft: DraftReport, version: int, made_at: datetime
+    settings: Settings,
+    header: SourceRecord,
+    draft: DraftReport,
+    version: int,
+    made_at: datetime,
+    decision: Triage | None = None,
 ) -> list[BuiltOutput]:
     """The HL7 ORU draft, written durably, when MLLP destinations exist (else nothing)."""
     if not settings.hl7_destinations:
@@ -382,6 +450,7 @@ def _hl7_outputs(
         sending_facility=settings.hl7_sending_facility,
         receiving_application=settings.hl7_receiving_application,
         receiving_facility=settings.hl7_receiving_facility,
+        **({"priority": decision.priority, "suspected": decision.suspected} if decision else {}),
     )
     relpath = f"{header.study_instance_uid}/{oru.uid}.hl7"
     instance_relpath(header.study_instance_uid, oru.uid)  # both UIDs checked for the path

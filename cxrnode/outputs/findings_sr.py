@@ -73,6 +73,7 @@ from cxrnode.outputs.common import (
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.text import multi_line, one_line
 from cxrnode.uids import OutputKind, device_uid, uid_from_key
 
@@ -93,6 +94,7 @@ def build_findings_sr(
     version: int = 1,
     predecessor: PriorDocument | Dataset | None = None,
     institution_name: str | None = None,
+    marks: DraftMarks | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 SR of ``draft`` for ``source`` (the image the model read).
 
@@ -110,6 +112,9 @@ def build_findings_sr(
         The structured SR this one replaces (Predecessor Documents Sequence).
     institution_name
         Optional InstitutionName of the node's site (General Equipment).
+    marks
+        A suspected urgent finding (series description) and the samples' agreement (TID 4019
+        algorithm parameters: "samples=5", "pneumothorax=present 4/5").
 
     Returns
     -------
@@ -128,7 +133,7 @@ def build_findings_sr(
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(draft),
         procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=[_findings_group(view, draft, uids.sop_instance_uid)],
+        imaging_measurements=[_findings_group(view, draft, uids.sop_instance_uid, marks)],
     )
     report[0].ContentSequence.append(_narrative_container(draft))
     mark_containers_separate(report[0])
@@ -148,7 +153,9 @@ def build_findings_sr(
             institution_name=long_string(institution_name or "") or None,
             previous_versions=previous,
             contributing_equipment=[ai_contributing_equipment(draft)],
-            series_description=series_description(OutputKind.AIR_SR),
+            series_description=marked_series_description(
+                series_description(OutputKind.AIR_SR), marks.suspected if marks else None
+            ),
             manufacturer_model_name=model_name(draft),
             software_versions=software_versions(draft),
             specific_character_set=CHARACTER_SET,
@@ -172,7 +179,7 @@ def _observation_context(draft: DraftReport) -> hd.sr.ObservationContext:
 
 
 def _findings_group(
-    view: Dataset, draft: DraftReport, sop_instance_uid: str
+    view: Dataset, draft: DraftReport, sop_instance_uid: str, marks: DraftMarks | None = None
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     evaluations = [
         hd.sr.QualitativeEvaluation(name=FINDING_CONCEPTS[name], value=STATE_VALUES[state])
@@ -182,6 +189,13 @@ def _findings_group(
     parameters = [
         one_line(f"prompt {turn}={variant}") for turn, variant in sorted(draft.prompts.items())
     ]
+    if marks is not None and marks.samples > 1:  # self-consistency: TID 4019 parameters
+        parameters.append(f"samples={marks.samples}")
+        parameters += [
+            one_line(f"{name}={state} {marks.agreement(name, state)}")
+            for name, state in draft.findings.items()
+            if name in marks.votes and state != "not_mentioned"
+        ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uid_from_key("tracking", sop_instance_uid),

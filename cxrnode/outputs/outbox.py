@@ -385,7 +385,7 @@ def due_outputs(
     if only is not None:
         query = query.where(Output.id.in_(list(only)))
     query = (
-        query.order_by(Output.next_try_at, Output.id)
+        query.order_by(Output.priority, Output.next_try_at, Output.id)  # most urgent first
         .limit(limit)
         .with_for_update(of=Output, skip_locked=True)
     )

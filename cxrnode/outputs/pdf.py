@@ -57,6 +57,7 @@ from cxrnode.outputs.common import (
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.report_sr import DOCUMENT_TITLE
 from cxrnode.outputs.text import wrap
 from cxrnode.uids import OutputKind
@@ -142,6 +143,7 @@ def build_pdf(
     *,
     version: int = 1,
     institution_name: str | None = None,
+    marks: DraftMarks | None = None,
 ) -> hd.SOPClass:
     """Build the Encapsulated PDF of ``draft`` for ``source`` (the image the model read).
 
@@ -156,6 +158,8 @@ def build_pdf(
         Draft version; goes into the deterministic SOP Instance UID and InstanceNumber.
     institution_name
         Optional InstitutionName of the node's site.
+    marks
+        A suspected urgent finding, which leads the series description.
 
     Returns
     -------
@@ -180,7 +184,9 @@ def build_pdf(
             modality="DOC",
             manufacturer=MANUFACTURER,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=series_description(OutputKind.PDF),
+            series_description=marked_series_description(
+                series_description(OutputKind.PDF), marks.suspected if marks else None
+            ),
             manufacturer_model_name=model_name(draft),
             software_versions=software_versions(draft),
             institution_name=long_string(institution_name or "") or None,

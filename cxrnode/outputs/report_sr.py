@@ -74,6 +74,7 @@ from cxrnode.outputs.common import (
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.text import report_text
 from cxrnode.uids import OutputKind, device_uid
 
@@ -103,6 +104,7 @@ def build_report_sr(
     version: int = 1,
     predecessor: PriorDocument | Dataset | None = None,
     institution_name: str | None = None,
+    marks: DraftMarks | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the text-report SR of ``draft`` for ``source`` (the image the model read).
 
@@ -120,6 +122,9 @@ def build_report_sr(
         The text report this one replaces (Predecessor Documents Sequence).
     institution_name
         Optional InstitutionName of the node's site (General Equipment).
+    marks
+        A suspected urgent finding (first notice, series description) and the samples'
+        agreement (a comment after each coded finding: "Pneumothorax: Present, 4 of 5 samples").
 
     Returns
     -------
@@ -137,7 +142,7 @@ def build_report_sr(
 
     root = hd.sr.ContainerContentItem(name=DOCUMENT_TITLE)
     root.ContentSequence = hd.sr.ContentSequence(
-        [*_notices(draft), *_sections(view, draft)], is_root=False
+        [*_notices(draft, marks), *_sections(view, draft, marks)], is_root=False
     )
     mark_containers_separate(root)
 
@@ -156,7 +161,9 @@ def build_report_sr(
             institution_name=long_string(institution_name or "") or None,
             previous_versions=previous,
             contributing_equipment=[ai_contributing_equipment(draft)],
-            series_description=series_description(OutputKind.TEXT_SR),
+            series_description=marked_series_description(
+                series_description(OutputKind.TEXT_SR), marks.suspected if marks else None
+            ),
             manufacturer_model_name=model_name(draft),
             software_versions=software_versions(draft),
             specific_character_set=CHARACTER_SET,
@@ -184,14 +191,18 @@ def _text(name: Code, text: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=report_text(text), relationship_type=_CONTAINS)
 
 
-def _notices(draft: DraftReport) -> list[hd.sr.TextContentItem]:
+def _notices(draft: DraftReport, marks: DraftMarks | None) -> list[hd.sr.TextContentItem]:
     notices = [_text(codes.DCM.Comment, DRAFT_NOTICE)]
+    if marks is not None and marks.banner:
+        notices.insert(0, _text(codes.DCM.Comment, marks.banner))
     if draft.paediatric_prompt:
         notices.append(_text(codes.DCM.Comment, PAEDIATRIC_NOTE))
     return notices
 
 
-def _sections(view: Dataset, draft: DraftReport) -> list[hd.sr.ContainerContentItem]:
+def _sections(
+    view: Dataset, draft: DraftReport, marks: DraftMarks | None = None
+) -> list[hd.sr.ContainerContentItem]:
     """The report's sections, the source image beneath the first text among them."""
     findings, impression = (report_text(part) for part in draft.sections)
     texts = {
@@ -200,13 +211,17 @@ def _sections(view: Dataset, draft: DraftReport) -> list[hd.sr.ContainerContentI
         "differential": report_text(draft.differential),
         "recommendation": report_text(draft.recommendation),
     }
-    coded = [
-        hd.sr.CodeContentItem(
-            name=FINDING_CONCEPTS[name], value=STATE_VALUES[state], relationship_type=_CONTAINS
-        )
-        for name, state in draft.findings.items()
-        if state != "not_mentioned"
-    ]
+    coded: list[hd.sr.ContentItem] = []
+    for name, state in draft.findings.items():
+        if state == "not_mentioned":
+            continue
+        concept, value = FINDING_CONCEPTS[name], STATE_VALUES[state]
+        coded.append(hd.sr.CodeContentItem(name=concept, value=value, relationship_type=_CONTAINS))
+        agreement = marks.agreement(name, state) if marks is not None else None
+        if agreement:  # the vote beside the coded finding, as text every viewer shows
+            coded.append(
+                _text(codes.DCM.Comment, f"{concept.meaning}: {value.meaning}, {agreement}")
+            )
     sections = []
     image_placed = False
     for key, (heading, concept) in SECTION_HEADINGS.items():

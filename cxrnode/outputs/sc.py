@@ -44,9 +44,12 @@ from cxrnode.outputs.common import (
     BANNER_TEXT,
     CHARACTER_SET,
     EMPTY_REPORT_NOTE,
+    FINDING_CONCEPTS,
     MANUFACTURER,
+    NOTHING_CODED,
     PAEDIATRIC_NOTE,
     SERIES_NUMBERS,
+    STATE_VALUES,
     ai_contributing_equipment,
     copy_patient_and_study,
     drop_acquisition_equipment,
@@ -60,6 +63,7 @@ from cxrnode.outputs.common import (
     without_name_warnings,
 )
 from cxrnode.outputs.draft import DraftReport
+from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.text import iter_lines, wrap
 from cxrnode.uids import OutputKind
 
@@ -123,7 +127,10 @@ def fit_radiograph(display: np.ndarray) -> np.ndarray:
 
 
 def render_draft_image(
-    display: np.ndarray, draft: DraftReport, full_text_series: str | None = None
+    display: np.ndarray,
+    draft: DraftReport,
+    full_text_series: str | None = None,
+    marks: DraftMarks | None = None,
 ) -> np.ndarray:
     """Compose banner, radiograph and report panel into one RGB image.
 
@@ -136,6 +143,8 @@ def render_draft_image(
         The draft to print.
     full_text_series
         Series description of the object that holds the full text, named in the footer.
+    marks
+        A suspected urgent finding (named in the banner) and the samples' agreement.
 
     Returns
     -------
@@ -165,10 +174,11 @@ def render_draft_image(
     canvas = Image.new("RGB", (width, CANVAS_HEIGHT), PANEL_RGB)
     canvas.paste(radiograph.convert("RGB"), (0, BANNER_HEIGHT + (image_height - size[1]) // 2))
     draw = ImageDraw.Draw(canvas)
-    _draw_banner(draw, width)
+    _draw_banner(draw, width, (marks.banner if marks else None) or BANNER_TEXT)
     _draw_panel(
         draw,
         draft,
+        marks,
         full_text_hint(full_text_series),
         left=size[0] + MARGIN,
         top=BANNER_HEIGHT + MARGIN,
@@ -176,21 +186,23 @@ def render_draft_image(
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _draw_banner(draw: ImageDraw.ImageDraw, width: int) -> None:
+def _draw_banner(draw: ImageDraw.ImageDraw, width: int, text: str) -> None:
     draw.rectangle((0, 0, width - 1, BANNER_HEIGHT - 1), fill=BANNER_RGB)
     size = 38
-    while size > 12 and _font(size).getlength(BANNER_TEXT) > width - 2 * MARGIN:
+    while size > 12 and _font(size).getlength(text) > width - 2 * MARGIN:
         size -= 2
     draw.text(
         (width // 2, BANNER_HEIGHT // 2),
-        BANNER_TEXT,
+        text,
         font=_font(size),
         fill=BANNER_TEXT_RGB,
         anchor="mm",
     )
 
 
-def _panel_blocks(draft: DraftReport) -> list[tuple[str, str, int, tuple[int, int, int]]]:
+def _panel_blocks(
+    draft: DraftReport, marks: DraftMarks | None = None
+) -> list[tuple[str, str, int, tuple[int, int, int]]]:
     """(kind, text, font size, colour) in reading order; kind "h" heading, "t" text."""
     blocks: list[tuple[str, str, int, tuple[int, int, int]]] = [
         ("t", f"{ALGORITHM_FAMILY} draft report", 28, HEADING_RGB),
@@ -199,6 +211,8 @@ def _panel_blocks(draft: DraftReport) -> list[tuple[str, str, int, tuple[int, in
     if draft.paediatric_prompt:
         blocks.append(("t", PAEDIATRIC_NOTE, 19, NOTE_RGB))
     for heading, text in printed_sections(draft):
+        if heading == "Coded findings" and marks is not None and marks.samples > 1:
+            text = _voted_summary(draft, marks)
         blocks.append(("h", heading.upper(), 20, HEADING_RGB))
         blocks.append(("t", text, 20 if heading == "Coded findings" else 21, TEXT_RGB))
     if not any(part.strip() for part in draft.sections):
@@ -206,8 +220,27 @@ def _panel_blocks(draft: DraftReport) -> list[tuple[str, str, int, tuple[int, in
     return blocks
 
 
+def _voted_summary(draft: DraftReport, marks: DraftMarks) -> str:
+    """The coded findings one per line with the samples' agreement ("Pneumothorax: Present,
+    4 of 5 samples"), when the draft was voted."""
+    lines = [
+        f"{FINDING_CONCEPTS[name].meaning}: {STATE_VALUES[state].meaning}, {marks.agreement(name, state)}"
+        if marks.agreement(name, state)
+        else f"{FINDING_CONCEPTS[name].meaning}: {STATE_VALUES[state].meaning}"
+        for name, state in draft.findings.items()
+        if state != "not_mentioned"
+    ]
+    return "\n".join(lines) or NOTHING_CODED
+
+
 def _draw_panel(
-    draw: ImageDraw.ImageDraw, draft: DraftReport, hint: str, *, left: int, top: int
+    draw: ImageDraw.ImageDraw,
+    draft: DraftReport,
+    marks: DraftMarks | None,
+    hint: str,
+    *,
+    left: int,
+    top: int,
 ) -> None:
     text_width = PANEL_WIDTH - 2 * MARGIN
     footer_font = _font(17)
@@ -215,7 +248,7 @@ def _draw_panel(
     footer_step = _line_height(footer_font)
     bottom = CANVAS_HEIGHT - MARGIN - footer_step * len(footer)
     y = top
-    for kind, text, size, colour in _panel_blocks(draft):
+    for kind, text, size, colour in _panel_blocks(draft, marks):
         font = _font(size)
         step = _line_height(font)
         if kind == "h":
@@ -254,6 +287,7 @@ def build_sc(
     version: int = 1,
     institution_name: str | None = None,
     full_text_series: str | None = None,
+    marks: DraftMarks | None = None,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture that shows the draft beside the radiograph.
 
@@ -273,6 +307,8 @@ def build_sc(
     full_text_series
         Series description of the object that holds the full text (the text-report SR by
         default), named in the footer; ``None``: no pointer.
+    marks
+        A suspected urgent finding (banner, series description) and the samples' agreement.
 
     Returns
     -------
@@ -286,7 +322,7 @@ def build_sc(
         ``version`` is invalid.
     """
     view, uids = source_and_uids(source, draft, OutputKind.SC, version)
-    pixels = render_draft_image(display, draft, full_text_series)
+    pixels = render_draft_image(display, draft, full_text_series, marks)
     with without_name_warnings():
         sc = hd.sc.SCImage.from_ref_dataset(
             view,
@@ -302,7 +338,9 @@ def build_sc(
             patient_orientation=("L", "F"),  # replaced below: highdicom insists on a value
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[ai_contributing_equipment(draft)],
-            series_description=series_description(OutputKind.SC),
+            series_description=marked_series_description(
+                series_description(OutputKind.SC), marks.suspected if marks else None
+            ),
             manufacturer_model_name=model_name(draft),
             software_versions=software_versions(draft),
             institution_name=long_string(institution_name or "") or None,

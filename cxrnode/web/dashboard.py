@@ -24,6 +24,7 @@ from fastapi.templating import Jinja2Templates
 from cxrnode.db import utcnow
 from cxrnode.jobs.rerun import RerunRefused
 from cxrnode.status import LastHour, collect_status
+from cxrnode.urgent import acknowledge, unacknowledged
 from cxrnode.web import trail
 from cxrnode.web.accounts import Role
 from cxrnode.web.auth import (
@@ -57,6 +58,7 @@ NOTICES = {
     "missing": "That study or output does not exist (any more).",
     "login-failed": "That token is not right.",
     "session-ended": "Your session ended; log in again.",
+    "acknowledged": "Urgent draft acknowledged.",
 }
 
 
@@ -378,6 +380,7 @@ def overview(request: Request, session: PageSession) -> Response:
     with resources.readers() as db:
         summary = collect_status(resources.settings, session=db, redis=resources.redis)
         recent = list_studies(db, limit=12)
+        urgent = unacknowledged(db)
         try:
             agreement = request.app.state.agreement(db)
         except Exception:
@@ -400,6 +403,7 @@ def overview(request: Request, session: PageSession) -> Response:
             queue: sum(queue in w.queues for w in summary.workers or []) for queue in summary.queues
         },
         agreement=agreement,
+        urgent=urgent,
     )
 
 
@@ -535,6 +539,23 @@ def resend_action(
         return _back(back, notice="missing")
     trail.resend(request, session.name, f"output {output_id}")
     return _back(back, notice="resent", n=output_id)
+
+
+@router.post("/actions/acknowledge/{urgent_id}")
+def acknowledge_action(
+    request: Request, session: OperatorAction, urgent_id: int, back: Annotated[str, Form()] = ""
+) -> Response:
+    """Record who acknowledged an urgent draft: the logged-in user's name (on a node that
+    asks nobody, the client's address, as the other actions log)."""
+    principal = current_principal(request)
+    who = principal.name if principal and principal.via != "open" else client_of(request)
+    with request.app.state.resources.writers() as db:
+        try:
+            acknowledge(db, urgent_id, who)
+        except LookupError:
+            return _back(back, notice="missing")
+    log.info("urgent draft %d acknowledged by %s", urgent_id, who)
+    return _back(back, notice="acknowledged")
 
 
 @router.post("/actions/resend-dead")

@@ -184,6 +184,7 @@ class NodeCollector:
         )
         age.add_metric([], 0.0 if oldest is None else (utcnow() - oldest).total_seconds())
         families.append(age)
+        families.extend(_urgent_families(session))
         return families
 
     def _workers(self, workers: list[Any], queues: list[str]) -> Iterator[GaugeMetricFamily]:
@@ -398,6 +399,23 @@ def _ripe(rows: Any, ripe: datetime) -> list[Any]:
             break
         taken.append(row)
     return taken
+
+
+def _urgent_families(session: Session) -> list[GaugeMetricFamily]:
+    """Urgent drafts nobody acknowledged yet, and the oldest one's age (cxrnode.urgent)."""
+    from cxrnode.urgent import unacknowledged_summary
+
+    count, oldest = unacknowledged_summary(session)
+    waiting = _gauge(
+        "cxrnode_urgent_unacknowledged", "Urgent drafts (triage) nobody acknowledged yet."
+    )
+    waiting.add_metric([], count)
+    age = _gauge(
+        "cxrnode_urgent_oldest_unacknowledged_age_seconds",
+        "Age of the oldest unacknowledged urgent draft (0: none).",
+    )
+    age.add_metric([], oldest)
+    return [waiting, age]
 
 
 class RetentionCollector:

@@ -271,6 +271,10 @@ class ResultView(BaseModel):
     timings: dict[str, float] = Field(description="The model's seconds per phase of its batch.")
     batch_size: int | None
     worker: str | None
+    samples: int = Field(1, description="Reports sampled and voted (self-consistency).")
+    votes: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="Per finding, how many samples had each state."
+    )
 
 
 class JobView(BaseModel):
@@ -285,6 +289,7 @@ class JobView(BaseModel):
     events: list[EventView]
     stages: dict[str, float | None]
     result: ResultView | None
+    priority: str | None = Field(None, description="Triage: stat / asap / routine.")
 
 
 class AttemptView(BaseModel):
@@ -404,6 +409,7 @@ def study_detail(session: Session, study_uid: str) -> StudyDetail | None:
                     delivered_at(outputs.get(job.id, []), delivered),
                 ),
                 result=_result_view(job),
+                priority=job.priority,
             )
             for job in jobs
         ],
@@ -448,4 +454,6 @@ def _result_view(job: Job) -> ResultView | None:
         timings=dict(result.timings),
         batch_size=result.batch_size,
         worker=result.worker,
+        samples=result.samples,
+        votes={name: dict(counts) for name, counts in result.votes.items()},
     )

@@ -116,3 +116,38 @@ def test_eval_with_the_same_seed_gives_the_same_reports_and_intervals(
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout) == first_run[1]
     assert again.stderr == first_run[0]  # with "--json -" the table moves to stderr
+
+
+@pytest.mark.slow  # several sampled runs of the whole set
+def test_eval_stability_reports_f1_mean_and_spread_per_temperature(
+    tiny_model: Path, image_set: Path, tmp_path: Path
+) -> None:
+    """The paper's first experiment: n sampled runs per temperature; each run's F1 is what
+    scoring that run's reports gives, and the table shows mean and spread."""
+    from model.evaluate import generate_reports, read_table, resolve_image, run
+    from model.pipeline import ReportEngine
+
+    out = tmp_path / "stability.json"
+    args = ("--stability", "--samples", "2", "--temperatures", "0.5,1.0", "--json", str(out))
+    done = _eval(image_set, tiny_model, *args)
+    assert done.exit_code == 0, done.output
+    assert "T=0.5 mean±sd" in done.output and "T=1 mean±sd" in done.output
+    document = json.loads(out.read_text())
+    assert document["samples"] == 2 and set(document["temperatures"]) == {"0.5", "1.0"}
+    cardiomegaly = document["temperatures"]["1.0"]["cardiomegaly"]
+    assert len(cardiomegaly["runs"]) == 2
+
+    # Run 1 at T=1.0 again, by hand: the same reports, the same F1.
+    table = read_table(image_set, need=["image"])
+    from cxrnode.cli.label import load_image
+
+    items = [load_image(resolve_image(image_set, row["image"])) for row in table.rows]
+    engine = ReportEngine.load(tiny_model)
+    reports = generate_reports(
+        engine, items, seed=1000, temperature=1.0, report_only=True, max_new_tokens=12
+    )
+    by_hand = run(table, reports, resamples=0).result.by_name()["cardiomegaly"].f1
+    assert cardiomegaly["runs"][1] == by_hand
+    defined = [v for v in cardiomegaly["runs"] if v is not None]
+    if defined:
+        assert cardiomegaly["mean"] == pytest.approx(sum(defined) / len(defined))

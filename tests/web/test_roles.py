@@ -70,6 +70,7 @@ def concrete(site: Site, path: str) -> str:
     return (
         path.replace("{study_uid}", NO_STUDY)
         .replace("{output_id}", "999999")
+        .replace("{urgent_id}", "999999")
         .replace("{name}", "no-such-token")
     )
 

@@ -411,12 +411,16 @@ def check_fits(
     if need * (1 + FIT_MARGIN) > free:
         kind = f"{quantize} weights" if quantize else f"{str(dtype).removeprefix('torch.')}"
         raise CheckpointTooBig(
-            f"checkpoint {checkpoint.directory} needs {need / GIB:.1f} GiB on {device} "
-            f"({kind}, plus {FIT_MARGIN:.0%} for activations) but only {free / GIB:.1f} GiB "
-            f"of {device} is free; refusing to load it. Free the device, use a larger one, or "
-            "load quantized weights (CXRNODE_QUANTIZE=int8 or int4)."
+            f"checkpoint {checkpoint.directory} needs {_size(need)} on {device} ({kind}, plus "
+            f"{FIT_MARGIN:.0%} for activations) but only {_size(free)} of {device} is free; "
+            "refusing to load it. Free the device, use a larger one, or load quantized weights "
+            "(CXRNODE_QUANTIZE=int8 or int4)."
         )
     return need
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 1024**2:.1f} MiB"
 
 
 def map_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ the node's reconciler re-sends the studies this worker held.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -70,7 +72,9 @@ class ModelHost:
             try:
                 from model.serving import ReportServer
 
+                started = time.perf_counter()
                 engine = self._load_engine()
+                log.info("model loaded in %.2f s", time.perf_counter() - started)
                 self._server = ReportServer(
                     engine,
                     max_batch=self.max_batch,
@@ -99,8 +103,22 @@ class ModelHost:
         self._exit_process(DEVICE_LOST_EXIT)
 
     def submit(self, image: np.ndarray, context: StudyContext, params: GenerationParams) -> Future:
-        """Queue one study; the future resolves to its ``ModelResult``."""
-        return self.server().submit(image, context, params)
+        """Queue one study; the future resolves to its ``ModelResult``.
+
+        When it does, the server's totals (studies, encode/prefill/decode seconds, prefill
+        tokens, decode steps) are logged as one JSON line at INFO: what bench/fullsize.py reads.
+        """
+        server = self.server()
+        future = server.submit(image, context, params)
+        future.add_done_callback(lambda _: self._log_totals(server))
+        return future
+
+    def _log_totals(self, server: Any) -> None:
+        try:
+            totals = dataclasses.asdict(server.stats)
+        except (TypeError, AttributeError):  # a stand-in without dataclass stats
+            return
+        log.info("model totals %s", json.dumps(totals, separators=(",", ":")))
 
     def close(self) -> None:
         with self._lock:

@@ -99,12 +99,22 @@ def test_fp32_on_the_cpu_is_a_converted_copy_and_chosen_only_where_it_fits(
 
 def test_int8_loads_shard_by_shard_into_quantized_decoder_layers(fullwidth_model: Path) -> None:
     pytest.importorskip("torchao", reason="the quant extra (torchao) is not installed")
+    from model.quantize import PackedInt8Linear
+
     model = load_model(inspect_checkpoint(fullwidth_model), "cpu", "bfloat16", quantize="int8")
     for layer in model.llama.layers:
-        weight = layer.mlp.down_proj.weight
-        assert type(weight).__name__ != "Parameter" or weight.dtype == torch.int8
+        for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert isinstance(linear, PackedInt8Linear) and linear.weight.dtype == torch.int8
     assert model.lm_head.weight.dtype == torch.bfloat16
-    assert not any(p.is_meta for p in model.parameters())
+    assert not any(p.is_meta for p in [*model.parameters(), *model.buffers()])
+    # decode-sized calls (int8 kernel) and prefill-sized ones (dequantized) agree
+    down = model.llama.layers[0].mlp.down_proj
+    x = torch.randn(32, 11008, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.inference_mode():
+        wide, narrow = down(x), torch.cat([down(x[i : i + 1]) for i in range(4)])
+        exact = x[:4].float() @ (down.weight.float() * down.scales.float()[:, None]).T
+    assert torch.allclose(narrow.float(), exact, rtol=0.02, atol=0.05)
+    assert torch.allclose(wide[:4].float(), exact, rtol=0.02, atol=0.05)
 
 
 def test_the_writer_streams_a_readable_safetensors_file(tmp_path: Path) -> None:

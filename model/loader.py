@@ -570,6 +570,11 @@ def _load_quantized(
             layer.to(device)
             skipped += [f"llama.layers.{i}.{n}" for n in quantize_layer(layer, quantize, device)]
             done.add(i)
+        for i, layer in enumerate(model.llama.layers):  # a layer this shard left half-read:
+            if i not in done:  # copy its part, so that the shard's mapping goes now
+                for param in layer.parameters():
+                    if not param.is_meta:
+                        param.data = param.data.clone()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:  # inspect_checkpoint has checked the names; this would be a bug here
         raise CheckpointError(f"tensors not loaded: {_listing(meta)}")

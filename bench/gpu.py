@@ -24,10 +24,17 @@ Measured in one run:
 Prints a table, then one JSON line. ``--tiny`` (the default without CUDA) runs the same
 measurements on the tiny config (CPU, fp32) so CI can run it.
 
+It runs on a bare GPU image, from the repository root, with nothing installed but torch (2.11 or
+newer), transformers (5.17 or newer), safetensors, sentencepiece, numpy and pillow: no project
+install, no pip. What it imports from ``model/`` imports only those and the standard library
+(checked by tests/model/test_gpu_bench.py). Batch sizes that would not finish within
+``--budget-s`` (default 8 minutes in all) are skipped and named.
+
 Run::
 
-    .venv/bin/python bench/gpu.py                       # CUDA: full size, batches 1..64
-    .venv/bin/python bench/gpu.py --tiny --batches 1,8  # CPU
+    python3 bench/gpu.py                                # CUDA: full size, batches 1, 8, 32
+    python3 bench/gpu.py --batches 1,8,16,32,64         # more batch sizes, if time allows
+    python3 bench/gpu.py --tiny --batches 1,8           # CPU
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from model.decoder import kv_bytes_per_token  # noqa: E402
 from model.generate import SamplingParams  # noqa: E402
 from model.modeling import CXRLLaVAModel  # noqa: E402
 from model.scheduler import Conversation, Scheduler, StudyStats, Turn  # noqa: E402
-from model.tiny import TinySizes, tiny_config_dict  # noqa: E402
+from model.tiny import FULL_SIZES, TinySizes, tiny_config_dict  # noqa: E402
 
 GIB = 1024**3
 # Prompt lengths of the reference's chat with the LLaMA-2 tokenizer (ids before and after the
@@ -63,21 +70,7 @@ QUESTION = (18, 14)
 
 def published_config() -> CXRLLaVAConfig:
     """config.json of ECOFRI/CXR-LLAVA-v2 (spec §1.2), LLaMA-2-7B shapes for ``llama``."""
-    tiny = tiny_config_dict(TinySizes(), 32000)
-    tiny["clip_embed_dim"] = 128
-    tiny["clip_vision_cfg"] = {"image_size": 512, "layers": 24, "patch_size": 16, "width": 1024}
-    tiny["mm_projector_dim"] = 1024
-    tiny["llama"] |= {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_attention_heads": 32,
-        "num_hidden_layers": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": 32000,
-    }
-    return CXRLLaVAConfig.from_dict(tiny)
+    return CXRLLaVAConfig.from_dict(tiny_config_dict(FULL_SIZES, 32000))
 
 
 def tiny_config() -> CXRLLaVAConfig:
@@ -322,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (default on CPU)")
-    ap.add_argument("--batches", type=parse_ints, default=None, help="default 1,8,16,32,64")
+    ap.add_argument("--batches", type=parse_ints, default=None, help="default 1,8,32")
     ap.add_argument("--tokens", type=parse_ints, default=[160, 48, 48], help="forced per turn")
     ap.add_argument("--studies-per-slot", type=int, default=2)
     ap.add_argument("--reference-studies", type=int, default=2)
@@ -337,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     tiny = args.tiny or device.type != "cuda"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = args.batches or ([1, 8, 16, 32, 64] if not tiny else [1, 8, 16])
+    batches = args.batches or ([1, 8, 32] if not tiny else [1, 8, 16])
     lengths = args.tokens
     if len(lengths) != 3:
         ap.error("--tokens takes three lengths: report, differential, recommendation")

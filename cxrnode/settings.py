@@ -418,6 +418,23 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- model at full size (loading precision, quantization) ---------------------------------
+    model_dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto",
+        description=(
+            "Precision of the loaded weights. auto: bf16 (or fp16) on a GPU; on the CPU fp32 "
+            "when its copy takes at most half the memory available, else bf16 (the published "
+            "7 B model: 14 GB in bf16, 28 GB in fp32)."
+        ),
+    )
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none",
+        description=(
+            "Weight-only quantization of the LLaMA layers (needs the quant extra, torchao): "
+            "int8 halves their memory (CPU-only sites, 16 GB GPUs); int4 is for GPUs."
+        ),
+    )
+
     # --- outputs ------------------------------------------------------------------------------
     outputs: CommaList = Field(
         default_factory=lambda: ["text_sr", "sc"],

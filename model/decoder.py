@@ -24,10 +24,13 @@ Three forward passes:
   ``width`` columns (rounded up to a bucket, so only what is filled is read). On CUDA the step is
   captured once per bucket as a CUDA graph and replayed, so a step costs one launch; its inputs
   are the static tensors ``tokens`` and ``positions``, which the scheduler updates in place.
+  If a capture fails (driver, memory, an operation that cannot be captured), the decoder logs
+  one warning and decodes eagerly from then on: slower, same tokens.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 
 from model.compat import apply_rotary_pos_emb
 from model.modeling import CXRLLaVAModel
+
+log = logging.getLogger(__name__)
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -219,9 +224,25 @@ class SlotDecoder:
             return self.logits
         graph = self._graphs.get(width)
         if graph is None:
-            graph = self._capture(width)
+            try:
+                graph = self._capture(width)
+            except Exception as exc:
+                self._fall_back_to_eager(exc)
+                self.logits.copy_(self._decode_step(width))
+                return self.logits
         graph.replay()
         return self.logits
+
+    def _fall_back_to_eager(self, exc: BaseException) -> None:
+        """Give up CUDA graphs for this decoder after a failed capture (one warning)."""
+        log.warning(
+            "CUDA graph capture failed (%s: %s); decoding without graphs from now on",
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+        )
+        self.cuda_graphs = False
+        self._graphs.clear()
+        self._pool = None
 
     def warm_up(self) -> None:
         """Capture the decode graphs of every width now (CUDA), not in the middle of serving.
@@ -233,6 +254,8 @@ class SlotDecoder:
         with torch.inference_mode():
             for width in range(self.bucket, self.capacity + self.bucket, self.bucket):
                 self.decode(min(width, self.capacity))
+                if not self.cuda_graphs:  # a capture failed: eager from now on
+                    return
 
     def _decode_step(self, width: int) -> torch.Tensor:
         positions = self.positions[:, None]  # [S, 1]

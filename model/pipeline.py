@@ -104,21 +104,29 @@ class ReportEngine:
         model: str | os.PathLike,
         device: str | None = None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
         quantize: Quantization = None,
+        free_bytes: int | None = None,
         **options: Any,
     ) -> ReportEngine:
         """Load a checkpoint directory or hub id; ``options`` go to the constructor.
 
         ``quantize`` ("int8", "int4" or None) loads the LLaMA layers with weight-only
-        quantization (``model.quantize``), for GPUs with 16-24 GB; ``model_hash`` then names
-        the quantized weights, not the published ones.
+        quantization (``model.quantize``), for GPUs with 16-24 GB and CPU-only sites;
+        ``model_hash`` then names the quantized weights, not the published ones. ``dtype``
+        may be a setting's name ("auto", "bfloat16", "float32"); ``free_bytes`` overrides the
+        device's measured free memory for the fit check (``model.loader.check_fits``).
         """
         checkpoint = inspect_checkpoint(model)
         tokenizer = LlamaTokenizer.from_dir(checkpoint.directory)
         net = load_model(
-            checkpoint, choose_device(device), dtype, attn_implementation, quantize=quantize
+            checkpoint,
+            choose_device(device),
+            dtype,
+            attn_implementation,
+            quantize=quantize,
+            free_bytes=free_bytes,
         )
         if tokenizer.vocab_size > checkpoint.config.vocab_size:
             raise ValueError(

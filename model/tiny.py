@@ -7,19 +7,29 @@ published image geometry (512 px, patch 16, so 1024 image tokens per study). Onl
 depths and vocabulary are small. Weights are random from a fixed seed and stored in bf16 like
 the published shards, so the whole loading path (header checks, shard index, dtype casts) is
 exercised as it will be with the real model.
+
+``make_random_checkpoint`` writes the same format at the published sizes (``FULL_SIZES``: ViT-L/16
+at 512 px, LLaMA-2-7B, vocabulary 32,000; about 14 GB), or at full width with fewer decoder
+layers. It streams: each tensor is drawn, written at its place in its shard and dropped, so at
+most one tensor is in memory, whatever the size. Its tokenizer is the small one (a random
+checkpoint's answers are noise anyway); the weight shapes follow the published config.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from model.config import CXRLLaVAConfig
 
 SYSTEM_NAME = "cxrnode-tiny-cxr-llava-v2"
+RANDOM_NAME = "cxrnode-random-cxr-llava-v2"
 PUBLISHED_MEAN = 0.5518136078431373
 PUBLISHED_STD = 0.3821719215686275
 
@@ -95,6 +105,20 @@ class TinySizes:
     max_position_embeddings: int = 4096
 
 
+#: The published CXR-LLaVA v2 sizes (docs/model.md, "config.json"): 7.05 B parameters.
+FULL_SIZES = TinySizes(
+    vision_width=1024,
+    vision_layers=24,
+    clip_embed_dim=128,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    vocab_size=32000,
+)
+
+
 def make_tiny_checkpoint(
     directory: str | os.PathLike, seed: int = 0, *, sizes: TinySizes | None = None
 ) -> Path:
@@ -151,6 +175,118 @@ def make_tiny_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(directory / "model.safetensors.index.json", index)
     return directory
+
+
+def make_random_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    layers: int | None = None,
+    seed: int = 0,
+    sizes: TinySizes = FULL_SIZES,
+) -> Path:
+    """Write a random bf16 checkpoint at ``sizes`` (default the published ones) and return it.
+
+    ``layers`` keeps every width and cuts the LLaMA decoder to that many layers (tests and
+    benchmarks get the real shapes in a fraction of the bytes). Shards are filled to about a
+    third of the total each, as published, and written tensor by tensor: memory use is one
+    tensor (at most the 32,000 x 4,096 embedding), not one shard.
+    """
+    import torch
+
+    from model.modeling import CXRLLaVAModel
+
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, found {layers}.")
+        sizes = replace(sizes, num_layers=layers)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("model-*-of-*.safetensors"), directory / "model.safetensors"]:
+        stale.unlink(missing_ok=True)
+    (directory / "tokenizer.model").write_bytes(train_tokenizer(sizes.tokenizer_vocab))
+    for name, content in _tokenizer_files().items():
+        _write_json(directory / name, content)
+    _write_json(
+        directory / "generation_config.json",
+        {"_from_model_config": True, "transformers_version": "4.36.2"},
+    )
+    vocab = sizes.vocab_size or sizes.tokenizer_vocab
+    config_dict = tiny_config_dict(sizes, vocab)
+    config_dict["_name_or_path"] = config_dict["llama"]["_name_or_path"] = RANDOM_NAME
+    _write_json(directory / "config.json", config_dict)
+    config = CXRLLaVAConfig.from_dict(config_dict)
+    with torch.device("meta"):
+        skeleton = CXRLLaVAModel(config)
+    shapes = [(name, tuple(p.shape)) for name, p in skeleton.named_parameters()]
+    del skeleton
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return _init(name, shape, gen, config).to(torch.bfloat16)
+
+    groups = _split(shapes, sizes.shards, bytes_per_value=2)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, group in enumerate(groups, start=1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        total += write_safetensors(directory / fname, group, draw)
+        weight_map.update(dict.fromkeys((n for n, _ in group), fname))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(directory / "model.safetensors.index.json", index)
+    return directory
+
+
+def _split(
+    shapes: list[tuple[str, tuple[int, ...]]], shards: int, bytes_per_value: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Consecutive groups of about ``total / shards`` bytes each (the published layout)."""
+    sizes = [math.prod(shape) * bytes_per_value for _, shape in shapes]
+    per_shard = -(-sum(sizes) // shards)
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for entry, nbytes in zip(shapes, sizes, strict=True):
+        if groups[-1] and filled + nbytes > per_shard and len(groups) < shards:
+            groups.append([])
+            filled = 0
+        groups[-1].append(entry)
+        filled += nbytes
+    return groups
+
+
+def write_safetensors(
+    path: Path,
+    entries: Iterable[tuple[str, tuple[int, ...]]],
+    draw: Callable[[str, tuple[int, ...]], object],
+) -> int:
+    """Write a bf16 safetensors file tensor by tensor; return the bytes of tensor data.
+
+    The header is known from the shapes alone, so it is written first and each tensor is
+    appended as it is drawn (``draw(name, shape)`` returns a contiguous bf16 tensor).
+    """
+    import torch
+
+    entries = list(entries)
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        nbytes = math.prod(shape) * 2
+        span = [offset, offset + nbytes]
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": span}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in entries:
+            tensor = draw(name, shape).contiguous()  # type: ignore[attr-defined]
+            if tuple(tensor.shape) != shape or tensor.element_size() != 2:
+                raise ValueError(f"{name}: drew {tuple(tensor.shape)}, expected bf16 {shape}.")
+            f.write(tensor.view(-1).view(dtype=torch.int16).numpy().data)
+            del tensor
+    tmp.replace(path)
+    return offset
 
 
 def train_tokenizer(vocab_size: int = 1300) -> bytes:

@@ -121,7 +121,12 @@ def model_host() -> Any:
         from model.pipeline import ReportEngine
 
         log.info("loading model %s", settings.model)
-        engine = ReportEngine.load(settings.model, device=settings.device)
+        engine = ReportEngine.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.model_dtype,
+            quantize=None if settings.quantize == "none" else settings.quantize,
+        )
         if worker_app.heartbeat is not None:
             worker_app.heartbeat.set_state(
                 model="loaded",

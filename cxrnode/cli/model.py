@@ -18,7 +18,7 @@ import typer
 from model.contracts import StudyContext
 
 model_app = typer.Typer(
-    help="CXR-LLaVA v2 model tools (tiny test checkpoint, one-off report).",
+    help="CXR-LLaVA v2 model tools (tiny or full-size random checkpoints, one-off report).",
     no_args_is_help=True,
 )
 
@@ -39,6 +39,33 @@ def make_tiny(
     from model.tiny import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(directory, seed=seed)
+    typer.echo(str(path))
+
+
+@model_app.command("make-random")
+def make_random(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.")],
+    size: Annotated[
+        str, typer.Option(help="full: the published CXR-LLaVA v2 sizes (7.05 B, ~14 GB bf16).")
+    ] = "full",
+    layers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Keep every width but only this many LLaMA decoder layers."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a random bf16 checkpoint in the published format at full size, shard by shard.
+
+    Its answers are noise; its cost (memory, load time, tokens/s) is the real model's.
+    """
+    if size != "full":
+        raise _fail(f"--size {size!r}: the only size is 'full' (use make-tiny for a tiny one).")
+    from model.tiny import make_random_checkpoint
+
+    try:
+        path = make_random_checkpoint(directory, layers=layers, seed=seed)
+    except OSError as exc:
+        raise _fail(f"cannot write {directory}: {exc}", 1) from None
     typer.echo(str(path))
 
 

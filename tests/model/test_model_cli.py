@@ -99,3 +99,10 @@ def test_dicom_input_uses_the_node_display_pipeline_and_patient_age(tmp_path, ti
 def test_the_cli_module_does_not_import_torch() -> None:
     code = "import sys, cxrnode.cli.model\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_make_random_refuses_a_size_other_than_full(tmp_path) -> None:
+    result = runner.invoke(model_app, ["make-random", str(tmp_path / "x"), "--size", "13b"])
+    assert result.exit_code == 2
+    assert "the only size is 'full'" in result.output
+    assert not (tmp_path / "x").exists()

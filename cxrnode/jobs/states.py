@@ -37,6 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import FINAL_JOB_STATES, Instance, Job, JobEvent, JobState, utcnow
+from cxrnode.jobs.messages import BuildOutputs, InferReport, JobMessage, PrepareImage
 from model.contracts import ModelResult
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,13 @@ ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset(
     }
 )
 
-#: The task that moves a job on from each open state, when its message was lost.
-RESEND = {
-    S.pending: "prepare_image",
-    S.queued: "prepare_image",
-    S.prepared: "infer_report",
-    S.waiting_model: "infer_report",
-    S.inferred: "build_outputs",
+#: The message that moves a job on from each open state, when its message was lost.
+RESEND: dict[JobState, type[JobMessage]] = {
+    S.pending: PrepareImage,
+    S.queued: PrepareImage,
+    S.prepared: InferReport,
+    S.waiting_model: InferReport,
+    S.inferred: BuildOutputs,
 }
 
 #: A job whose messages were lost this many times fails instead of looping.
@@ -242,11 +243,11 @@ def prepare_work(session: Session, job_id: int, version: int | None = None) -> P
 
 @dataclass(frozen=True)
 class Resend:
-    """A job whose message is lost, and the task to publish again."""
+    """A job whose message is lost, and the message to publish again."""
 
     job_id: int
     version: int
-    task: str
+    task: type[JobMessage]
 
 
 def find_lost(

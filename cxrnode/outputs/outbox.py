@@ -460,7 +460,7 @@ class _Item:
 
 
 def send_batch(
-    session_factory: Callable[[], Session],
+    session: Session,
     settings: Settings,
     destination: str,
     output_ids: Sequence[int],
@@ -471,7 +471,8 @@ def send_batch(
     Only rows still pending for ``destination`` and claimed by :func:`due_outputs` (in
     flight) are sent; the claim is not renewed here (it covers the wait in the queue and the
     send). A duplicate task arriving after the first recorded its outcome finds nothing in
-    flight and sends nothing. No database transaction is open while the network is in use.
+    flight and sends nothing. No database transaction is open while the network is in use:
+    ``session`` is read, rolled back, and written (committed) after the sending.
 
     Returns
     -------
@@ -479,31 +480,30 @@ def send_batch(
         The outcome of each output sent, by output id (empty when nothing was to be sent).
     """
     policy = RetryPolicy.from_settings(settings)
-    with session_factory() as session:
-        rows = session.execute(
-            select(Output, Study.study_instance_uid, Job.version)
-            .join(Job, Output.job_id == Job.id)
-            .join(Study, Job.study_id == Study.id)
-            .where(
-                Output.id.in_(list(output_ids)),
-                Output.destination == destination,
-                Output.state == OutputState.pending,
-                Output.last_status == IN_FLIGHT,
-            )
-        ).all()
-        rows.sort(key=lambda r: (r[2], KIND_ORDER.get(r[0].kind, 9), r[0].id))
-        items = [
-            _Item(
-                row.id,
-                row.kind,
-                row.sop_class_uid,
-                row.sop_instance_uid,
-                settings.outputs_dir / row.path,
-            )
-            for row, _, _ in rows
-        ]
-        study_uid = rows[0][1] if rows else ""
-        session.rollback()
+    rows = session.execute(
+        select(Output, Study.study_instance_uid, Job.version)
+        .join(Job, Output.job_id == Job.id)
+        .join(Study, Job.study_id == Study.id)
+        .where(
+            Output.id.in_(list(output_ids)),
+            Output.destination == destination,
+            Output.state == OutputState.pending,
+            Output.last_status == IN_FLIGHT,
+        )
+    ).all()
+    rows.sort(key=lambda r: (r[2], KIND_ORDER.get(r[0].kind, 9), r[0].id))
+    items = [
+        _Item(
+            row.id,
+            row.kind,
+            row.sop_class_uid,
+            row.sop_instance_uid,
+            settings.outputs_dir / row.path,
+        )
+        for row, _, _ in rows
+    ]
+    study_uid = rows[0][1] if rows else ""
+    session.rollback()
     if not items:
         return {}
 
@@ -534,16 +534,15 @@ def send_batch(
             f" ({failed[0].detail})" if failed else "",
         )
 
-    with session_factory() as session:
-        recorded_at = utcnow()
-        for output_id, outcome in outcomes.items():
-            row = session.get(Output, output_id, with_for_update=True)
-            if row is None or row.state != OutputState.pending:
-                continue
-            apply_outcome(row, outcome, policy, recorded_at)
-            if row.state == OutputState.dead:
-                log.warning("output %d to %s is dead: %s", output_id, destination, row.last_error)
-        session.commit()
+    recorded_at = utcnow()
+    for output_id, outcome in outcomes.items():
+        row = session.get(Output, output_id, with_for_update=True)
+        if row is None or row.state != OutputState.pending:
+            continue
+        apply_outcome(row, outcome, policy, recorded_at)
+        if row.state == OutputState.dead:
+            log.warning("output %d to %s is dead: %s", output_id, destination, row.last_error)
+    session.commit()
     return outcomes
 
 

@@ -48,7 +48,7 @@ def age_marks(redis, seconds: float) -> None:
 def test_a_published_message_is_waiting_and_stays_so_while_it_is_in_its_queue(
     dispatcher: Dispatcher, redis
 ) -> None:
-    dispatcher.job_task("prepare_image", 7, 1)
+    dispatcher.prepare_image(7, 1)
     marks = tracking.waiting(redis)
     assert list(marks) == ["7"] and marks["7"][0] == "prepare_image"
     age_marks(redis, GRACE + 5)  # a long backlog: still in the queue
@@ -59,7 +59,7 @@ def test_a_published_message_is_waiting_and_stays_so_while_it_is_in_its_queue(
 
 
 def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatcher, redis) -> None:
-    dispatcher.job_task("prepare_image", 8, 1)
+    dispatcher.prepare_image(8, 1)
     redis.delete("prepare")  # taken by a worker that died before it said so
     age_marks(redis, GRACE + 5)
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE)
@@ -69,7 +69,7 @@ def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatch
 def test_a_young_mark_is_trusted_without_looking_at_the_queue(
     dispatcher: Dispatcher, redis
 ) -> None:
-    dispatcher.job_task("prepare_image", 9, 1)
+    dispatcher.prepare_image(9, 1)
     redis.delete("prepare")
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE)
     assert list(kept) == ["9"]

@@ -198,7 +198,7 @@ class Outbox:
         """Claim the due rows among ``ids`` (as the scheduler does), then send them."""
         with self.sessions() as session:
             due_outputs(session, only=ids)
-        return send_batch(self.sessions, self.settings, destination, ids)
+            return send_batch(session, self.settings, destination, ids)
 
     def with_destinations(self, *destinations: str) -> Outbox:
         settings = self.settings.model_copy(update={"destinations": list(destinations)})

@@ -1,0 +1,178 @@
+"""The node-side steps of the pipeline, as plain functions.
+
+Each step takes a database session, the settings and the message that starts it
+(:mod:`cxrnode.jobs.messages`), does its work, and returns the next messages; it publishes
+nothing itself. The Celery tasks in ``worker/tasks.py`` are thin adapters (decode the message,
+open a session, call the step, publish what it returns), as pynetdicom's event handlers are
+for the listener. Tests call the steps directly, with a real database and real files and no
+broker or worker process.
+
+::
+
+    PrepareImage ─► prepare ─► InferReport ─► (GPU: worker.tasks.infer_report)
+        ─► RecordResult ─► record ─► BuildOutputs ─► build ─► SendOutputs ─► send
+
+Every state change goes through a transition table (:mod:`cxrnode.jobs.states`,
+:mod:`cxrnode.outputs.states`) and is committed before the step returns, so the adapter
+publishes only what the database already says is due (commit first, then enqueue).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from cxrnode.db import JobState
+from cxrnode.ingest.header import header_dataset, study_context
+from cxrnode.jobs import states
+from cxrnode.jobs.messages import (
+    BuildOutputs,
+    Message,
+    PrepareImage,
+    RecordProblem,
+    RecordResult,
+    SendOutputs,
+    WakeScheduler,
+    infer_message,
+)
+from cxrnode.outputs import outbox
+from cxrnode.outputs.build import build_outputs
+from cxrnode.outputs.sc import fit_radiograph
+from cxrnode.prepare.display import ImagingError
+from cxrnode.prepare.images import keep_display, prepare_images
+from cxrnode.settings import Settings
+from cxrnode.uids import OutputKind
+
+__all__ = [
+    "STEPS",
+    "build",
+    "prepare",
+    "record",
+    "record_problem",
+    "run",
+    "send",
+    "send_messages",
+]
+
+log = logging.getLogger(__name__)
+
+
+def prepare(session: Session, settings: Settings, message: PrepareImage) -> list[Message]:
+    """Decode the chosen image once; keep the display image (at the size the Secondary
+    Capture uses, so building the outputs neither decodes nor resamples the source) and the
+    model input; move the job to ``prepared``; ask for inference.
+
+    A job that no longer wants preparing (superseded, another version, already past it)
+    gets nothing; an unreadable image fails the job with the reason.
+    """
+    work = states.prepare_work(session, message.job_id, message.version)
+    session.rollback()  # no transaction is held while the pixels are decoded
+    if work is None:
+        return []
+    source = settings.instances_dir / work.instance_path
+    try:
+        images = prepare_images(settings, source, work.study_instance_uid, work.sop_instance_uid)
+    except (ImagingError, OSError) as exc:
+        log.warning("job %d: image cannot be prepared: %s", message.job_id, exc)
+        states.transition(
+            session,
+            message.job_id,
+            JobState.failed,
+            version=message.version,
+            error=f"image cannot be read: {exc}",
+        )
+        return []
+    if OutputKind.SC in settings.outputs:
+        keep_display(
+            settings, work.study_instance_uid, work.sop_instance_uid, fit_radiograph(images.display)
+        )
+    context = study_context(header_dataset(work.header))
+    if not states.transition(session, message.job_id, JobState.prepared, version=message.version):
+        return []
+    return [infer_message(settings, message.job_id, message.version, images.model_input, context)]
+
+
+def record(session: Session, settings: Settings, message: RecordResult) -> list[Message]:
+    """Record the model's answer on the job (once: a duplicate or late answer is refused by
+    the job's transition table) and ask for its outputs."""
+    moved = states.transition(
+        session, message.job_id, JobState.inferred, version=message.version, result=message.result
+    )
+    return [BuildOutputs(message.job_id, message.version)] if moved else []
+
+
+def record_problem(session: Session, settings: Settings, message: RecordProblem) -> list[Message]:
+    """Record a state the inference side reported (it has no database)."""
+    states.transition(
+        session,
+        message.job_id,
+        JobState(message.state),
+        version=message.version,
+        error=message.reason,
+    )
+    return []
+
+
+def build(session: Session, settings: Settings, message: BuildOutputs) -> list[Message]:
+    """Write the job's outputs and their outbox rows (the job is then ``done``), claim those
+    rows and hand them to the send queue at once; rows not claimed here are sent by the
+    scheduler."""
+    output_ids = build_outputs(session, settings, message.job_id)
+    if not output_ids:
+        return []
+    batches = outbox.due_outputs(
+        session, lease_seconds=outbox.lease_seconds(settings), only=output_ids
+    )
+    return send_messages(batches)
+
+
+def send_messages(batches: Iterable[outbox.SendBatch]) -> list[Message]:
+    """One :class:`SendOutputs` per claimed batch (one study, one destination)."""
+    return [SendOutputs(batch.destination, tuple(batch.output_ids)) for batch in batches]
+
+
+def send(session: Session, settings: Settings, message: SendOutputs) -> list[Message]:
+    """Send one study's claimed outputs to one destination (one association) and record
+    each outcome on its row. Delivery retries are the outbox's, not Celery's: a failed try
+    sets the row's next try, and the scheduler is woken to take it up then."""
+    outcomes = outbox.send_batch(session, settings, message.destination, message.output_ids)
+    if any(o.verdict == outbox.Verdict.retry for o in outcomes.values()):
+        return [WakeScheduler()]
+    return []
+
+
+#: The step each node-side message starts.
+STEPS: dict[type[Message], Callable[[Session, Settings, Any], list[Message]]] = {
+    PrepareImage: prepare,
+    RecordResult: record,
+    RecordProblem: record_problem,
+    BuildOutputs: build,
+    SendOutputs: send,
+}
+
+
+def run(
+    session: Session,
+    settings: Settings,
+    message: Message,
+    *,
+    in_process: Collection[type[Message]] = (),
+) -> list[Message]:
+    """Run the step ``message`` starts, then at once (in this process, with the same
+    session) the steps of any next messages whose type is in ``in_process``; return the
+    messages left to publish.
+
+    ``record`` runs ``build`` this way: one broker hop less between the model's answer and
+    the outputs. If the process dies in between, the job is ``inferred`` with nothing
+    waiting, and the reconciler publishes :class:`BuildOutputs`.
+    """
+    to_publish: list[Message] = []
+    for next_message in STEPS[type(message)](session, settings, message):
+        if type(next_message) in in_process:
+            to_publish += run(session, settings, next_message, in_process=in_process)
+        else:
+            to_publish.append(next_message)
+    return to_publish

@@ -36,13 +36,14 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Instance, Job, JobState, Output, OutputState, utcnow
 from cxrnode.ingest.header import header_dataset
 from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
+from cxrnode.outputs import states as output_states
 from cxrnode.outputs.common import PriorDocument, series_description
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
@@ -219,18 +220,20 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
 
 
 def _supersede_older(session: Session, job: Job, now: datetime) -> int:
-    """Mark pending outputs of older versions of the study's draft superseded: a radiologist
-    must not receive a draft that a newer one already replaces."""
+    """Mark outputs of older versions of the study's draft that are still to be sent
+    superseded: a radiologist must not receive a draft that a newer one already replaces."""
     older = select(Job.id).where(Job.study_id == job.study_id, Job.version < job.version)
-    result = session.execute(
-        update(Output)
-        .where(Output.job_id.in_(older), Output.state == OutputState.pending)
-        .values(
-            state=OutputState.superseded, updated_at=now, last_error="a newer draft replaced it"
+    rows = session.scalars(
+        select(Output)
+        .where(Output.job_id.in_(older), Output.state.in_(sorted(output_states.OPEN)))
+        .with_for_update()
+    ).all()
+    return sum(
+        output_states.move(
+            row, OutputState.superseded, now=now, last_error="a newer draft replaced it"
         )
-        .execution_options(synchronize_session=False)
+        for row in rows
     )
-    return result.rowcount or 0
 
 
 def make_objects(

@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -53,11 +53,11 @@ from sqlalchemy.orm import Session
 
 from cxrnode.db import Job, Output, OutputState, Study, utcnow
 from cxrnode.logs import expected_network_failures
+from cxrnode.outputs import states as output_states
 from cxrnode.settings import Settings, parse_destination
 
 __all__ = [
     "HL7_KIND",
-    "IN_FLIGHT",
     "KIND_ORDER",
     "LEGACY_SR_KIND",
     "Destination",
@@ -81,8 +81,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``last_status`` of a row handed to a send task and not answered yet.
-IN_FLIGHT = "in flight"
 #: ``kind`` of the rows made before the text-report SR existed: the TID 1500 SR (air_sr).
 LEGACY_SR_KIND = "sr"
 #: The order objects travel in within one association: the text report first (what the
@@ -322,27 +320,32 @@ def association_outcome(assoc: Any, destination: str) -> Outcome:
     return Outcome(Verdict.retry, "aborted", f"{destination} aborted the association request")
 
 
-def apply_outcome(row: Output, outcome: Outcome, policy: RetryPolicy, now: datetime) -> None:
-    """Record one try on an outbox row: its new state, status, error and next try."""
-    row.attempts = (row.attempts or 0) + 1
-    row.last_status = outcome.status
-    row.updated_at = now
+def apply_outcome(row: Output, outcome: Outcome, policy: RetryPolicy, now: datetime) -> bool:
+    """Record one try on an outbox row in flight (read locked): its new state, status, error
+    and next try. Returns False (and changes nothing) when the row is no longer in flight:
+    an admin resent it meanwhile, or a duplicate message already recorded this try."""
+    attempts = (row.attempts or 0) + 1
+    error, next_try_at = outcome.detail, now
     if outcome.verdict in (Verdict.delivered, Verdict.delivered_warning):
-        row.state = OutputState(outcome.verdict.value)
-        row.last_error = outcome.detail
-        row.next_try_at = now
+        to = OutputState(outcome.verdict.value)
     elif outcome.verdict == Verdict.dead:
-        row.state = OutputState.dead
-        row.last_error = outcome.detail
-        row.next_try_at = now
-    elif row.attempts >= policy.max_attempts:
-        row.state = OutputState.dead
-        row.last_error = f"gave up after {row.attempts} tries; last: {outcome.detail}"
-        row.next_try_at = now
+        to = OutputState.dead
+    elif attempts >= policy.max_attempts:
+        to = OutputState.dead
+        error = f"gave up after {attempts} tries; last: {outcome.detail}"
     else:
-        row.state = OutputState.pending
-        row.last_error = outcome.detail
-        row.next_try_at = now + timedelta(seconds=policy.delay(row.attempts))
+        to = OutputState.pending
+        next_try_at = now + timedelta(seconds=policy.delay(attempts))
+    return output_states.move(
+        row,
+        to,
+        now=now,
+        expect={OutputState.in_flight},
+        attempts=attempts,
+        last_status=outcome.status,
+        last_error=error,
+        next_try_at=next_try_at,
+    )
 
 
 # ---------------------------------------------------------------------------------- claiming
@@ -364,11 +367,15 @@ def due_outputs(
     only: Iterable[int] | None = None,
     limit: int = 500,
 ) -> list[SendBatch]:
-    """Claim the pending outputs whose next try is due, grouped by destination and study.
+    """Claim the outputs whose next try is due, grouped by destination and study: the one
+    query that decides what is sent next (and in which order).
 
-    Each claimed row is marked in flight and its ``next_try_at`` moves ``lease_seconds``
-    ahead, so calling this again (the next scheduler tick) does not hand it out twice; the
-    send task then records the real outcome. Commits.
+    Due are ``pending`` rows whose ``next_try_at`` has come, and ``in_flight`` rows whose
+    claim's lease ran out (their message was lost and nobody noticed sooner). Each claimed
+    row moves to ``in_flight`` and its ``next_try_at`` moves ``lease_seconds`` ahead, so
+    calling this again (the next scheduler tick) does not hand it out twice; the send task
+    then records the real outcome. Rows are taken oldest due first; within a batch they
+    travel by :func:`batch_order`. Commits.
 
     Parameters
     ----------
@@ -380,7 +387,7 @@ def due_outputs(
         select(Output, Study.study_instance_uid, Job.version)
         .join(Job, Output.job_id == Job.id)
         .join(Study, Job.study_id == Study.id)
-        .where(Output.state == OutputState.pending, Output.next_try_at <= now)
+        .where(Output.state.in_(sorted(output_states.OPEN)), Output.next_try_at <= now)
     )
     if only is not None:
         query = query.where(Output.id.in_(list(only)))
@@ -393,16 +400,21 @@ def due_outputs(
     until = now + timedelta(seconds=lease_seconds)
     groups: dict[tuple[str, str], list[tuple[tuple[int, int, int], int]]] = {}
     for row, study_uid, version in claimed:
-        row.next_try_at = until
-        row.last_status = IN_FLIGHT
-        row.updated_at = now
+        if not output_states.move(row, OutputState.in_flight, now=now, next_try_at=until):
+            continue
         key = (row.destination, study_uid)
-        groups.setdefault(key, []).append(((version, KIND_ORDER.get(row.kind, 9), row.id), row.id))
+        groups.setdefault(key, []).append((batch_order(row, version), row.id))
     session.commit()
     return [
         SendBatch(destination, study_uid, [output_id for _, output_id in sorted(items)])
         for (destination, study_uid), items in groups.items()
     ]
+
+
+def batch_order(row: Output, version: int) -> tuple[int, int, int]:
+    """The order of one study's objects in their association: older draft versions first,
+    then by :data:`KIND_ORDER` (the text report before the picture)."""
+    return (version, KIND_ORDER.get(row.kind, 9), row.id)
 
 
 def claimed_before(session: Session, before: datetime) -> list[int]:
@@ -411,9 +423,7 @@ def claimed_before(session: Session, before: datetime) -> list[int]:
     return list(
         session.scalars(
             select(Output.id).where(
-                Output.state == OutputState.pending,
-                Output.last_status == IN_FLIGHT,
-                Output.updated_at < before,
+                Output.state == OutputState.in_flight, Output.updated_at < before
             )
         )
     )
@@ -427,23 +437,28 @@ def release_claims(session: Session, output_ids: Iterable[int], now: datetime) -
         return 0
     rows = session.scalars(
         select(Output)
-        .where(
-            Output.id.in_(ids), Output.state == OutputState.pending, Output.last_status == IN_FLIGHT
-        )
+        .where(Output.id.in_(ids), Output.state == OutputState.in_flight)
         .with_for_update(skip_locked=True)
     ).all()
-    for row in rows:
-        row.next_try_at = now
-        row.last_status = "message lost"
-        row.updated_at = now
+    released = sum(
+        output_states.move(
+            row,
+            OutputState.pending,
+            now=now,
+            expect={OutputState.in_flight},
+            next_try_at=now,
+            last_status="message lost",
+        )
+        for row in rows
+    )
     session.commit()
-    return len(rows)
+    return released
 
 
 def next_due(session: Session) -> datetime | None:
-    """When the next pending output is due (a retry, or a claim whose lease runs out)."""
+    """When the next output is due (a retry, or a claim whose lease runs out)."""
     return session.scalar(
-        select(func.min(Output.next_try_at)).where(Output.state == OutputState.pending)
+        select(func.min(Output.next_try_at)).where(Output.state.in_(sorted(output_states.OPEN)))
     )
 
 
@@ -487,11 +502,10 @@ def send_batch(
         .where(
             Output.id.in_(list(output_ids)),
             Output.destination == destination,
-            Output.state == OutputState.pending,
-            Output.last_status == IN_FLIGHT,
+            Output.state == OutputState.in_flight,
         )
     ).all()
-    rows.sort(key=lambda r: (r[2], KIND_ORDER.get(r[0].kind, 9), r[0].id))
+    rows.sort(key=lambda r: batch_order(r[0], r[2]))
     items = [
         _Item(
             row.id,
@@ -536,10 +550,9 @@ def send_batch(
 
     recorded_at = utcnow()
     for output_id, outcome in outcomes.items():
-        row = session.get(Output, output_id, with_for_update=True)
-        if row is None or row.state != OutputState.pending:
+        row = session.get(Output, output_id, with_for_update=True, populate_existing=True)
+        if row is None or not apply_outcome(row, outcome, policy, recorded_at):
             continue
-        apply_outcome(row, outcome, policy, recorded_at)
         if row.state == OutputState.dead:
             log.warning("output %d to %s is dead: %s", output_id, destination, row.last_error)
     session.commit()
@@ -808,10 +821,7 @@ def resend(
         for row in _missing_destinations(session, rows, settings, now):
             chosen[row.id] = row
     for row in chosen.values():
-        row.state = OutputState.pending
-        row.attempts = 0
-        row.next_try_at = now
-        row.updated_at = now
+        output_states.move(row, OutputState.pending, now=now, attempts=0, next_try_at=now)
     session.commit()
     return sorted(chosen)
 

@@ -212,7 +212,7 @@ def test_build_writes_the_outputs_claims_their_rows_and_asks_to_send_them(
     rows = outputs_of(pipeline, job_id)
     assert message == SendOutputs(pipeline.settings.destinations[0], tuple(r.id for r in rows))
     assert {r.kind for r in rows} == {"text_sr", "sc"}
-    assert all(r.last_status == "in flight" for r in rows), "claimed for this message"
+    assert all(r.state == OutputState.in_flight for r in rows), "claimed for this message"
     assert all((pipeline.settings.outputs_dir / r.path).stat().st_size > 0 for r in rows)
     assert job_of(pipeline, job_id).state == JobState.done
     assert run(pipeline, BuildOutputs(job_id, version)) == [], "claimed rows are not re-sent"

@@ -27,7 +27,7 @@ from cxrnode.jobs import tracking
 from cxrnode.jobs.broker import TASK_QUEUES, celery_app
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.scheduler import Scheduler
-from cxrnode.outputs.outbox import IN_FLIGHT, SendBatch
+from cxrnode.outputs.outbox import SendBatch
 
 GRACE = tracking.HEARTBEAT_TTL
 
@@ -167,7 +167,7 @@ def claimed_output(node: Node, claimed_seconds_ago: float) -> int:
             path="y",
             now=now,
         )
-        row.last_status = IN_FLIGHT
+        row.state = OutputState.in_flight
         row.updated_at = now - timedelta(seconds=claimed_seconds_ago)
         row.next_try_at = now + timedelta(seconds=300)  # the claim's lease
         session.add(row)
@@ -201,7 +201,7 @@ def test_an_output_being_sent_by_a_live_worker_keeps_its_claim(
     beat = tracking.Heartbeat(redis, "send-1@host", ["send"]).start()
     beat.hold([tracking.output_key(output_id)])  # a slow PACS, still answering
     scheduler(node, dispatcher).reconcile()
-    assert row_of(node, output_id).last_status == IN_FLIGHT
+    assert row_of(node, output_id).state == OutputState.in_flight
     beat.stop()
 
 
@@ -210,4 +210,4 @@ def test_an_output_claimed_just_now_is_given_its_grace_period(
 ) -> None:
     output_id = claimed_output(node, 2)
     scheduler(node, dispatcher).reconcile()
-    assert row_of(node, output_id).last_status == IN_FLIGHT
+    assert row_of(node, output_id).state == OutputState.in_flight

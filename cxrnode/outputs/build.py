@@ -45,7 +45,6 @@ from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
 from cxrnode.outputs import states as output_states
 from cxrnode.outputs.common import PriorDocument, series_description
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
 from cxrnode.outputs.outbox import KIND_ORDER, LEGACY_SR_KIND
 from cxrnode.outputs.pdf import build_pdf
@@ -153,7 +152,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
         result = ModelResult.from_dict(raw_result)
         if "SOPInstanceUID" not in header:  # recorded before headers were kept (0001 rows)
             header = pydicom.dcmread(source_path, stop_before_pixels=True)
-        draft = DraftReport.from_result(result.to_dict(), PIPELINE_VERSION)
+        draft = result.for_pipeline(PIPELINE_VERSION)
         display = (
             load_display(settings, study_uid, sop_uid, source_path)
             if OutputKind.SC in settings.outputs
@@ -239,7 +238,7 @@ def _supersede_older(session: Session, job: Job, now: datetime) -> int:
 def make_objects(
     header: Dataset,
     display: np.ndarray | None,
-    draft: DraftReport,
+    draft: ModelResult,
     *,
     version: int,
     predecessors: Mapping[str, PriorDocument | None],
@@ -360,7 +359,7 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def _hl7_outputs(
-    settings: Settings, header: Dataset, draft: DraftReport, version: int, made_at: datetime
+    settings: Settings, header: Dataset, draft: ModelResult, version: int, made_at: datetime
 ) -> list[BuiltOutput]:
     """The HL7 ORU draft, written durably, when MLLP destinations exist (else nothing)."""
     if not settings.hl7_destinations:

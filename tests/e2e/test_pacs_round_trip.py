@@ -32,8 +32,8 @@ from cxrnode.outputs.common import (
     STATE_VALUES,
     series_description,
 )
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import report_text
+from model.contracts import ModelResult
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def test_routed_studies_come_back_with_an_sr_and_an_sc_and_a_rerun_replaces_them
         assert sr.ConceptNameCodeSequence[0].CodeValue == "18748-4"  # the text report
         texts = [str(item.TextValue) for item in content_items(sr) if "TextValue" in item]
         assert texts[0] == report_text(DRAFT_NOTICE)  # the first thing a reader sees
-        draft = DraftReport.from_result(job.result, PIPELINE_VERSION)
+        draft = ModelResult.from_dict(job.result).for_pipeline(PIPELINE_VERSION)
         if report_text(draft.recommendation):
             assert report_text(draft.recommendation) in texts
         assert dciodvfy(sr_path).errors == [] and dciodvfy(sc_path).errors == []

@@ -3,7 +3,7 @@
 letters and resend.
 
 Jobs are inserted as the pipeline leaves them (state ``inferred`` with a model answer in the
-``ReportResult.to_dict()`` shape), which tests the outputs and sender layer on its own; the
+``ModelResult.to_dict()`` shape), which tests the outputs and sender layer on its own; the
 whole pipeline with a model and Orthanc is in ``tests/e2e``.
 """
 

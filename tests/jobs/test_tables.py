@@ -8,8 +8,22 @@ import logging
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 
-from cxrnode.db import Output, OutputState, Study, StudyState, utcnow
+from cxrnode.db import (
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Output,
+    OutputState,
+    Study,
+    StudyState,
+    make_engine,
+    make_sessionmaker,
+    utcnow,
+)
+from cxrnode.db.migrate import downgrade, upgrade
 from cxrnode.jobs.states import STUDY_ALLOWED, move_study
 from cxrnode.outputs import states as output_states
 from cxrnode.outputs.outbox import Outcome, RetryPolicy, Verdict, apply_outcome
@@ -90,3 +104,47 @@ def test_a_study_that_changed_since_it_was_read_is_not_settled() -> None:
     study.state = StudyState.skipped  # someone else decided first
     assert not move_study(study, StudyState.settled, expect=(StudyState.receiving,))
     assert study.state == StudyState.skipped
+
+
+def test_migration_0004a_moves_claimed_rows_into_in_flight_and_back(tmp_path) -> None:  # noqa: ANN001
+    """Rows claimed by the release before (``pending`` + "in flight") are ``in_flight`` after
+    the upgrade; a row waiting for a retry stays ``pending``; downgrade restores the old form."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    upgrade(engine, "0003d")
+    with make_sessionmaker(engine)() as session:
+        study = Study(study_instance_uid="1.2.3", state=StudyState.settled, settle_at=utcnow())
+        session.add(study)
+        session.flush()
+        instance = Instance(
+            sop_instance_uid="1.2.3.4",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.5",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path="x.dcm",
+            size_bytes=1,
+            calling_aet="PACS",
+            state=InstanceState.stored,
+            study_id=study.id,
+        )
+        session.add(instance)
+        session.flush()
+        job = Job(study_id=study.id, instance_id=instance.id, state=JobState.done)
+        session.add(job)
+        session.flush()
+        rows = [output(O.pending) for _ in range(2)]
+        for row, status in zip(rows, ("in flight", "no-connection"), strict=True):
+            row.id, row.job_id, row.last_status = None, job.id, status
+            session.add(row)
+        session.commit()
+
+    def states() -> list[tuple[str, str | None]]:
+        with engine.connect() as conn:
+            query = text("SELECT state, last_status FROM outputs ORDER BY id")
+            return [tuple(r) for r in conn.execute(query)]
+
+    upgrade(engine)
+    assert states() == [("in_flight", None), ("pending", "no-connection")]
+    downgrade(engine, "0003d")
+    assert states() == [("pending", "in flight"), ("pending", "no-connection")]
+    engine.dispose()

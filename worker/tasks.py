@@ -30,6 +30,7 @@ from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.messages import (
     BuildOutputs,
     InferReport,
+    KeepDisplay,
     Message,
     PrepareImage,
     RecordProblem,
@@ -82,16 +83,22 @@ def run_step(
     message = accept(message_type, args, kwargs)
     if message is None:
         return "refused"
+    published: list[str] = []
+
+    def publish(*next_messages: Message) -> None:
+        dispatcher().publish(*next_messages)
+        published.extend(type(m).__name__ for m in next_messages)
+
     with sessions()() as session:
-        next_messages = steps.run(session, get_settings(), message, in_process=in_process)
-    dispatcher().publish(*next_messages)
-    return ", ".join(type(m).__name__ for m in next_messages) or "nothing next"
+        steps.run(session, get_settings(), message, publish, in_process=in_process)
+    return ", ".join(published) or "nothing next"
 
 
 @app.task(name=PrepareImage.task, **NODE_RETRIES)
 def prepare_image(*args: Any, **kwargs: Any) -> str:
-    """:func:`cxrnode.jobs.steps.prepare`."""
-    return run_step(PrepareImage, args, kwargs)
+    """:func:`cxrnode.jobs.steps.prepare` (the display image is kept once the inference
+    request is published)."""
+    return run_step(PrepareImage, args, kwargs, in_process=(KeepDisplay,))
 
 
 @app.task(name=RecordResult.task, **NODE_RETRIES)

@@ -34,6 +34,8 @@ class Dispatcher:
             if isinstance(message, WakeScheduler):
                 self.wake_scheduler()
                 continue
+            if not message.task:
+                raise ValueError(f"{type(message).__name__} runs in-process; it is never published")
             keys = message.tracking_keys()
             tracking.mark_waiting(self.redis, keys, message.stage)
             self.celery.send_task(

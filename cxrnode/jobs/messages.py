@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
@@ -48,6 +48,7 @@ __all__ = [
     "BadMessage",
     "BuildOutputs",
     "InferReport",
+    "KeepDisplay",
     "Message",
     "PrepareImage",
     "RecordProblem",
@@ -266,6 +267,21 @@ class SendOutputs(Message):
 
     def tracking_keys(self) -> list[str]:
         return [output_key(i) for i in self.output_ids]
+
+
+@dataclass(frozen=True)
+class KeepDisplay(Message):
+    """Not a broker message: the last part of the prepare step, run in the same process
+    once its :class:`InferReport` is published (so the model works meanwhile): keep the
+    display image at the size the Secondary Capture uses, so building the outputs neither
+    decodes nor resamples the source."""
+
+    task: ClassVar[str] = ""
+    queue: ClassVar[str] = ""
+
+    study_instance_uid: str
+    sop_instance_uid: str
+    display: np.ndarray = field(compare=False, repr=False)  # 8-bit, as prepare made it
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states
 from cxrnode.jobs.messages import (
     BuildOutputs,
+    KeepDisplay,
     Message,
     PrepareImage,
     RecordProblem,
@@ -61,9 +62,9 @@ log = logging.getLogger(__name__)
 
 
 def prepare(session: Session, settings: Settings, message: PrepareImage) -> list[Message]:
-    """Decode the chosen image once; keep the display image (at the size the Secondary
-    Capture uses, so building the outputs neither decodes nor resamples the source) and the
-    model input; move the job to ``prepared``; ask for inference.
+    """Decode the chosen image once; keep the model input; move the job to ``prepared``;
+    ask for inference, and (when the site makes a Secondary Capture) for the display image
+    to be kept while the model works (:class:`KeepDisplay`, run in-process).
 
     A job that no longer wants preparing (superseded, another version, already past it)
     gets nothing; an unreadable image fails the job with the reason.
@@ -85,14 +86,23 @@ def prepare(session: Session, settings: Settings, message: PrepareImage) -> list
             error=f"image cannot be read: {exc}",
         )
         return []
-    if OutputKind.SC in settings.outputs:
-        keep_display(
-            settings, work.study_instance_uid, work.sop_instance_uid, fit_radiograph(images.display)
-        )
     context = study_context(header_dataset(work.header))
     if not states.transition(session, message.job_id, JobState.prepared, version=message.version):
         return []
-    return [infer_message(settings, message.job_id, message.version, images.model_input, context)]
+    next_messages: list[Message] = [
+        infer_message(settings, message.job_id, message.version, images.model_input, context)
+    ]
+    if OutputKind.SC in settings.outputs:
+        uids = (work.study_instance_uid, work.sop_instance_uid)
+        next_messages.append(KeepDisplay(*uids, images.display))
+    return next_messages
+
+
+def keep_display_image(session: Session, settings: Settings, message: KeepDisplay) -> list[Message]:
+    """Keep the display image at the size the Secondary Capture uses."""
+    display = fit_radiograph(message.display)
+    keep_display(settings, message.study_instance_uid, message.sop_instance_uid, display)
+    return []
 
 
 def record(session: Session, settings: Settings, message: RecordResult) -> list[Message]:
@@ -147,6 +157,7 @@ def send(session: Session, settings: Settings, message: SendOutputs) -> list[Mes
 #: The step each node-side message starts.
 STEPS: dict[type[Message], Callable[[Session, Settings, Any], list[Message]]] = {
     PrepareImage: prepare,
+    KeepDisplay: keep_display_image,
     RecordResult: record,
     RecordProblem: record_problem,
     BuildOutputs: build,
@@ -158,21 +169,22 @@ def run(
     session: Session,
     settings: Settings,
     message: Message,
+    publish: Callable[..., None],
     *,
     in_process: Collection[type[Message]] = (),
-) -> list[Message]:
-    """Run the step ``message`` starts, then at once (in this process, with the same
-    session) the steps of any next messages whose type is in ``in_process``; return the
-    messages left to publish.
+) -> None:
+    """Run the step ``message`` starts and ``publish`` the messages it returns; then run, in
+    this process and with the same session, the steps of those whose type is in
+    ``in_process`` (after the others were published, so their work overlaps with what the
+    published messages start).
 
-    ``record`` runs ``build`` this way: one broker hop less between the model's answer and
-    the outputs. If the process dies in between, the job is ``inferred`` with nothing
-    waiting, and the reconciler publishes :class:`BuildOutputs`.
+    ``record`` runs ``build`` this way (one broker hop less between the model's answer and
+    the outputs: if the process dies in between, the job is ``inferred`` with nothing
+    waiting, and the reconciler publishes :class:`BuildOutputs`); ``prepare`` keeps the
+    display image this way while the model works.
     """
-    to_publish: list[Message] = []
-    for next_message in STEPS[type(message)](session, settings, message):
+    next_messages = STEPS[type(message)](session, settings, message)
+    publish(*(m for m in next_messages if type(m) not in in_process))
+    for next_message in next_messages:
         if type(next_message) in in_process:
-            to_publish += run(session, settings, next_message, in_process=in_process)
-        else:
-            to_publish.append(next_message)
-    return to_publish
+            run(session, settings, next_message, publish, in_process=in_process)

@@ -39,6 +39,7 @@ from cxrnode.jobs.grouping import settle_due_studies
 from cxrnode.jobs.messages import (
     BuildOutputs,
     InferReport,
+    KeepDisplay,
     Message,
     PrepareImage,
     RecordProblem,
@@ -106,8 +107,11 @@ def queued_job(node: Node) -> tuple[int, int]:
 
 
 def run(node: Node, message: Message, **kwargs: object) -> list[Message]:
+    """Run a step as its task would; return what it published, in order."""
+    published: list[Message] = []
     with node.sessions() as session:
-        return steps.run(session, node.settings, message, **kwargs)  # type: ignore[arg-type]
+        steps.run(session, node.settings, message, lambda *m: published.extend(m), **kwargs)  # type: ignore[arg-type]
+    return published
 
 
 def job_of(node: Node, job_id: int) -> Job:
@@ -137,7 +141,7 @@ def answer() -> ModelResult:
 
 def inferred_job(node: Node) -> tuple[int, int]:
     job_id, version = queued_job(node)
-    run(node, PrepareImage(job_id, version))
+    run(node, PrepareImage(job_id, version), in_process=(KeepDisplay,))
     assert run(node, RecordResult(job_id, version, answer())) == [BuildOutputs(job_id, version)]
     return job_id, version
 
@@ -149,8 +153,9 @@ def test_prepare_keeps_the_images_moves_the_job_on_and_asks_for_inference(
     pipeline: Node,
 ) -> None:
     job_id, version = queued_job(pipeline)
-    (message,) = run(pipeline, PrepareImage(job_id, version))
-    assert isinstance(message, InferReport)
+    message, keep = run(pipeline, PrepareImage(job_id, version))
+    assert isinstance(message, InferReport) and isinstance(keep, KeepDisplay)
+    assert run(pipeline, keep) == []  # what the task runs once the request is published
     assert (message.job_id, message.version) == (job_id, version)
     image = decode_model_input(message.model_input_b64)
     assert image.shape == (MODEL_INPUT_SIZE, MODEL_INPUT_SIZE) and image.std() > 0

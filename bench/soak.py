@@ -276,7 +276,7 @@ class Soak:
             rows = conn.execute(
                 text(
                     "SELECT id FROM jobs WHERE state NOT IN ('done', 'failed', 'superseded') "
-                    "UNION SELECT job_id FROM outputs WHERE state = 'pending'"
+                    "UNION SELECT job_id FROM outputs WHERE state IN ('pending', 'in_flight')"
                 )
             )
             return {row[0] for row in rows}

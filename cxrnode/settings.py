@@ -23,10 +23,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cxrnode.destination import Destination, DestinationKind
+from cxrnode.destination import check_ae_title as _check_aet
+from cxrnode.destination import parse_destination as parse_destination  # (re-exported)
+
 ENV_PREFIX = "CXRNODE_"
 CONFIG_ENV = "CXRNODE_CONFIG"
 
-_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 CommaList = Annotated[list[str], NoDecode]
 DayList = Annotated[list[int], NoDecode]
 
@@ -39,16 +42,6 @@ def _default_data_dir() -> Path:
 def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
-def _check_aet(value: str, what: str) -> str:
-    value = value.strip()
-    if not _AET_RE.match(value):
-        raise ValueError(
-            f"{what} {value!r} is not a valid AE title: expected 1-16 printable characters "
-            "without a backslash"
-        )
     return value
 
 
@@ -583,8 +576,6 @@ class Settings(BaseSettings):
     @field_validator("hl7_destinations")
     @classmethod
     def _valid_hl7_destinations(cls, value: list[str]) -> list[str]:
-        from cxrnode.outputs.outbox import Destination, DestinationKind
-
         for entry in value:
             if Destination.parse(entry).kind != DestinationKind.mllp:
                 raise ValueError(
@@ -844,8 +835,6 @@ class Settings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _valid_destinations(cls, value: list[str]) -> list[str]:
-        from cxrnode.outputs.outbox import Destination  # imported here: sender imports settings
-
         for entry in value:
             Destination.parse(entry)
         return value
@@ -911,20 +900,6 @@ class Settings(BaseSettings):
             if aet.strip() == calling_aet and (not pinned_host or pinned_host == host):
                 return True
         return False
-
-
-def parse_destination(text: str) -> tuple[str, str, int]:
-    """Split ``AET@host:port`` into its parts, saying what is wrong when it does not parse."""
-    aet, sep, address = text.strip().partition("@")
-    host, colon, port = address.rpartition(":")
-    if not sep or not colon or not host or not port.isdigit():
-        raise ValueError(
-            f"destination {text!r} is not of the form AET@host:port (e.g. ORTHANC@pacs:4242)"
-        )
-    port_number = int(port)
-    if not 1 <= port_number <= 65535:
-        raise ValueError(f"destination {text!r}: port {port_number} is outside 1-65535")
-    return _check_aet(aet, "destination AE title"), host.strip("[]"), port_number
 
 
 @lru_cache(maxsize=1)

@@ -115,7 +115,7 @@ def output_uids(
     study_instance_uid, source_sop_instance_uid
         UIDs of the study and of the image the draft was made from.
     model_hash
-        Hash of the model weights and configuration (``ReportResult.model["hash"]``).
+        Hash of the model weights and configuration (``ModelResult.model_hash``).
     pipeline_version
         Version of the node's pipeline (prompting, labelling, rendering).
     kind

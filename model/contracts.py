@@ -7,7 +7,9 @@ place, so no layer passes an untyped dict along or filters one by field names:
 
 - :class:`StudyContext`: what the model may know about the study (no identifiers);
 - :class:`GenerationParams`: how to decode;
-- :class:`ModelResult`: the model's answers, findings and provenance, stored once on the job.
+- :class:`ModelResult`: the model's answers, findings and provenance, stored once on the job;
+  it is also the draft every output builder (SR, SC, PDF, HL7) takes, so the answer travels
+  from the model to the PACS as one type.
 
 This module imports neither torch nor numpy (the node imports it) and nothing from
 ``cxrnode`` (the model never does).
@@ -15,8 +17,9 @@ This module imports neither torch nor numpy (the node imports it) and nothing fr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "GenerationParams",
     "ModelResult",
     "StudyContext",
+    "split_impression",
 ]
 
 #: The findings every result names, in this order (the labeler's and the SR's list).
@@ -43,6 +47,26 @@ FINDINGS: tuple[str, ...] = (
 FINDING_STATES: tuple[str, ...] = ("present", "absent", "uncertain", "not_mentioned")
 
 _SEXES = frozenset({"M", "F", "O"})
+_PAEDIATRIC_PROMPTS = frozenset({"paediatric", "pediatric"})
+# "Impression:" / "Conclusion:" at the start of the text or after a sentence or line end.
+_IMPRESSION_RE = re.compile(r"(?:^|(?<=[\n.;!?]))[ \t]*(?:impressions?|conclusions?)[ \t]*:", re.I)
+_FINDINGS_HEADING_RE = re.compile(r"^\s*findings?\s*:\s*", re.I)
+
+
+def split_impression(report: str) -> tuple[str, str]:
+    """Split a report into (findings, impression) if it has an impression heading.
+
+    The model writes free text; when it labels a part "Impression:" (or "Conclusion:")
+    that part is the impression and the text before it, without a leading "Findings:"
+    heading, is the findings. Without such a heading the whole text is findings and the
+    impression is empty: we do not guess an impression from unlabelled prose.
+    """
+    match = _IMPRESSION_RE.search(report)
+    if match is None:
+        findings, impression = report, ""
+    else:
+        findings, impression = report[: match.start()], report[match.end() :]
+    return _FINDINGS_HEADING_RE.sub("", findings.strip(), count=1).strip(), impression.strip()
 
 
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
@@ -164,6 +188,12 @@ class ModelResult:
     votes
         Finding -> {state: how many of the ``samples`` had it} (empty when ``samples`` is 1);
         the fraction of the state in ``findings`` is its vote fraction.
+    pipeline_version
+        The node's pipeline version that turns this result into outputs (None until the
+        node sets it with :meth:`for_pipeline`; the output UIDs derive from it).
+
+    An empty result (the model produced no text at all) is allowed: :attr:`is_empty` is
+    true, and the builders say "no report text" rather than emitting an empty section.
     """
 
     report: str
@@ -180,6 +210,7 @@ class ModelResult:
     worker: str | None = None
     samples: int = 1
     votes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    pipeline_version: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("report", "differential", "recommendation"):
@@ -230,6 +261,13 @@ class ModelResult:
                 f"add up to samples ({self.samples}); got {bad_votes}"
             )
         object.__setattr__(self, "votes", {k: dict(v) for k, v in votes.items()})
+        if self.pipeline_version is not None and (
+            not isinstance(self.pipeline_version, str) or not self.pipeline_version.strip()
+        ):
+            raise ValueError(
+                "ModelResult.pipeline_version must be a non-empty string or None: the outputs "
+                f"identify the pipeline with it; got {self.pipeline_version!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (broker messages, the job's result column)."""
@@ -268,3 +306,27 @@ class ModelResult:
         """A copy naming the inference batch and worker it ran in."""
         values = {**self.__dict__, "batch_id": batch_id, "batch_size": batch_size, "worker": worker}
         return ModelResult(**values)
+
+    def for_pipeline(self, pipeline_version: str) -> ModelResult:
+        """A copy naming the node's pipeline version, as the output builders need it."""
+        return replace(self, pipeline_version=pipeline_version)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the model produced no text for any of the three turns."""
+        return not (self.report.strip() or self.differential.strip() or self.recommendation.strip())
+
+    @property
+    def sections(self) -> tuple[str, str]:
+        """(findings text, impression text) of the report; see :func:`split_impression`."""
+        return split_impression(self.report)
+
+    @property
+    def paediatric_prompt(self) -> bool:
+        """True when any turn used the paediatric (age-aware) prompt variant."""
+        return any(value.lower() in _PAEDIATRIC_PROMPTS for value in self.prompts.values())
+
+    @property
+    def model_name(self) -> str:
+        """Short model name for display: the last component of the model id."""
+        return re.split(r"[\\/]", self.model_id.rstrip("/\\"))[-1] or self.model_id

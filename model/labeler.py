@@ -925,5 +925,5 @@ def to_states(labels: Mapping[str, int | None]) -> dict[str, str]:
 
 
 def label_report_states(text: str) -> dict[str, str]:
-    """:func:`label_report` with the state names used by ``ReportResult.findings``."""
+    """:func:`label_report` with the state names used by ``ModelResult.findings``."""
     return to_states(label_report(text))

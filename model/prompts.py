@@ -5,7 +5,7 @@ of ``write_radiologic_report``, the question of ``write_differential_diagnosis``
 turn, and the README's multi-turn follow-up "Should additional radiologic study needed?" (sic)
 as the third. The image is sent once, in the first user message; follow-ups are plain text.
 
-Two variants are ours and are recorded in ``ReportResult.prompts`` so a reader knows which text
+Two variants are ours and are recorded in ``ModelResult.prompts`` so a reader knows which text
 the model saw:
 
 * ``paediatric``: for patients under 18 a caution about the large-looking paediatric heart is

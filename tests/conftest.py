@@ -18,8 +18,9 @@ from services import BIN, Node, fresh_database, node_env, postgres_server, redis
 
 #: Tests in these folders run whole nodes, peers or browsers.
 SLOW_FOLDERS = frozenset({"e2e", "pipeline", "viewer", "web", "monitor", "faults"})
-#: Fixtures that start a node or a peer process.
-SLOW_FIXTURES = frozenset({"make_node", "e2e_node", "node", "orthanc", "storescp_peer"})
+#: Fixtures that start a node or a peer process. (``node`` in tests/jobs is a node's settings,
+#: database and ingest in this process: its tests are fast and belong to the fast lane.)
+SLOW_FIXTURES = frozenset({"make_node", "e2e_node", "orthanc", "storescp_peer"})
 
 
 #: Folders whose tests share one session fixture (a node with its peers, a viewer): under

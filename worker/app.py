@@ -19,7 +19,8 @@ from typing import Any
 from celery import signals
 
 from cxrnode.jobs.broker import celery_app, redis_client
-from cxrnode.jobs.tracking import Heartbeat, job_key, output_key
+from cxrnode.jobs.messages import BadMessage, message_type
+from cxrnode.jobs.tracking import Heartbeat
 from cxrnode.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,16 @@ def worker_name(queues: list[str]) -> str:
 
 
 def tracking_keys(name: str, args: Any) -> list[str]:
-    """The tracking keys of a task message (see ``cxrnode.jobs.tracking``): its job, or the
-    outputs a send carries."""
-    args = args or ()
-    if name == "cxrnode.send_outputs":
-        ids = args[1] if len(args) > 1 else ()
-        return [output_key(i) for i in ids if isinstance(i, int)]
-    return [job_key(args[0])] if args and isinstance(args[0], int) else []
+    """The tracking keys of a task message (see ``cxrnode.jobs.tracking``), as its message
+    class says: its job, or the outputs a send carries. A message this release cannot read
+    holds nothing (its task refuses it, and the reconciler sends it again)."""
+    message_class = message_type(name)
+    if message_class is None or not args or len(args) != 1:
+        return []
+    try:
+        return message_class.from_wire(args[0]).tracking_keys()
+    except BadMessage:
+        return []
 
 
 def _request_keys(request: Any) -> list[str]:

@@ -71,7 +71,10 @@ FINAL_JOB_STATES = frozenset({JobState.done, JobState.failed, JobState.supersede
 
 
 class OutputState(enum.StrEnum):
+    """Where an outbox row is; the allowed moves are in :mod:`cxrnode.outputs.states`."""
+
     pending = "pending"  # waiting for its next try
+    in_flight = "in_flight"  # claimed for a send message; next_try_at is the lease's end
     delivered = "delivered"
     delivered_warning = "delivered_warning"  # peer answered with a warning status
     dead = "dead"  # permanent failure or out of tries; `cxrnode resend` revives it

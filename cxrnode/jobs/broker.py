@@ -1,17 +1,18 @@
 """The broker: one Redis in both modes, and the Celery configuration shared by node and workers.
 
-Queues (tasks in ``worker/tasks.py``; the node sends them by name and never imports them):
+Queues (each message class in :mod:`cxrnode.jobs.messages` names its task and queue; the
+node publishes messages and never imports the task code in ``worker/tasks.py``):
 
-==========  =========================  ==================================================
-queue       task                       what it does
-==========  =========================  ==================================================
-prepare     ``cxrnode.prepare_image``  DICOM pixels → display image (kept) + 512² model input
-infer       ``cxrnode.infer_report``   the model (GPU side: needs only the broker)
-outputs     ``cxrnode.record_result``  record the answer, build and record SR/SC/...
-            ``cxrnode.record_problem`` a DB-less worker reports waiting_model / failed
-            ``cxrnode.build_outputs``  rebuild the outputs of a recorded result (recovery)
-send        ``cxrnode.send_outputs``   deliver one study's outputs to one destination
-==========  =========================  ==================================================
+==========  =================  ==========================================================
+queue       message            what its step does
+==========  =================  ==========================================================
+prepare     ``PrepareImage``   DICOM pixels → display image (kept) + 512² model input
+infer       ``InferReport``    the model (GPU side: needs only the broker)
+outputs     ``RecordResult``   record the answer, build and record SR/SC/...
+            ``RecordProblem``  a DB-less worker reports waiting_model / failed
+            ``BuildOutputs``   rebuild the outputs of a recorded result (recovery)
+send        ``SendOutputs``    deliver one study's outputs to one destination
+==========  =================  ==========================================================
 
 **Embedded mode** (no ``BROKER_URL``): ``cxrnode serve`` starts and owns a ``redis-server``
 child listening only on a unix socket in DATA_DIR (no TCP port), with an append-only file in
@@ -48,20 +49,15 @@ from urllib.parse import unquote, urlsplit
 import redis
 from celery import Celery
 
+from cxrnode.jobs import messages
 from cxrnode.settings import Settings
 
 log = logging.getLogger(__name__)
 
 QUEUES = ("prepare", "infer", "outputs", "send")
 
-TASK_QUEUES = {
-    "cxrnode.prepare_image": "prepare",
-    "cxrnode.infer_report": "infer",
-    "cxrnode.record_result": "outputs",
-    "cxrnode.record_problem": "outputs",
-    "cxrnode.build_outputs": "outputs",
-    "cxrnode.send_outputs": "send",
-}
+#: The queue of each task (declared with its message class).
+TASK_QUEUES = messages.TASK_QUEUES
 
 #: Pub/sub channel on which anything that creates due work wakes the scheduler.
 WAKE_CHANNEL = "cxrnode:wake"

@@ -25,7 +25,9 @@ from cxrnode.db import (
     StudyState,
     utcnow,
 )
-from cxrnode.jobs.states import new_version, transition
+from cxrnode.jobs.states import move_study, new_version, transition
+
+RECEIVING = (StudyState.receiving,)
 
 VIEW_RANK = {"PA": 0, "AP": 1}
 UNLABELLED_RANK = 2
@@ -78,10 +80,12 @@ def settle_due_studies(
         instances = session.scalars(select(Instance).where(Instance.study_id == study.id)).all()
         chosen = choose_frontal(instances)
         if chosen is None:
-            study.state = StudyState.skipped
-            study.skip_reason = skip_reason_for(instances)
+            move_study(
+                study, StudyState.skipped, expect=RECEIVING, skip_reason=skip_reason_for(instances)
+            )
             continue
-        study.state = StudyState.settled
+        if not move_study(study, StudyState.settled, expect=RECEIVING):
+            continue
         latest = session.scalar(
             select(Job)
             .where(Job.study_id == study.id, Job.state != JobState.superseded)

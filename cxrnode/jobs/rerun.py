@@ -28,7 +28,7 @@ from cxrnode.db import (
     utcnow,
 )
 from cxrnode.jobs.grouping import choose_frontal
-from cxrnode.jobs.states import Work, new_version, require, transition
+from cxrnode.jobs.states import Work, move_study, new_version, require, transition
 
 #: The detail recorded on the new job's first event (and on the jobs it supersedes).
 RERUN_DETAIL = "re-run requested by an admin"
@@ -88,8 +88,7 @@ def rerun_study(session: Session, study_uid: str) -> Rerun:
             f"job {job.id} could not be superseded",
         )
         superseded.append(job.id)
-    study.state = StudyState.settled
-    study.skip_reason = None
+    require(move_study(study, StudyState.settled), f"study {study_uid} could not be settled again")
     job = new_version(session, study, chosen.id, now, detail=RERUN_DETAIL)
     transition(session, job.id, JobState.queued, detail=RERUN_DETAIL, commit=False)
     session.commit()

@@ -37,6 +37,7 @@ from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.grouping import next_settle_at, settle_due_studies
 from cxrnode.jobs.lease import CHECK_SECONDS as LEASE_CHECK_SECONDS
 from cxrnode.jobs.lease import Lease
+from cxrnode.jobs.messages import InferReport, infer_message
 from cxrnode.outputs import outbox
 from cxrnode.prepare.images import load_model_input
 from cxrnode.settings import Settings
@@ -200,12 +201,14 @@ class Scheduler:
         for job_id in failed:
             log.error("job %d failed: its work was lost %d times", job_id, states.MAX_ATTEMPTS)
         for item in resend:
-            log.warning("job %d: its %s message was lost; sending it again", item.job_id, item.task)
+            log.warning(
+                "job %d: its %s message was lost; sending it again", item.job_id, item.task.__name__
+            )
             self.resend(item)
 
     def resend(self, item: states.Resend) -> None:
-        if item.task != "infer_report":
-            self.dispatch.job_task(item.task, item.job_id, item.version)
+        if item.task is not InferReport:
+            self.dispatch.publish(item.task(item.job_id, item.version))
             return
         with self.readers() as session:
             work = states.prepare_work(session, item.job_id, item.version)
@@ -216,7 +219,9 @@ class Scheduler:
             self.dispatch.prepare_image(item.job_id, item.version)
             return
         context = study_context(header_dataset(work.header))
-        self.dispatch.infer_report(item.job_id, item.version, image, context)
+        self.dispatch.publish(
+            infer_message(self.settings, item.job_id, item.version, image, context)
+        )
 
     def seconds_until_due(self, now_monotonic: float) -> float:
         with self.readers() as session:

@@ -28,7 +28,7 @@ changes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +36,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxrnode.db import FINAL_JOB_STATES, Instance, Job, JobEvent, JobState, utcnow
+from cxrnode.db import (
+    FINAL_JOB_STATES,
+    Instance,
+    Job,
+    JobEvent,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
+from cxrnode.jobs.messages import BuildOutputs, InferReport, JobMessage, PrepareImage
 from model.contracts import ModelResult
 
 log = logging.getLogger(__name__)
@@ -63,13 +73,13 @@ ALLOWED: frozenset[tuple[JobState, JobState]] = frozenset(
     }
 )
 
-#: The task that moves a job on from each open state, when its message was lost.
-RESEND = {
-    S.pending: "prepare_image",
-    S.queued: "prepare_image",
-    S.prepared: "infer_report",
-    S.waiting_model: "infer_report",
-    S.inferred: "build_outputs",
+#: The message that moves a job on from each open state, when its message was lost.
+RESEND: dict[JobState, type[JobMessage]] = {
+    S.pending: PrepareImage,
+    S.queued: PrepareImage,
+    S.prepared: InferReport,
+    S.waiting_model: InferReport,
+    S.inferred: BuildOutputs,
 }
 
 #: A job whose messages were lost this many times fails instead of looping.
@@ -143,6 +153,47 @@ def transition(
     )
     if commit:
         session.commit()
+    return True
+
+
+# --------------------------------------------------------------------------------- studies
+
+T = StudyState
+
+#: Every allowed move of a study (from, to). ``receiving`` is entered by ingest (any state:
+#: a new image re-arms the quiet period); grouping settles or skips a study whose quiet
+#: period is over; an admin's re-run settles a finished study again.
+STUDY_ALLOWED: frozenset[tuple[StudyState, StudyState]] = frozenset(
+    {
+        (T.receiving, T.settled),  # its quiet period is over: a job was made (or kept)
+        (T.receiving, T.skipped),  # nothing the model can read
+        (T.settled, T.settled),  # re-run
+        (T.skipped, T.settled),  # re-run after a readable image was recorded
+        *((state, T.receiving) for state in StudyState),  # an arrival (ingest)
+    }
+)
+
+
+def move_study(
+    study: Study,
+    to: StudyState,
+    *,
+    expect: Collection[StudyState] | None = None,
+    skip_reason: str | None = None,
+) -> bool:
+    """Move ``study`` (read locked by the caller) to ``to`` if :data:`STUDY_ALLOWED`
+    permits it and it is still in one of the ``expect`` states; set its skip reason (cleared
+    unless given). Returns False, logging one line, when refused; nothing is committed."""
+    current = StudyState(study.state)
+    if (expect is not None and current not in expect) or (current, to) not in STUDY_ALLOWED:
+        log.warning(
+            "study %d: %s -> %s refused (%s)",
+            study.id, current.value, to.value,
+            "stale: it changed meanwhile" if expect and current not in expect else "not allowed",
+        )  # fmt: skip
+        return False
+    study.state = to
+    study.skip_reason = skip_reason
     return True
 
 
@@ -242,11 +293,11 @@ def prepare_work(session: Session, job_id: int, version: int | None = None) -> P
 
 @dataclass(frozen=True)
 class Resend:
-    """A job whose message is lost, and the task to publish again."""
+    """A job whose message is lost, and the message to publish again."""
 
     job_id: int
     version: int
-    task: str
+    task: type[JobMessage]
 
 
 def find_lost(

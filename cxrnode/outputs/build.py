@@ -50,6 +50,7 @@ from cxrnode.db import Instance, Job, JobState, Output, OutputState, UrgentDraft
 from cxrnode.ingest.record import SourceRecord
 from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
+from cxrnode.outputs import states as output_states
 from cxrnode.outputs.common import PriorDocument, series_description, source_record
 from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
@@ -169,7 +170,7 @@ def build_outputs(session: Session, settings: Settings, job_id: int) -> list[int
             source = SourceRecord.from_dataset(
                 pydicom.dcmread(source_path, stop_before_pixels=True)
             )
-        draft = DraftReport.from_result(result.to_dict(), PIPELINE_VERSION)
+        draft = result.for_pipeline(PIPELINE_VERSION)
         decision = draft_triage(settings, result, source)
         marks = DraftMarks(decision.label, result.samples, result.votes)
         display = (
@@ -280,24 +281,26 @@ def _record_urgent(
 
 
 def _supersede_older(session: Session, job: Job, now: datetime) -> int:
-    """Mark pending outputs of older versions of the study's draft superseded: a radiologist
-    must not receive a draft that a newer one already replaces."""
+    """Mark outputs of older versions of the study's draft that are still to be sent
+    superseded: a radiologist must not receive a draft that a newer one already replaces."""
     older = select(Job.id).where(Job.study_id == job.study_id, Job.version < job.version)
-    result = session.execute(
-        update(Output)
-        .where(Output.job_id.in_(older), Output.state == OutputState.pending)
-        .values(
-            state=OutputState.superseded, updated_at=now, last_error="a newer draft replaced it"
+    rows = session.scalars(
+        select(Output)
+        .where(Output.job_id.in_(older), Output.state.in_(sorted(output_states.OPEN)))
+        .with_for_update()
+    ).all()
+    return sum(
+        output_states.move(
+            row, OutputState.superseded, now=now, last_error="a newer draft replaced it"
         )
-        .execution_options(synchronize_session=False)
+        for row in rows
     )
-    return result.rowcount or 0
 
 
 def make_objects(
     header: SourceRecord | Dataset,
     display: np.ndarray | None,
-    draft: DraftReport,
+    draft: ModelResult,
     *,
     version: int,
     predecessors: Mapping[str, PriorDocument | None],

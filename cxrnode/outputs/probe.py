@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from cxrnode.destination import Destination, DestinationKind
 from cxrnode.db import Output, OutputState, utcnow
 from cxrnode.jobs.broker import wake_scheduler
 from cxrnode.settings import Settings
@@ -168,7 +169,6 @@ def make_due(session: Session, destination: str, now: datetime | None = None) ->
 
 def probe(settings: Settings, entry: str, timeout: float) -> tuple[bool, str]:
     """Ask a destination whether it answers; ``(answers, what was found)``. Never raises."""
-    from cxrnode.outputs.outbox import Destination, DestinationKind
 
     try:
         target = Destination.parse(entry)

@@ -32,9 +32,8 @@ from cxrnode.outputs.common import (
     STATE_VALUES,
     series_description,
 )
-from cxrnode.outputs.draft import DraftReport
-from cxrnode.outputs.outbox import IN_FLIGHT
 from cxrnode.outputs.text import report_text
+from model.contracts import ModelResult
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +168,7 @@ def test_routed_studies_come_back_with_an_sr_and_an_sc_and_a_rerun_replaces_them
         assert sr.ConceptNameCodeSequence[0].CodeValue == "18748-4"  # the text report
         texts = [str(item.TextValue) for item in content_items(sr) if "TextValue" in item]
         assert texts[0] == report_text(DRAFT_NOTICE)  # the first thing a reader sees
-        draft = DraftReport.from_result(job.result, PIPELINE_VERSION)
+        draft = ModelResult.from_dict(job.result).for_pipeline(PIPELINE_VERSION)
         if report_text(draft.recommendation):
             assert report_text(draft.recommendation) in texts
         assert dciodvfy(sr_path).errors == [] and dciodvfy(sc_path).errors == []
@@ -220,7 +219,7 @@ def test_outputs_wait_out_a_pacs_outage_and_a_node_restart_and_arrive_once(
     def observe(until_attempts: int) -> bool:
         rows = outputs(node)
         for row in rows:
-            if row.state == "pending" and row.attempts and row.last_status != IN_FLIGHT:
+            if row.state == "pending" and row.attempts:
                 seen.setdefault(row.attempts, (row.next_try_at - row.updated_at).total_seconds())
         return len(rows) == 4 and min(r.attempts for r in rows) >= until_attempts
 
@@ -228,11 +227,11 @@ def test_outputs_wait_out_a_pacs_outage_and_a_node_restart_and_arrive_once(
     # each delay is the policy's (1 s doubling, capped at 4 s), and they grow
     assert all(seen[n] == pytest.approx(min(4.0, 2.0 ** (n - 1)), abs=0.01) for n in seen)
     assert len(set(seen.values())) >= 2
-    assert {o.state for o in outputs(node)} == {"pending"}
-    assert {o.last_status for o in outputs(node)} <= {"no-connection", IN_FLIGHT}
+    assert {o.state for o in outputs(node)} <= {"pending", "in_flight"}
+    assert {o.last_status for o in outputs(node)} == {"no-connection"}
 
     # The node restarts while the outputs wait (at a moment when none is being sent).
-    wait_until(lambda: all(o.last_status != IN_FLIGHT for o in outputs(node)), 30, "a quiet moment")
+    wait_until(lambda: all(o.state != "in_flight" for o in outputs(node)), 30, "a quiet moment")
     node.stop()
     before_restart = max(o.attempts for o in outputs(node))
     node.start()

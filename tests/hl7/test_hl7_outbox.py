@@ -111,8 +111,8 @@ class Site:
     def send(self, rows: list[Output]) -> None:
         with self.sessions() as session:
             batches = due_outputs(session, only=[row.id for row in rows])
-        for batch in batches:
-            send_batch(self.sessions, self.settings, batch.destination, batch.output_ids)
+            for batch in batches:
+                send_batch(session, self.settings, batch.destination, batch.output_ids)
 
     def row(self, output_id: int) -> Output:
         with self.sessions() as session:

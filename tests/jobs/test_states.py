@@ -12,6 +12,7 @@ from sqlalchemy import select
 from cxrnode.db import FINAL_JOB_STATES, Job, JobEvent, JobState, utcnow
 from cxrnode.jobs import states
 from cxrnode.jobs.grouping import settle_due_studies
+from cxrnode.jobs.messages import BuildOutputs, InferReport, JobMessage, PrepareImage
 from cxrnode.jobs.states import ALLOWED, RESEND, find_lost, take_pending, transition
 from model.contracts import ModelResult
 
@@ -146,14 +147,14 @@ def lost(node: Node, *, waiting=(), held=(), grace=30.0, deadline=1800.0):
 @pytest.mark.parametrize(
     ("state", "task"),
     [
-        (S.queued, "prepare_image"),
-        (S.prepared, "infer_report"),
-        (S.waiting_model, "infer_report"),
-        (S.inferred, "build_outputs"),
+        (S.queued, PrepareImage),
+        (S.prepared, InferReport),
+        (S.waiting_model, InferReport),
+        (S.inferred, BuildOutputs),
     ],
 )
-def test_a_job_neither_waiting_nor_held_is_re_sent_with_the_task_its_state_needs(
-    node: Node, state: JobState, task: str
+def test_a_job_neither_waiting_nor_held_is_re_sent_with_the_message_its_state_needs(
+    node: Node, state: JobState, task: type[JobMessage]
 ) -> None:
     job_id = new_job(node)
     force(node, job_id, state)

@@ -27,7 +27,7 @@ from cxrnode.jobs import tracking
 from cxrnode.jobs.broker import TASK_QUEUES, celery_app
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.scheduler import Scheduler
-from cxrnode.outputs.outbox import IN_FLIGHT, SendBatch
+from cxrnode.outputs.outbox import SendBatch
 
 GRACE = tracking.HEARTBEAT_TTL
 
@@ -48,7 +48,7 @@ def age_marks(redis, seconds: float) -> None:
 def test_a_published_message_is_waiting_and_stays_so_while_it_is_in_its_queue(
     dispatcher: Dispatcher, redis
 ) -> None:
-    dispatcher.job_task("prepare_image", 7, 1)
+    dispatcher.prepare_image(7, 1)
     marks = tracking.waiting(redis)
     assert list(marks) == ["7"] and marks["7"][0] == "prepare_image"
     age_marks(redis, GRACE + 5)  # a long backlog: still in the queue
@@ -59,7 +59,7 @@ def test_a_published_message_is_waiting_and_stays_so_while_it_is_in_its_queue(
 
 
 def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatcher, redis) -> None:
-    dispatcher.job_task("prepare_image", 8, 1)
+    dispatcher.prepare_image(8, 1)
     redis.delete("prepare")  # taken by a worker that died before it said so
     age_marks(redis, GRACE + 5)
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE)
@@ -69,7 +69,7 @@ def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatch
 def test_a_young_mark_is_trusted_without_looking_at_the_queue(
     dispatcher: Dispatcher, redis
 ) -> None:
-    dispatcher.job_task("prepare_image", 9, 1)
+    dispatcher.prepare_image(9, 1)
     redis.delete("prepare")
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE)
     assert list(kept) == ["9"]
@@ -167,7 +167,7 @@ def claimed_output(node: Node, claimed_seconds_ago: float) -> int:
             path="y",
             now=now,
         )
-        row.last_status = IN_FLIGHT
+        row.state = OutputState.in_flight
         row.updated_at = now - timedelta(seconds=claimed_seconds_ago)
         row.next_try_at = now + timedelta(seconds=300)  # the claim's lease
         session.add(row)
@@ -201,7 +201,7 @@ def test_an_output_being_sent_by_a_live_worker_keeps_its_claim(
     beat = tracking.Heartbeat(redis, "send-1@host", ["send"]).start()
     beat.hold([tracking.output_key(output_id)])  # a slow PACS, still answering
     scheduler(node, dispatcher).reconcile()
-    assert row_of(node, output_id).last_status == IN_FLIGHT
+    assert row_of(node, output_id).state == OutputState.in_flight
     beat.stop()
 
 
@@ -210,4 +210,4 @@ def test_an_output_claimed_just_now_is_given_its_grace_period(
 ) -> None:
     output_id = claimed_output(node, 2)
     scheduler(node, dispatcher).reconcile()
-    assert row_of(node, output_id).last_status == IN_FLIGHT
+    assert row_of(node, output_id).state == OutputState.in_flight

@@ -28,7 +28,9 @@ def test_a_result_carries_answers_findings_prompts_model_and_timings(engine, ima
         "batch_id",
         "batch_size",
         "worker",
+        "pipeline_version",  # set by the node when it builds the outputs
     }
+    assert d["pipeline_version"] is None
     assert all(isinstance(d[k], str) and d[k] == d[k].strip() for k in ("report", "differential"))
     assert list(d["findings"]) == list(FINDINGS)
     assert set(d["finding_sources"].values()) == {"report"}

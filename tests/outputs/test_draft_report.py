@@ -1,13 +1,16 @@
-"""DraftReport: validated at construction, built from ReportResult.to_dict()."""
+"""The draft the builders take is the model's result (one type): checked at construction,
+round-tripped through its dict form, and read the way the builders read it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from cxrnode.outputs.draft import FINDINGS, DraftReport, split_impression
+from cxrnode.outputs.build import PIPELINE_VERSION
+from cxrnode.outputs.draft import DraftReport
+from model.contracts import FINDING_STATES, FINDINGS, ModelResult, split_impression
+from model.labeler import FINDINGS as LABELER_FINDINGS
 
 RESULT = {
     "report": "Findings: Heart is enlarged.\nImpression: Cardiomegaly.",
@@ -16,13 +19,19 @@ RESULT = {
     "findings": {name: "not_mentioned" for name in FINDINGS} | {"cardiomegaly": "present"},
     "finding_sources": {"cardiomegaly": "report"},
     "prompts": {"report": "paediatric"},
-    "model": {"id": "ECOFRI/CXR-LLAVA-v2", "hash": "c0" * 32},
+    "model_id": "ECOFRI/CXR-LLAVA-v2",
+    "model_hash": "c0" * 32,
     "timings": {"total": 1.5},
 }
 
 
-def test_from_result_takes_what_the_outputs_need() -> None:
-    draft = DraftReport.from_result(RESULT, pipeline_version="0.1.0")
+def test_there_is_one_draft_type() -> None:
+    assert DraftReport is ModelResult
+    assert FINDING_STATES == ("present", "absent", "uncertain", "not_mentioned")
+
+
+def test_the_result_for_a_pipeline_has_what_the_outputs_need() -> None:
+    draft = ModelResult.from_dict(RESULT).for_pipeline("0.1.0")
 
     assert draft.report == RESULT["report"]
     assert draft.findings["cardiomegaly"] == "present"
@@ -30,52 +39,50 @@ def test_from_result_takes_what_the_outputs_need() -> None:
     assert draft.pipeline_version == "0.1.0"
     assert draft.paediatric_prompt
     assert draft.model_name == "CXR-LLAVA-v2"
+    assert ModelResult.from_dict(RESULT).pipeline_version is None, "the model side sets none"
 
 
 def test_to_dict_is_json_and_round_trips() -> None:
-    draft = DraftReport.from_result(RESULT, pipeline_version="0.1.0")
+    draft = ModelResult.from_dict(RESULT).for_pipeline(PIPELINE_VERSION)
 
-    assert DraftReport(**json.loads(json.dumps(draft.to_dict()))) == draft
+    assert ModelResult.from_dict(json.loads(json.dumps(draft.to_dict()))) == draft
 
 
 def test_findings_not_given_are_not_mentioned_and_ordered_as_the_labeler() -> None:
-    draft = DraftReport.from_result(
-        {**RESULT, "findings": {"pneumothorax": "absent"}}, pipeline_version="1"
-    )
+    draft = ModelResult.from_dict({**RESULT, "findings": {"pneumothorax": "absent"}})
 
     assert tuple(draft.findings) == FINDINGS
     assert draft.findings["pneumothorax"] == "absent"
     assert draft.findings["edema"] == "not_mentioned"
 
 
-def test_unknown_finding_or_state_is_refused_with_the_allowed_values() -> None:
-    with pytest.raises(ValueError, match="unknown finding names \\['fracture'\\]"):
-        DraftReport.from_result({**RESULT, "findings": {"fracture": "present"}}, "1")
-    with pytest.raises(ValueError, match="invalid states .*expected one of"):
-        DraftReport.from_result({**RESULT, "findings": {"edema": "1"}}, "1")
+def test_unknown_finding_or_state_is_refused_naming_the_type_and_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match="ModelResult.findings has unknown names \\['fracture'\\]"):
+        ModelResult.from_dict({**RESULT, "findings": {"fracture": "present"}})
+    with pytest.raises(ValueError, match="ModelResult.findings has invalid states .*expected"):
+        ModelResult.from_dict({**RESULT, "findings": {"edema": "1"}})
 
 
 def test_missing_provenance_is_refused() -> None:
-    with pytest.raises(ValueError, match="lacks \\['model'\\]"):
-        DraftReport.from_result({k: v for k, v in RESULT.items() if k != "model"}, "1")
-    with pytest.raises(ValueError, match="model_hash must be a non-empty string"):
-        DraftReport.from_result({**RESULT, "model": {"id": "x", "hash": ""}}, "1")
-    with pytest.raises(ValueError, match="pipeline_version"):
-        DraftReport.from_result(RESULT, "")
+    with pytest.raises(ValueError, match="ModelResult lacks \\['model_hash'\\]"):
+        ModelResult.from_dict({k: v for k, v in RESULT.items() if k != "model_hash"})
+    with pytest.raises(ValueError, match="ModelResult.model_hash must be a non-empty string"):
+        ModelResult.from_dict({**RESULT, "model_hash": ""})
+    with pytest.raises(ValueError, match="ModelResult.pipeline_version"):
+        ModelResult.from_dict(RESULT).for_pipeline("")
 
 
 def test_empty_answers_make_an_empty_draft() -> None:
-    draft = DraftReport.from_result(
-        {**RESULT, "report": "", "differential": None, "recommendation": " "}, "1"
-    )
+    draft = ModelResult.from_dict({**RESULT, "report": "", "recommendation": " "})
+    draft = ModelResult(**{**draft.__dict__, "differential": ""})
 
     assert draft.is_empty
     assert draft.sections == ("", "")
-    assert not DraftReport.from_result(RESULT, "1").is_empty
+    assert not ModelResult.from_dict(RESULT).is_empty
 
 
 def test_draft_is_immutable() -> None:
-    draft = DraftReport.from_result(RESULT, "1")
+    draft = ModelResult.from_dict(RESULT)
 
     with pytest.raises(AttributeError):
         draft.report = "changed"  # type: ignore[misc]
@@ -98,10 +105,4 @@ def test_impression_is_split_only_where_the_report_labels_it(
 
 
 def test_findings_names_match_the_labeler() -> None:
-    if importlib.util.find_spec("model.labeler") is None:
-        pytest.fail(
-            "model/labeler.py is missing: cxrnode.outputs.draft.FINDINGS must equal its FINDINGS"
-        )
-    from model.labeler import FINDINGS as LABELER_FINDINGS
-
     assert FINDINGS == LABELER_FINDINGS

@@ -3,7 +3,7 @@
 letters and resend.
 
 Jobs are inserted as the pipeline leaves them (state ``inferred`` with a model answer in the
-``ReportResult.to_dict()`` shape), which tests the outputs and sender layer on its own; the
+``ModelResult.to_dict()`` shape), which tests the outputs and sender layer on its own; the
 whole pipeline with a model and Orthanc is in ``tests/e2e``.
 """
 
@@ -59,7 +59,6 @@ from cxrnode.ingest.storage import instance_relpath  # noqa: E402
 from cxrnode.net.requestor import associate  # noqa: E402
 from cxrnode.outputs.build import PIPELINE_VERSION, build_outputs  # noqa: E402
 from cxrnode.outputs.outbox import (  # noqa: E402
-    IN_FLIGHT,
     Destination,
     RetryPolicy,
     Verdict,
@@ -198,7 +197,7 @@ class Outbox:
         """Claim the due rows among ``ids`` (as the scheduler does), then send them."""
         with self.sessions() as session:
             due_outputs(session, only=ids)
-        return send_batch(self.sessions, self.settings, destination, ids)
+            return send_batch(session, self.settings, destination, ids)
 
     def with_destinations(self, *destinations: str) -> Outbox:
         settings = self.settings.model_copy(update={"destinations": list(destinations)})
@@ -586,7 +585,7 @@ def test_claimed_outputs_are_not_handed_out_again_until_their_lease_ends(
     for batch in batches:
         assert [rows[i].kind for i in batch.output_ids] == ["text_sr", "sc"]  # report first
         assert {rows[i].destination for i in batch.output_ids} == {batch.destination}
-    assert all(r.last_status == IN_FLIGHT for r in rows.values())
+    assert all(r.state == OutputState.in_flight for r in rows.values())
     assert any_outbox.claim(lease_seconds=60) == []  # the next scheduler tick
     later = utcnow() + timedelta(seconds=61)
     assert len(any_outbox.claim(now=later, lease_seconds=60)) == 4  # the task was lost

@@ -205,7 +205,8 @@ def test_an_urgent_draft_is_sent_first_announced_marked_and_waits_for_acknowledg
             batches = due_outputs(session)
         assert set(batches[0].output_ids) <= set(urgent_ids)
         for batch in batches:
-            send_batch(site.sessions, site.settings, batch.destination, batch.output_ids)
+            with site.sessions() as session:
+                send_batch(session, site.settings, batch.destination, batch.output_ids)
         first, second = peer.messages()
     assert str(first.segment("OBR")(3)) == "ACC-URGENT"
     assert str(first.segment("TQ1")(9)).startswith("S^")
@@ -340,7 +341,9 @@ def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
     import redis as redis_py
     from services import redis_server
 
+    from cxrnode.jobs.messages import RecordResult
     from cxrnode.settings import get_settings
+    from model.contracts import ModelResult
     from worker import tasks
 
     with redis_server() as broker, mllp_peer("AA") as peer:
@@ -367,8 +370,10 @@ def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
                     version, result = job.version, dict(job.result)
                     job.state, job.result = JobState.prepared, None
                     session.commit()
-                outcome = tasks.record_result(job_id, version, result)
-                assert ("urgent" in outcome) == (job_id == urgent_job), outcome
+                message = RecordResult(job_id, version, ModelResult.from_dict(result))
+                outcome = tasks.record_result(message.to_wire())
+                # a routine draft's sends are published; an urgent one's are sent in-process
+                assert ("SendOutputs" in outcome) == (job_id != urgent_job), outcome
             (message,) = peer.messages()  # only the urgent ORU went out
             assert str(message.segment("OBR")(3)) == "ACC-URGENT"
             assert len(webhook.received) == 1

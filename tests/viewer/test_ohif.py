@@ -44,10 +44,10 @@ from cxrnode.outputs.common import (
     STATE_VALUES,
     series_description,
 )
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import report_text
 from cxrnode.prepare.display import display_image
 from cxrnode.settings import Settings
+from model.contracts import ModelResult
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ TEXT_SR, SC, AIR_SR, PDF = 9901, 9902, 9903, 9904  # series numbers (cxrnode.out
 #: A draft whose text is known: every finding state, a TAB, Unicode, lines longer than 100
 #: characters. The tiny checkpoint writes random tokens, so this is what makes readable
 #: screenshots and checks coded findings that the tiny model seldom produces.
-KNOWN_DRAFT = DraftReport(
+KNOWN_DRAFT = ModelResult(
     report=(
         "Findings: The heart is enlarged, with a cardiothoracic ratio of about 0.6.\tSmall right "
         "pleural effusion blunting the costophrenic angle. Patchy opacity in the right lower "
@@ -148,7 +148,7 @@ def ohif_on(
 # --------------------------------------------------------------- what a reader must see
 
 
-def check_text_report(viewer: OhifPage, draft: DraftReport, screenshot: str) -> None:
+def check_text_report(viewer: OhifPage, draft: ModelResult, screenshot: str) -> None:
     """The text report opens as text: notice first, findings text, every coded finding,
     no line running out of its box, no "[IMAGE is not supported]"."""
     viewport = viewer.open_series(TEXT_SR)
@@ -244,7 +244,7 @@ def test_the_radiologist_reads_the_nodes_draft_in_ohif(
 
     assert AIR_SR not in found and PDF not in found  # opt-in only
     (job,) = jobs(node)
-    draft = DraftReport.from_result(job.result, PIPELINE_VERSION)
+    draft = ModelResult.from_dict(job.result).for_pipeline(PIPELINE_VERSION)
     with ohif_on(orthanc, ohif_app, chromium, artifacts) as viewer:
         viewer.open_study(study_uid)
         viewer.screenshot("node-study-browser")

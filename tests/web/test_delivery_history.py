@@ -68,14 +68,16 @@ def test_every_try_and_resend_of_an_output_is_in_its_history(database_url: str, 
     with sessions() as session:
         output = one_output(session)
         failure = Outcome(Verdict.retry, "no-connection", "cannot connect")
-        apply_outcome(output, failure, policy, utcnow())
+        output.state = OutputState.in_flight  # each try follows a claim (not recorded)
+        assert apply_outcome(output, failure, policy, utcnow())
         session.commit()
-        apply_outcome(output, failure, policy, utcnow())  # second try: out of tries, dead
+        output.state = OutputState.in_flight
+        assert apply_outcome(output, failure, policy, utcnow())  # second try: out of tries
         session.commit()
         resend(session, Settings(data_dir=tmp_path), output_id=output.id)
-        output.last_status = "in flight"  # a claim: not a try, not recorded
+        output.state = OutputState.in_flight  # a claim: not a try, not recorded
         session.commit()
-        apply_outcome(output, Outcome(Verdict.delivered, "0x0000"), policy, utcnow())
+        assert apply_outcome(output, Outcome(Verdict.delivered, "0x0000"), policy, utcnow())
         session.commit()
         history = [
             (a.attempt, a.state, a.status)

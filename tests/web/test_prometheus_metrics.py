@@ -81,7 +81,8 @@ def quiet(site: Site) -> dict:
 
     def settled() -> dict | None:
         summary = site.get("/api/v1/summary")
-        if summary["open_jobs"] or summary["outputs"]["pending"]:
+        outputs = summary["outputs"]
+        if summary["open_jobs"] or outputs["pending"] or outputs.get("in_flight"):
             return None
         first = scrape(site)
         time.sleep(SETTLE_SECONDS + 0.5)

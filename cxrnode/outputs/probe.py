@@ -41,8 +41,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxrnode.destination import Destination, DestinationKind
 from cxrnode.db import Output, OutputState, utcnow
+from cxrnode.destination import Destination, DestinationKind
 from cxrnode.jobs.broker import wake_scheduler
 from cxrnode.settings import Settings
 

@@ -40,7 +40,6 @@ from pydicom import Dataset
 from cxrnode.hl7.message import ENCODING_CHARACTERS, FIELD_SEPARATOR, escape, format_timestamp
 from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.common import source_record
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import (
     DRAFT_NOTICE,
     EMPTY_REPORT_NOTE,
@@ -53,6 +52,7 @@ from cxrnode.outputs.findings_sr import (
 from cxrnode.outputs.text import multi_line
 from cxrnode.triage import Priority
 from cxrnode.uids import device_uid, uid_from_key
+from model.contracts import ModelResult
 
 __all__ = ["VERSION", "Oru", "build_oru", "control_id"]
 
@@ -109,7 +109,7 @@ def _lines(text: str) -> list[str]:
 
 def build_oru(
     header: SourceRecord | Dataset,
-    draft: DraftReport,
+    draft: ModelResult,
     *,
     version: int,
     made_at: datetime,
@@ -232,7 +232,7 @@ def _coded(code: str, meaning: str, scheme: str) -> str:
     return f"{code}^{escape(meaning)}^{scheme}"
 
 
-def _observations(draft: DraftReport) -> list[tuple[str, str, str]]:
+def _observations(draft: ModelResult) -> list[tuple[str, str, str]]:
     """(value type, OBX-3, OBX-5) of each OBX, the draft notice first."""
     comment = _coded(*_COMMENT, "DCM")
     out: list[tuple[str, str, str]] = [("TX", comment, escape(DRAFT_NOTICE))]

@@ -44,6 +44,7 @@ from model.contracts import GenerationParams, ModelResult, StudyContext
 __all__ = [
     "MESSAGES",
     "SCHEMA_KEY",
+    "STAGE_QUEUES",
     "TASK_QUEUES",
     "BadMessage",
     "BuildOutputs",
@@ -83,6 +84,11 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def stage_of(task: str) -> str:
+    """A task's short name (``cxrnode.prepare_image`` -> ``prepare_image``)."""
+    return task.removeprefix("cxrnode.")
+
+
 @dataclass(frozen=True)
 class Message:
     """A task message: its task and queue, its contract version, its wire form."""
@@ -99,7 +105,7 @@ class Message:
     @property
     def stage(self) -> str:
         """The short task name, as the tracking marks and the logs show it."""
-        return self.task.removeprefix("cxrnode.")
+        return stage_of(self.task)
 
     def tracking_keys(self) -> list[str]:
         """What a worker holds while it runs this message (:mod:`cxrnode.jobs.tracking`)."""
@@ -336,6 +342,8 @@ MESSAGES: tuple[type[Message], ...] = (
 )
 #: The queue of each task (Celery's routes, and where the reconciler looks for a message).
 TASK_QUEUES: dict[str, str] = {cls.task: cls.queue for cls in MESSAGES}
+#: Stage (the short task name the tracking marks carry) -> queue.
+STAGE_QUEUES: dict[str, str] = {stage_of(cls.task): cls.queue for cls in MESSAGES}
 _BY_TASK: dict[str, type[Message]] = {cls.task: cls for cls in MESSAGES}
 
 

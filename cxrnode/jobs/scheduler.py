@@ -32,7 +32,7 @@ from cxrnode import notify
 from cxrnode.db import Study, StudyState, utcnow
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states, tracking
-from cxrnode.jobs.broker import TASK_QUEUES, WAKE_CHANNEL
+from cxrnode.jobs.broker import STAGE_QUEUES, WAKE_CHANNEL
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.grouping import next_settle_at, settle_due_studies
 from cxrnode.jobs.lease import CHECK_SECONDS as LEASE_CHECK_SECONDS
@@ -170,7 +170,7 @@ class Scheduler:
         redis = self.dispatch.redis
         held = tracking.held_keys(tracking.live_workers(redis))
         waiting, orphans = tracking.verify_waiting(
-            redis, tracking.waiting(redis), held, TASK_QUEUES, tracking.HEARTBEAT_TTL
+            redis, tracking.waiting(redis), held, STAGE_QUEUES, tracking.HEARTBEAT_TTL
         )
         log.debug("reconcile: waiting %s, held %s", sorted(waiting), sorted(held))
         tracked = set(waiting) | held

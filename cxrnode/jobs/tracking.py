@@ -188,7 +188,8 @@ def verify_waiting(
     """Keep only the waiting marks whose message the broker really has.
 
     Marks younger than ``grace_seconds``, and marks of held keys, are kept as they are. For
-    older ones the queue of their task (``queues``: task name -> queue) and kombu's
+    older ones the queue of their stage (``queues``: stage -> queue, as
+    :data:`cxrnode.jobs.messages.STAGE_QUEUES`) and kombu's
     unacknowledged set are searched for a message naming the key. Returns the marks still
     waiting, and the delivery tags of unacknowledged messages whose keys no live worker holds
     (orphans of a dead worker: the caller re-sends the work and may drop these).
@@ -202,7 +203,7 @@ def verify_waiting(
     if not old:
         return marks, {}
     queued: set[str] = set()
-    for queue in {queues.get(f"cxrnode.{stage}", stage) for stage, _ in old.values()}:
+    for queue in {queues.get(stage, stage) for stage, _ in old.values()}:
         for suffix in _PRIORITY_SUFFIXES:
             for raw in client.lrange(queue + suffix, 0, -1):
                 queued.update(_keys_in(raw))

@@ -52,7 +52,6 @@ from cxrnode.ingest.storage import instance_relpath, write_durably
 from cxrnode.jobs.states import transition
 from cxrnode.outputs import states as output_states
 from cxrnode.outputs.common import PriorDocument, series_description, source_record
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
 from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.outbox import KIND_ORDER, LEGACY_SR_KIND
@@ -434,7 +433,7 @@ def _encode(ds: Dataset) -> bytes:
 def _hl7_outputs(
     settings: Settings,
     header: SourceRecord,
-    draft: DraftReport,
+    draft: ModelResult,
     version: int,
     made_at: datetime,
     decision: Triage | None = None,

@@ -40,9 +40,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from cxrnode.ingest.record import SourceRecord
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import multi_line, one_line
 from cxrnode.uids import OutputKind, OutputUIDs, device_uid, is_valid_uid, output_uids
+from model.contracts import ModelResult
 
 __all__ = [
     "ALGORITHM_FAMILY",
@@ -228,7 +228,7 @@ def font_path() -> Path:
     return Path(str(resources.files("cxrnode.outputs") / "assets" / "DejaVuSans.ttf"))
 
 
-def coded_findings_summary(draft: DraftReport) -> list[str]:
+def coded_findings_summary(draft: ModelResult) -> list[str]:
     """The coded findings as the SC and the PDF print them, one line per state:
     "Present: Cardiomegaly, Pleural effusion" (the SR's code meanings for the findings and for
     their values, so the SC, the PDF and the SR name an unsure finding alike: Undetermined)."""
@@ -246,7 +246,7 @@ def coded_findings_summary(draft: DraftReport) -> list[str]:
 NOTHING_CODED = "None of the tracked findings was mentioned."
 
 
-def printed_sections(draft: DraftReport) -> list[tuple[str, str]]:
+def printed_sections(draft: ModelResult) -> list[tuple[str, str]]:
     """(heading, text) in reading order for the objects that print the draft (the SC and the
     PDF): the coded findings, then each non-empty section of the report."""
     findings, impression = (multi_line(part) for part in draft.sections)
@@ -267,7 +267,7 @@ def long_string(text: str) -> str:
     return one_line(text, 64)
 
 
-def model_name(draft: DraftReport) -> str:
+def model_name(draft: ModelResult) -> str:
     """The model's short name as an LO value (Manufacturer's Model Name and friends)."""
     return long_string(draft.model_name) or ALGORITHM_FAMILY
 
@@ -284,7 +284,7 @@ def short_hash(model_hash: str) -> str:
     return model_hash.rsplit(":", 1)[-1][:16]
 
 
-def software_versions(draft: DraftReport) -> list[str]:
+def software_versions(draft: ModelResult) -> list[str]:
     """SoftwareVersions values (LO, 64 characters each): pipeline and model hash."""
     return [
         long_string(f"cxrnode {draft.pipeline_version}"),
@@ -292,7 +292,7 @@ def software_versions(draft: DraftReport) -> list[str]:
     ]
 
 
-def ai_contributing_equipment(draft: DraftReport) -> hd.ContributingEquipment:
+def ai_contributing_equipment(draft: ModelResult) -> hd.ContributingEquipment:
     """Contributing Equipment item that identifies the AI algorithm (IHE AI Results):
     purpose DCM 109102 "Processing Equipment" (see the module docstring), plus the Device
     UID derived from the model hash, which highdicom's class does not take as an argument."""
@@ -345,7 +345,7 @@ def copy_patient_and_study(ds: Dataset, view: Dataset) -> None:
 
 
 def source_and_uids(
-    source: SourceRecord | Dataset, draft: DraftReport, kind: OutputKind, version: int
+    source: SourceRecord | Dataset, draft: ModelResult, kind: OutputKind, version: int
 ) -> tuple[Dataset, OutputUIDs]:
     """The source as the builders copy it (:func:`source_view`) and the deterministic UIDs
     of the object of ``kind`` and ``version`` made from it for ``draft``."""

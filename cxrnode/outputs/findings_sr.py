@@ -72,10 +72,10 @@ from cxrnode.outputs.common import (
     source_and_uids,
     without_name_warnings,
 )
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.text import multi_line, one_line
 from cxrnode.uids import OutputKind, device_uid, uid_from_key
+from model.contracts import ModelResult
 
 __all__ = [
     "PROCEDURE_REPORTED",
@@ -89,7 +89,7 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 def build_findings_sr(
     source: SourceRecord | Dataset,
-    draft: DraftReport,
+    draft: ModelResult,
     *,
     version: int = 1,
     predecessor: PriorDocument | Dataset | None = None,
@@ -165,7 +165,7 @@ def build_findings_sr(
     return sr
 
 
-def _observation_context(draft: DraftReport) -> hd.sr.ObservationContext:
+def _observation_context(draft: ModelResult) -> hd.sr.ObservationContext:
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -179,7 +179,7 @@ def _observation_context(draft: DraftReport) -> hd.sr.ObservationContext:
 
 
 def _findings_group(
-    view: Dataset, draft: DraftReport, sop_instance_uid: str, marks: DraftMarks | None = None
+    view: Dataset, draft: ModelResult, sop_instance_uid: str, marks: DraftMarks | None = None
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     evaluations = [
         hd.sr.QualitativeEvaluation(name=FINDING_CONCEPTS[name], value=STATE_VALUES[state])
@@ -212,7 +212,7 @@ def _findings_group(
     )
 
 
-def _narrative_container(draft: DraftReport) -> hd.sr.ContainerContentItem:
+def _narrative_container(draft: ModelResult) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -221,7 +221,7 @@ def _narrative_container(draft: DraftReport) -> hd.sr.ContainerContentItem:
     return container
 
 
-def _narrative_items(draft: DraftReport) -> list[hd.sr.TextContentItem]:
+def _narrative_items(draft: ModelResult) -> list[hd.sr.TextContentItem]:
     findings, impression = (multi_line(part) for part in draft.sections)
     sections: Sequence[tuple[Code, str]] = [
         (codes.DCM.Finding, findings),

@@ -73,10 +73,10 @@ from cxrnode.outputs.common import (
     source_and_uids,
     without_name_warnings,
 )
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.text import report_text
 from cxrnode.uids import OutputKind, device_uid
+from model.contracts import ModelResult
 
 __all__ = [
     "DOCUMENT_TITLE",
@@ -99,7 +99,7 @@ _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
 def build_report_sr(
     source: SourceRecord | Dataset,
-    draft: DraftReport,
+    draft: ModelResult,
     *,
     version: int = 1,
     predecessor: PriorDocument | Dataset | None = None,
@@ -174,7 +174,7 @@ def build_report_sr(
     return sr
 
 
-def _author(draft: DraftReport, institution_name: str | None) -> Dataset:
+def _author(draft: ModelResult, institution_name: str | None) -> Dataset:
     """The AI device as the document's author (Identified Person or Device macro)."""
     author = Dataset()
     author.ObserverType = "DEV"
@@ -191,7 +191,7 @@ def _text(name: Code, text: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=report_text(text), relationship_type=_CONTAINS)
 
 
-def _notices(draft: DraftReport, marks: DraftMarks | None) -> list[hd.sr.TextContentItem]:
+def _notices(draft: ModelResult, marks: DraftMarks | None) -> list[hd.sr.TextContentItem]:
     notices = [_text(codes.DCM.Comment, DRAFT_NOTICE)]
     if marks is not None and marks.banner:
         notices.insert(0, _text(codes.DCM.Comment, marks.banner))
@@ -201,7 +201,7 @@ def _notices(draft: DraftReport, marks: DraftMarks | None) -> list[hd.sr.TextCon
 
 
 def _sections(
-    view: Dataset, draft: DraftReport, marks: DraftMarks | None = None
+    view: Dataset, draft: ModelResult, marks: DraftMarks | None = None
 ) -> list[hd.sr.ContainerContentItem]:
     """The report's sections, the source image beneath the first text among them."""
     findings, impression = (report_text(part) for part in draft.sections)

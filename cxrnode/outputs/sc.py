@@ -62,10 +62,10 @@ from cxrnode.outputs.common import (
     source_and_uids,
     without_name_warnings,
 )
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.marks import DraftMarks, marked_series_description
 from cxrnode.outputs.text import iter_lines, wrap
 from cxrnode.uids import OutputKind
+from model.contracts import ModelResult
 
 __all__ = [
     "BANNER_HEIGHT",
@@ -128,7 +128,7 @@ def fit_radiograph(display: np.ndarray) -> np.ndarray:
 
 def render_draft_image(
     display: np.ndarray,
-    draft: DraftReport,
+    draft: ModelResult,
     full_text_series: str | None = None,
     marks: DraftMarks | None = None,
 ) -> np.ndarray:
@@ -201,7 +201,7 @@ def _draw_banner(draw: ImageDraw.ImageDraw, width: int, text: str) -> None:
 
 
 def _panel_blocks(
-    draft: DraftReport, marks: DraftMarks | None = None
+    draft: ModelResult, marks: DraftMarks | None = None
 ) -> list[tuple[str, str, int, tuple[int, int, int]]]:
     """(kind, text, font size, colour) in reading order; kind "h" heading, "t" text."""
     blocks: list[tuple[str, str, int, tuple[int, int, int]]] = [
@@ -220,7 +220,7 @@ def _panel_blocks(
     return blocks
 
 
-def _voted_summary(draft: DraftReport, marks: DraftMarks) -> str:
+def _voted_summary(draft: ModelResult, marks: DraftMarks) -> str:
     """The coded findings one per line with the samples' agreement ("Pneumothorax: Present,
     4 of 5 samples"), when the draft was voted."""
     lines = [
@@ -235,7 +235,7 @@ def _voted_summary(draft: DraftReport, marks: DraftMarks) -> str:
 
 def _draw_panel(
     draw: ImageDraw.ImageDraw,
-    draft: DraftReport,
+    draft: ModelResult,
     marks: DraftMarks | None,
     hint: str,
     *,
@@ -282,7 +282,7 @@ def _line_height(font: ImageFont.FreeTypeFont) -> int:
 def build_sc(
     source: SourceRecord | Dataset,
     display: np.ndarray,
-    draft: DraftReport,
+    draft: ModelResult,
     *,
     version: int = 1,
     institution_name: str | None = None,

@@ -21,9 +21,9 @@ from cxrnode.hl7.message import (
 )
 from cxrnode.hl7.oru import build_oru
 from cxrnode.hl7.sender import classify_ack
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.findings_sr import DRAFT_NOTICE, FINDING_CONCEPTS, STATE_VALUES
 from cxrnode.uids import device_uid
+from model.contracts import ModelResult
 
 MSH = "MSH|^~\\&|RIS|HOSP|CXRNODE|HOSP|20261129120000||ORU^R01^ORU_R01|M1|P|2.5.1"
 OBR_F = "OBR|1||ACC-7|71045^XR CHEST^CPT|||20261129110000" + "|" * 15 + "20261129115900+0100||RAD|F"
@@ -168,8 +168,8 @@ def header() -> Dataset:
 
 
 @pytest.fixture
-def draft() -> DraftReport:
-    return DraftReport(
+def draft() -> ModelResult:
+    return ModelResult(
         report="Findings: The heart is enlarged.\nSmall right pleural effusion.\n"
         "Impression: Cardiomegaly with a small effusion.",
         differential="Congestive heart failure.",
@@ -187,7 +187,7 @@ def draft() -> DraftReport:
 
 
 def test_the_draft_oru_is_preliminary_with_the_notice_first_and_the_sr_s_finding_codes(
-    header: Dataset, draft: DraftReport
+    header: Dataset, draft: ModelResult
 ) -> None:
     built = build_oru(header, draft, version=1, made_at=datetime(2026, 11, 29, 10, 20, 30))
     message = hl7.parse(built.text)
@@ -228,7 +228,7 @@ def test_the_draft_oru_is_preliminary_with_the_notice_first_and_the_sr_s_finding
 
 
 def test_the_draft_oru_is_the_same_message_when_rebuilt_and_a_new_one_for_a_new_version(
-    header: Dataset, draft: DraftReport
+    header: Dataset, draft: ModelResult
 ) -> None:
     made = datetime(2026, 11, 29, 10, 20, 30)
     first = build_oru(header, draft, version=1, made_at=made)
@@ -237,7 +237,7 @@ def test_the_draft_oru_is_the_same_message_when_rebuilt_and_a_new_one_for_a_new_
     assert second.control_id != first.control_id and second.uid != first.uid
 
 
-def test_our_draft_read_back_is_recognised_as_ours(header: Dataset, draft: DraftReport) -> None:
+def test_our_draft_read_back_is_recognised_as_ours(header: Dataset, draft: ModelResult) -> None:
     built = build_oru(header, draft, version=1, made_at=datetime(2026, 11, 29))
     (group,) = parse_oru(built.text).groups
     assert "cxrnode" in group.equipment and group.result_status == "P"

@@ -12,8 +12,8 @@ from pydicom import Dataset
 
 from cxrnode.hl7.message import escape
 from cxrnode.hl7.oru import build_oru
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.text import multi_line, one_line, sanitise
+from model.contracts import ModelResult
 
 #: What a decoder gives for the model's byte tokens 0x63 0x61 0x66 0xC3 ("caf" and half an
 #: "é"): U+FFFD with errors="replace", a lone surrogate with errors="surrogateescape".
@@ -34,8 +34,8 @@ def header() -> Dataset:
     return ds
 
 
-def draft(report: str) -> DraftReport:
-    return DraftReport(
+def draft(report: str) -> ModelResult:
+    return ModelResult(
         report=report,
         differential="Atelectasis |\tor\ttumour ^ & ~ \\ effusion",
         recommendation=f"Follow-up\t{UNPAIRED_REPLACED}",

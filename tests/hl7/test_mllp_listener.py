@@ -48,8 +48,8 @@ from cxrnode.hl7.oru import build_oru  # noqa: E402
 from cxrnode.hl7.receive import Hl7Receiver  # noqa: E402
 from cxrnode.monitor.reports import reports_dir  # noqa: E402
 from cxrnode.monitor.service import Monitor  # noqa: E402
-from cxrnode.outputs.draft import DraftReport  # noqa: E402
 from cxrnode.settings import Settings  # noqa: E402
+from model.contracts import ModelResult  # noqa: E402
 
 
 @dataclass
@@ -267,7 +267,7 @@ def test_our_own_draft_coming_back_from_the_ris_is_kept_and_ignored(listening: L
     header.StudyInstanceUID, header.SOPInstanceUID = "1.2.3.4", "1.2.3.4.5"
     header.SOPClassUID, header.SeriesInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3.4.6"
     header.AccessionNumber = "ACC-1"
-    draft = DraftReport(
+    draft = ModelResult(
         report="Cardiomegaly.",
         differential="",
         recommendation="",

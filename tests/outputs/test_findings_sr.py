@@ -22,9 +22,9 @@ from cxrnode.outputs.common import (
     PriorDocument,
     series_description,
 )
-from cxrnode.outputs.draft import FINDINGS, DraftReport
 from cxrnode.outputs.findings_sr import build_findings_sr as build_sr
 from cxrnode.uids import OutputKind, device_uid, output_uids
+from model.contracts import FINDINGS, ModelResult
 
 ALL_STATES = {
     "atelectasis": "present",
@@ -84,7 +84,7 @@ def test_every_sr_passes_dciodvfy_without_errors(
     case: str,
     rg1: Dataset,
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     validate: Callable,
 ) -> None:
     source = {
@@ -108,7 +108,7 @@ def test_every_sr_passes_dciodvfy_without_errors(
 
 
 def test_sr_on_a_synthetic_source_has_only_the_stale_device_uid_warnings(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport], validate: Callable
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult], validate: Callable
 ) -> None:
     result = validate(build_sr(synthetic("DX"), make_draft(findings=ALL_STATES)))
 
@@ -116,7 +116,7 @@ def test_sr_on_a_synthetic_source_has_only_the_stale_device_uid_warnings(
 
 
 def test_sr_is_marked_as_an_unverified_preliminary_ai_draft(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_sr(rg1, make_draft())
 
@@ -132,7 +132,7 @@ def test_sr_is_marked_as_an_unverified_preliminary_ai_draft(
 
 
 def test_sr_joins_the_source_study_in_a_new_series(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_sr(rg1, make_draft())
 
@@ -147,7 +147,7 @@ def test_sr_joins_the_source_study_in_a_new_series(
 
 
 def test_sr_codes_each_mentioned_finding_and_omits_the_unmentioned(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_sr(synthetic("DX"), make_draft(findings=ALL_STATES))
 
@@ -172,7 +172,7 @@ def test_every_labeler_finding_has_a_code() -> None:
 
 
 def test_measurement_group_references_the_source_image(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     report = hd.sr.ComprehensiveSR.from_dataset(build_sr(rg1, make_draft())).content
     (group,) = report.get_image_measurement_groups()
@@ -183,7 +183,7 @@ def test_measurement_group_references_the_source_image(
 
 
 def test_sr_narrative_holds_findings_impression_differential_and_recommendation(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     items = _text_items(build_sr(rg1, make_draft(prompts={"report": "paediatric"})))
 
@@ -200,7 +200,7 @@ def test_sr_narrative_holds_findings_impression_differential_and_recommendation(
 
 
 def test_sr_without_paediatric_prompt_has_no_paediatric_note(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     items = _text_items(build_sr(rg1, make_draft(prompts={"report": "default"})))
 
@@ -208,7 +208,7 @@ def test_sr_without_paediatric_prompt_has_no_paediatric_note(
 
 
 def test_empty_sections_are_left_out_and_an_empty_report_says_so(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     items = _text_items(
         build_sr(
@@ -226,7 +226,7 @@ def test_empty_sections_are_left_out_and_an_empty_report_says_so(
 
 def test_unicode_and_long_text_survive_the_round_trip(
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     save: Callable[[Dataset, str], Path],
 ) -> None:
     report = f"Opacité rétrocardiaque — atélectasie ≥ 2 cm. {LONG_TEXT}"
@@ -239,7 +239,7 @@ def test_unicode_and_long_text_survive_the_round_trip(
 
 def test_dsrdump_parses_the_sr_and_dsr2html_renders_the_findings_text(
     rg1: Dataset,
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     save: Callable[[Dataset, str], Path],
     tmp_path: Path,
 ) -> None:
@@ -267,7 +267,7 @@ def test_dsrdump_parses_the_sr_and_dsr2html_renders_the_findings_text(
 
 
 def test_device_observer_uid_follows_the_model_hash(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     def observer_uid(sr: Dataset) -> str:
         (item,) = [
@@ -286,7 +286,7 @@ def test_device_observer_uid_follows_the_model_hash(
 
 
 def test_contributing_equipment_names_the_algorithm_and_nothing_from_the_source(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     draft = make_draft()
     sr = build_sr(rg1, draft)
@@ -302,7 +302,7 @@ def test_contributing_equipment_names_the_algorithm_and_nothing_from_the_source(
 
 
 def test_sr_copies_only_patient_and_study_attributes_from_the_source(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     source = synthetic(
         "DX",
@@ -328,7 +328,7 @@ def test_sr_copies_only_patient_and_study_attributes_from_the_source(
 
 
 def test_source_without_type2_patient_attributes_still_builds_a_valid_sr(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport], validate: Callable
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult], validate: Callable
 ) -> None:
     source = synthetic(
         "DX", remove=("PatientName", "PatientBirthDate", "AccessionNumber", "StudyID")
@@ -341,7 +341,7 @@ def test_source_without_type2_patient_attributes_still_builds_a_valid_sr(
 
 
 def test_source_without_a_sop_instance_uid_is_refused_with_the_reason(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     source = synthetic("DX", remove=("SOPInstanceUID",))
 
@@ -350,7 +350,7 @@ def test_source_without_a_sop_instance_uid_is_refused_with_the_reason(
 
 
 def test_rebuilding_gives_the_same_uids_and_a_new_version_a_new_instance(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     draft = make_draft()
     first = build_sr(rg1, draft)
@@ -375,7 +375,7 @@ def test_rebuilding_gives_the_same_uids_and_a_new_version_a_new_instance(
 
 
 def test_new_version_references_its_predecessor(
-    rg1: Dataset, make_draft: Callable[..., DraftReport], validate: Callable
+    rg1: Dataset, make_draft: Callable[..., ModelResult], validate: Callable
 ) -> None:
     draft = make_draft()
     first = build_sr(rg1, draft)
@@ -393,7 +393,7 @@ def test_new_version_references_its_predecessor(
 
 
 def test_predecessor_given_as_recorded_uids_works_like_the_dataset(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     draft = make_draft()
     first = build_sr(rg1, draft)
@@ -411,7 +411,7 @@ def test_predecessor_given_as_recorded_uids_works_like_the_dataset(
 
 
 def test_an_sr_cannot_be_its_own_predecessor(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     first = build_sr(rg1, make_draft())
 
@@ -420,7 +420,7 @@ def test_an_sr_cannot_be_its_own_predecessor(
 
 
 def test_structured_sr_carries_what_ihe_air_asks_and_parses_back_with_highdicom(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     draft = make_draft(prompts={"report": "paediatric", "differential": "default"})
     sr = build_sr(rg1, draft)
@@ -458,7 +458,7 @@ def test_structured_sr_carries_what_ihe_air_asks_and_parses_back_with_highdicom(
 
 
 def test_tracking_uid_is_stable_across_rebuilds(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     def tracking_uid(sr: Dataset) -> str:
         (group,) = hd.sr.ComprehensiveSR.from_dataset(sr).content.get_image_measurement_groups()

@@ -11,10 +11,10 @@ from pydicom import Dataset
 
 from cxrnode.outputs.build import full_text_series, make_objects
 from cxrnode.outputs.common import series_description
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.outbox import KIND_ORDER
 from cxrnode.settings import Settings
 from cxrnode.uids import OutputKind
+from model.contracts import ModelResult
 
 SOP_CLASSES = {
     "text_sr": "1.2.840.10008.5.1.4.1.1.88.33",
@@ -77,7 +77,7 @@ def test_make_objects_builds_what_outputs_lists_in_travel_order(
     outputs: str,
     expected: list[str],
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     display = np.zeros((40, 30), dtype=np.uint8)
 

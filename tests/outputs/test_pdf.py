@@ -12,9 +12,9 @@ import pytest
 from pydicom import Dataset
 
 from cxrnode.outputs.common import DRAFT_NOTICE, series_description
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.pdf import BANNER_TEXT, build_pdf, render_pdf
 from cxrnode.uids import OutputKind, output_uids
+from model.contracts import ModelResult
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
@@ -39,7 +39,7 @@ def test_pdf_passes_dciodvfy_with_only_the_stale_device_uid_warnings(
     case: str,
     rg1: Dataset,
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     validate: Callable,
 ) -> None:
     source = rg1 if case == "real CR" else synthetic("DX")
@@ -59,7 +59,7 @@ def test_pdf_passes_dciodvfy_with_only_the_stale_device_uid_warnings(
 
 def test_pdf_object_is_a_draft_document_in_the_source_study(
     rg1: Dataset,
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     save: Callable[[Dataset, str], Path],
 ) -> None:
     ds = pydicom.dcmread(save(build_pdf(rg1, make_draft()), "pdf.dcm"))
@@ -82,7 +82,7 @@ def test_pdf_object_is_a_draft_document_in_the_source_study(
 
 
 def test_pdf_prints_the_banner_the_notice_the_coded_findings_and_every_section(
-    make_draft: Callable[..., DraftReport], tmp_path: Path
+    make_draft: Callable[..., ModelResult], tmp_path: Path
 ) -> None:
     draft = make_draft(prompts={"report": "paediatric"})
 
@@ -105,7 +105,7 @@ def test_pdf_prints_the_banner_the_notice_the_coded_findings_and_every_section(
 
 
 def test_a_long_report_runs_over_pages_each_under_the_banner(
-    make_draft: Callable[..., DraftReport], tmp_path: Path
+    make_draft: Callable[..., ModelResult], tmp_path: Path
 ) -> None:
     report = " ".join(f"Sentence {i}: the lungs are clear, no effusion." for i in range(400))
 
@@ -117,7 +117,7 @@ def test_a_long_report_runs_over_pages_each_under_the_banner(
     assert "Sentence 399: the lungs are clear" in flat(" ".join(pages))
 
 
-def test_an_empty_draft_says_so(make_draft: Callable[..., DraftReport], tmp_path: Path) -> None:
+def test_an_empty_draft_says_so(make_draft: Callable[..., ModelResult], tmp_path: Path) -> None:
     empty = make_draft(report="", differential="", recommendation="", findings={})
 
     (page,) = pdf_text(render_pdf(empty), tmp_path)
@@ -127,7 +127,7 @@ def test_an_empty_draft_says_so(make_draft: Callable[..., DraftReport], tmp_path
 
 
 def test_pdf_uids_are_deterministic_per_version(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     source, draft = synthetic("DX"), make_draft()
 

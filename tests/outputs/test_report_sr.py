@@ -22,10 +22,10 @@ from cxrnode.outputs.common import (
     STATE_VALUES,
     series_description,
 )
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.report_sr import build_report_sr
 from cxrnode.outputs.text import REPORT_LINE_WIDTH
 from cxrnode.uids import OutputKind, device_uid, output_uids
+from model.contracts import ModelResult
 
 ALL_STATES = {
     "atelectasis": "present",
@@ -83,7 +83,7 @@ def test_every_text_report_passes_dciodvfy_with_only_the_stale_device_uid_warnin
     case: str,
     rg1: Dataset,
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     validate: Callable,
 ) -> None:
     source = {"real CR": rg1, "synthetic CR": synthetic("CR")}.get(case, synthetic("DX"))
@@ -107,7 +107,7 @@ def test_every_text_report_passes_dciodvfy_with_only_the_stale_device_uid_warnin
 
 
 def test_text_report_is_a_diagnostic_imaging_report_marked_as_a_draft(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(rg1, make_draft())
 
@@ -127,7 +127,7 @@ def test_text_report_is_a_diagnostic_imaging_report_marked_as_a_draft(
 
 
 def test_the_draft_notice_is_the_first_item_and_no_observer_lines_precede_it(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     draft = make_draft(prompts={"report": "paediatric"})
     sr = build_report_sr(rg1, draft)
@@ -145,7 +145,7 @@ def test_the_draft_notice_is_the_first_item_and_no_observer_lines_precede_it(
 
 
 def test_sections_come_in_reading_order_with_the_report_text(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(rg1, make_draft())
 
@@ -175,7 +175,7 @@ def test_sections_come_in_reading_order_with_the_report_text(
 
 
 def test_a_report_without_an_impression_has_no_impression_section(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(rg1, make_draft(report="The lungs are clear.", differential=""))
 
@@ -183,7 +183,7 @@ def test_a_report_without_an_impression_has_no_impression_section(
 
 
 def test_each_mentioned_finding_is_a_code_item_under_findings(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(synthetic("DX"), make_draft(findings=ALL_STATES))
 
@@ -206,7 +206,7 @@ def test_each_mentioned_finding_is_a_code_item_under_findings(
 
 
 def test_the_source_image_is_referenced_beneath_the_findings_text(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(rg1, make_draft())
 
@@ -226,7 +226,7 @@ def test_the_source_image_is_referenced_beneath_the_findings_text(
 
 
 def test_without_findings_text_the_image_goes_beneath_the_impression(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(rg1, make_draft(report="Impression: normal chest.", findings={}))
 
@@ -237,7 +237,7 @@ def test_without_findings_text_the_image_goes_beneath_the_impression(
 
 
 def test_an_empty_draft_says_so_in_the_findings_section(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     sr = build_report_sr(
         synthetic("DX"), make_draft(report="", differential="", recommendation="", findings={})
@@ -250,7 +250,7 @@ def test_an_empty_draft_says_so_in_the_findings_section(
 
 
 def test_every_line_has_at_most_100_characters_and_no_word_is_lost(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     report = f"Opacité rétrocardiaque — atélectasie ≥ 2 cm. {LONG_FINDINGS} " + "x" * 250
     sr = build_report_sr(synthetic("DX"), make_draft(report=report))
@@ -267,7 +267,7 @@ def test_every_line_has_at_most_100_characters_and_no_word_is_lost(
 
 def test_unicode_survives_the_round_trip(
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     save: Callable[[Dataset, str], Path],
 ) -> None:
     report = "Opacité rétrocardiaque — atélectasie ≥ 2 cm; 右下葉の浸潤影."
@@ -281,7 +281,7 @@ def test_unicode_survives_the_round_trip(
 
 def test_dsr2html_renders_the_document_as_a_reader_sees_it(
     rg1: Dataset,
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     save: Callable[[Dataset, str], Path],
     tmp_path: Path,
 ) -> None:
@@ -301,7 +301,7 @@ def test_dsr2html_renders_the_document_as_a_reader_sees_it(
 
 
 def test_text_report_joins_the_source_study_and_copies_only_patient_and_study(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     source = synthetic(
         "DX",
@@ -327,7 +327,7 @@ def test_text_report_joins_the_source_study_and_copies_only_patient_and_study(
 
 
 def test_uids_are_deterministic_and_a_new_version_names_its_predecessor(
-    rg1: Dataset, make_draft: Callable[..., DraftReport], validate: Callable
+    rg1: Dataset, make_draft: Callable[..., ModelResult], validate: Callable
 ) -> None:
     draft = make_draft()
     first = build_report_sr(rg1, draft)

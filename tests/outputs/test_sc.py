@@ -14,7 +14,6 @@ from pydicom import Dataset
 import cxrnode.outputs.common as common_module
 import cxrnode.outputs.sc as sc_module
 from cxrnode.outputs.common import font_path, series_description
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.outputs.sc import (
     BANNER_HEIGHT,
     CANVAS_HEIGHT,
@@ -25,6 +24,7 @@ from cxrnode.outputs.sc import (
     wrap_text,
 )
 from cxrnode.uids import OutputKind, output_uids
+from model.contracts import ModelResult
 
 ASSETS = Path(sc_module.__file__).parent / "assets"
 
@@ -48,7 +48,7 @@ def _panel(pixels: np.ndarray) -> np.ndarray:
 def test_sc_of_the_real_chest_passes_dciodvfy_and_carries_the_draft_markings(
     rg1: Dataset,
     rg1_display: np.ndarray,
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     validate: Callable,
     save: Callable[[Dataset, str], Path],
 ) -> None:
@@ -75,7 +75,7 @@ def test_sc_of_the_real_chest_passes_dciodvfy_and_carries_the_draft_markings(
 def test_sc_of_synthetic_sources_passes_dciodvfy_with_only_stale_warnings(
     modality: str,
     synthetic: Callable[..., Dataset],
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
     validate: Callable,
 ) -> None:
     source = synthetic(modality)
@@ -93,7 +93,7 @@ def test_sc_of_synthetic_sources_passes_dciodvfy_with_only_stale_warnings(
 
 
 def test_radiograph_is_scaled_to_the_canvas_beside_the_panel(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     display = _display(rows=120, cols=100)
 
@@ -111,7 +111,7 @@ def test_radiograph_is_scaled_to_the_canvas_beside_the_panel(
 
 
 def test_panel_prints_text_and_more_text_prints_more(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     short = render_draft_image(_display(), make_draft(report="Normal chest.", differential=""))
     long = render_draft_image(
@@ -126,7 +126,7 @@ def test_panel_prints_text_and_more_text_prints_more(
 
 
 def test_text_longer_than_the_panel_is_cut_inside_the_canvas(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     endless = "The lungs are clear bilaterally without focal consolidation. " * 400
 
@@ -137,7 +137,7 @@ def test_text_longer_than_the_panel_is_cut_inside_the_canvas(
 
 
 def test_empty_draft_still_renders_banner_and_a_note(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     empty = make_draft(report="", differential="", recommendation="", findings={})
 
@@ -158,7 +158,7 @@ def test_wrap_text_keeps_every_line_inside_the_width_and_loses_no_word() -> None
 
 
 def test_bundled_font_is_used_where_the_debian_font_is_missing(
-    monkeypatch: pytest.MonkeyPatch, make_draft: Callable[..., DraftReport]
+    monkeypatch: pytest.MonkeyPatch, make_draft: Callable[..., ModelResult]
 ) -> None:
     monkeypatch.setattr(common_module, "_SYSTEM_FONT", Path("/nonexistent/DejaVuSans.ttf"))
     sc_module._font.cache_clear()
@@ -173,7 +173,7 @@ def test_bundled_font_is_used_where_the_debian_font_is_missing(
 
 
 def test_display_that_is_not_8_bit_grey_is_refused_with_what_was_expected(
-    rg1: Dataset, make_draft: Callable[..., DraftReport]
+    rg1: Dataset, make_draft: Callable[..., ModelResult]
 ) -> None:
     with pytest.raises(ValueError, match="uint8"):
         build_sc(rg1, np.zeros((10, 10), dtype=np.uint16), make_draft())
@@ -182,7 +182,7 @@ def test_display_that_is_not_8_bit_grey_is_refused_with_what_was_expected(
 
 
 def test_sc_uids_are_deterministic_and_distinct_from_the_sr(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     source = synthetic("DX")
     draft = make_draft()
@@ -207,7 +207,7 @@ def test_sc_uids_are_deterministic_and_distinct_from_the_sr(
 
 
 def test_sc_copies_nothing_but_patient_and_study_from_the_source(
-    synthetic: Callable[..., Dataset], make_draft: Callable[..., DraftReport]
+    synthetic: Callable[..., Dataset], make_draft: Callable[..., ModelResult]
 ) -> None:
     source = synthetic(
         "DX",
@@ -230,7 +230,7 @@ def test_sc_copies_nothing_but_patient_and_study_from_the_source(
 
 
 def test_footer_names_the_series_that_holds_the_full_text(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     text_report = series_description(OutputKind.TEXT_SR)
 
@@ -245,7 +245,7 @@ def test_footer_names_the_series_that_holds_the_full_text(
 
 
 def test_control_characters_and_tabs_never_reach_the_panel(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     messy = render_draft_image(_display(), make_draft(report="Clear\tlungs.\x00\x1b[31m"))
     clean = render_draft_image(_display(), make_draft(report="Clear lungs.[31m"))

@@ -29,7 +29,6 @@ from cxrnode.ingest.receive import Ingest
 from cxrnode.ingest.record import SourceRecord
 from cxrnode.outputs.build import build_outputs, make_objects
 from cxrnode.outputs.common import PATIENT_AND_STUDY
-from cxrnode.outputs.draft import DraftReport
 from cxrnode.settings import Settings
 from model.contracts import ModelResult
 
@@ -181,7 +180,7 @@ def test_the_hl7_draft_of_that_source_carries_no_tab_no_unpaired_bytes_and_no_in
 
 
 def test_every_object_of_one_draft_carries_the_same_patient_and_study_attributes(
-    make_draft: Callable[..., DraftReport],
+    make_draft: Callable[..., ModelResult],
 ) -> None:
     """The SR copies the Patient Study module and the SC none of it, left to highdicom."""
     source = dicomgen.build_chest(
@@ -224,7 +223,7 @@ def _source_path(name: str, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", [*dicomgen.PYDICOM_DATA_RADIOGRAPHS, "digitised film (SC)"])
 def test_every_builder_gives_a_valid_object_for_the_real_radiographs(
-    name: str, make_draft: Callable[..., DraftReport], tmp_path: Path
+    name: str, make_draft: Callable[..., ModelResult], tmp_path: Path
 ) -> None:
     header = pydicom.dcmread(_source_path(name, tmp_path), stop_before_pixels=True)
     draft = make_draft(report="Findings:\tclear lungs\ufffd.\r\nImpression:\tnormal\x00.")

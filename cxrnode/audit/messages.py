@@ -153,8 +153,13 @@ class AuditMessage:
                 ParticipantObjectTypeCodeRole="3",
             )
             _code(obj, "ParticipantObjectIDTypeCode", "110180", "Study Instance UID")
-            if study.description:
-                ET.SubElement(obj, "ParticipantObjectDescription").text = study.description
+            if study.description:  # free text goes in a detail, base64 as the schema wants
+                ET.SubElement(
+                    obj,
+                    "ParticipantObjectDetail",
+                    type="Description",
+                    value=base64.b64encode(study.description.encode()).decode(),
+                )
         patients = dict.fromkeys(s.patient_id for s in self.studies if s.patient_id)
         for patient_id in patients:
             obj = ET.SubElement(

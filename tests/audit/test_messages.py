@@ -1,18 +1,20 @@
 """The DICOM audit messages (PS3.15 A.5): structure, codes and participants of each event,
-checked against what the standard's schema requires (the schema itself is not shipped with
-any package installed here, so its rules are written out below), and the audit files:
-append-only, one message a line, rotated into read-only files, shared by processes."""
+validated against the standard's schema (A.5.1.1, ``dicom-audit-message.rnc``) and checked
+for the rules the schema cannot say, and the audit files: append-only, one message a line,
+rotated into read-only files, shared by processes."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import stat
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from audit_schema import assert_valid, schema_errors
 
 from cxrnode.audit import messages as m
 from cxrnode.audit.files import AuditFiles, Cursor
@@ -100,6 +102,36 @@ def test_each_event_is_a_well_formed_dicom_audit_message(code: str) -> None:
     source = message.find("AuditSourceIdentification")
     assert source is not None and source.get("AuditSourceID") == "CXRNODE@node-host"
     assert source.get("AuditEnterpriseSiteID") == "St Example"
+
+
+VARIANTS = [
+    m.user_authentication(NODE, "alice", "10.1.2.3", login=False, ok=True),
+    m.user_authentication(NODE, "bob", "10.1.2.4", login=True, ok=True),
+    m.instances_transferred(NODE, "PACS", "10.9.9.9", [STUDY], received=False),
+    m.instances_accessed(
+        NODE, "alice", "10.1.2.3", m.StudyObject(STUDY.study_uid, None, "re-run"), action="C"
+    ),
+    m.application_activity(NODE, started=False),
+    m.study_deleted(NODE, m.StudyObject(STUDY.study_uid, None)),
+]
+
+
+def test_every_message_is_valid_by_the_standards_schema() -> None:
+    assert_valid([msg.xml() for msg in [*EXAMPLES.values(), *VARIANTS]])
+
+
+@pytest.mark.parametrize(
+    ("wrong", "right"),
+    [
+        ('EventOutcomeIndicator="0"', 'EventOutcomeIndicator="3"'),  # not a value of the set
+        ('ParticipantObjectTypeCode="2"', 'ParticipantObjectTypeCode="7"'),
+        ("<EventID ", "<EventId "),  # an element the schema does not know
+    ],
+)
+def test_the_schema_check_refuses_a_broken_message(wrong: str, right: str) -> None:
+    text = EXAMPLES["110103"].xml()
+    assert wrong in text
+    assert schema_errors(text.replace(wrong, right, 1))
 
 
 @pytest.mark.parametrize("code", ["110103", "110104", "110102", "110105"])
@@ -195,3 +227,10 @@ def test_processes_append_to_the_same_files_without_interleaving(tmp_path: Path)
     names = {ET.fromstring(r).find("ActiveParticipant").get("UserID") for r in records}  # type: ignore[union-attr]
     assert len(names) == 600
     assert all(os.stat(p).st_size <= 20000 for p in AuditFiles(directory).files())
+
+
+def test_the_examples_in_the_security_guide_are_valid_messages() -> None:
+    guide = Path(__file__).parents[2] / "docs" / "security.md"
+    blocks = re.findall(r"```xml\n(.*?)```", guide.read_text(), flags=re.S)
+    assert len(blocks) >= 5
+    assert_valid([block.strip() for block in blocks])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dicomgen
 import pytest
+from audit_schema import assert_valid
 from services import Node, echoscu, storescu, wait_for
 
 pytestmark = pytest.mark.slow
@@ -19,6 +20,7 @@ def trail(node: Node) -> list[ET.Element]:
     lines: list[str] = []
     for path in sorted((node.data_dir / "audit").glob("audit-*.log")):
         lines.extend(path.read_text().splitlines())
+    assert_valid(lines)
     return [ET.fromstring(line) for line in lines]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from audit_schema import assert_valid
 from directory import USERS, Directory
 from playwright.sync_api import Browser, expect, sync_playwright
 from services import Node, node_env, port_open, wait_for
@@ -30,6 +31,7 @@ class Trail:
     """The node's audit records, parsed."""
 
     def __init__(self, lines: list[str]) -> None:
+        assert_valid(lines)  # every record valid by the standard's schema
         self.messages = [ET.fromstring(line) for line in lines]
 
     def find(self, code: str, user: str | None = None, **checks: str) -> list[ET.Element]:

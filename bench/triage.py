@@ -19,9 +19,11 @@ samples cost.
    finding stat (a site may rank any finding) and measures the drafts that came out urgent:
    webhook received minus the last image's arrival, less the model's own time and the quiet
    period (SETTLE_SECONDS = 1 s, a site setting); p50 / p95 / max.
-3. **k samples vs 1.** The same study drafted with k = 1 and k = ``--k`` on the tiny model
-   (CPU, sampled at T = 0.2, 48 new tokens per answer, all three turns), best of 10 each, in
-   one run; the ratio is what self-consistency costs in wall time (goal <= 2x).
+3. **k samples vs 1.** The same study drafted with k = 1 and k = ``--k`` on the tiny model,
+   or on ``--consensus-model DIR`` (e.g. full width with 2 decoder layers, bf16) (CPU,
+   sampled at T = 0.2, ``--consensus-tokens`` new tokens per answer, all three turns), in
+   alternating warmed blocks of one run; best and median of each; the ratio is what
+   self-consistency costs in wall time (goal <= 2x). ``--consensus-only`` runs only this.
 
 Prints one JSON object.
 """
@@ -282,7 +284,15 @@ def node_mode(name: str, settings: dict[str, str], model: Path, work: Path, n: i
     }
 
 
-def consensus_cost(k: int) -> dict[str, float]:
+def consensus_cost(
+    k: int, model_dir: Path | None = None, repeats: int = 5, tokens: int = 48
+) -> dict[str, Any]:
+    """k samples against 1 for one study, in alternating warmed blocks of the same run.
+
+    ``model_dir`` takes any checkpoint (loaded in bf16 on the CPU), e.g. one made with
+    ``cxrnode model make-random DIR --size full --layers 2``: the real widths, where a decode
+    step reads the weights once for the whole batch, as on the full model.
+    """
     import numpy as np
     import torch
 
@@ -291,21 +301,33 @@ def consensus_cost(k: int) -> dict[str, float]:
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = ReportEngine.load(make_tiny_checkpoint(Path(tmp) / "tiny", seed=0), device="cpu")
+        if model_dir is None:
+            engine = ReportEngine.load(
+                make_tiny_checkpoint(Path(tmp) / "tiny", seed=0), device="cpu"
+            )
+        else:
+            engine = ReportEngine.load(model_dir, device="cpu", dtype="bfloat16")
         image = np.random.default_rng(0).integers(0, 256, (600, 560), dtype=np.uint8)
-        options = {"temperature": 0.2, "max_new_tokens": 48, "ignore_eos": True, "seed": 1}
-        best: dict[int, float] = {}
-        for samples in (1, k, 1, k):  # each block: a warm-up (the scheduler is made), best of 5
+        options = {"temperature": 0.2, "max_new_tokens": tokens, "ignore_eos": True, "seed": 1}
+        times: dict[int, list[float]] = {1: [], k: []}
+        for samples in (1, k, 1, k):  # each block: a warm-up (the scheduler is made), then timed
             engine.generate([image], samples=samples, **options)
-            for _ in range(5):
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 engine.generate([image], samples=samples, **options)
-                best[samples] = min(best.get(samples, float("inf")), time.perf_counter() - t0)
+                times[samples].append(time.perf_counter() - t0)
+    best = {n: min(t) for n, t in times.items()}
+    median = {n: statistics.median(t) for n, t in times.items()}
     return {
         "k": k,
-        "k1_s": round(best[1], 3),
-        f"k{k}_s": round(best[k], 3),
-        "ratio": round(best[k] / best[1], 2),
+        "model": "tiny" if model_dir is None else str(model_dir),
+        "new_tokens_per_answer": tokens,
+        "k1_best_s": round(best[1], 3),
+        f"k{k}_best_s": round(best[k], 3),
+        "ratio_best": round(best[k] / best[1], 2),
+        "k1_median_s": round(median[1], 3),
+        f"k{k}_median_s": round(median[k], 3),
+        "ratio_median": round(median[k] / median[1], 2),
     }
 
 
@@ -314,8 +336,24 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--node-studies", type=int, default=20)
+    parser.add_argument(
+        "--consensus-only", action="store_true", help="only part 3 (k samples vs 1)"
+    )
+    parser.add_argument(
+        "--consensus-model", type=Path, help="checkpoint for part 3 (default: the tiny one)"
+    )
+    parser.add_argument("--consensus-repeats", type=int, default=5)
+    parser.add_argument("--consensus-tokens", type=int, default=48)
     args = parser.parse_args()
     out: dict[str, Any] = {}
+    consensus = {
+        "model_dir": args.consensus_model,
+        "repeats": args.consensus_repeats,
+        "tokens": args.consensus_tokens,
+    }
+    if args.consensus_only:
+        print(json.dumps({"consensus": consensus_cost(args.k, **consensus)}, indent=2))
+        return
     root = Path(tempfile.mkdtemp(prefix="cxrnode-bench-triage-"))
     try:
         out["urgent_path_sqlite"] = urgent_path(
@@ -341,7 +379,7 @@ def main() -> None:
                 work,
                 args.node_studies,
             )
-    out["consensus"] = consensus_cost(args.k)
+    out["consensus"] = consensus_cost(args.k, **consensus)
     print(json.dumps(out, indent=2))
 
 

@@ -15,6 +15,10 @@ so frames keep their order within a direction. Once both devices exist the emula
 working across the move). Counters (frames read, dropped, written, write errors, per
 direction) are written to ``PARAMS.stats`` twice a second and on exit; SIGTERM stops it.
 
+``python tests/ha/linkemu.py measure`` (as root, with ping installed) measures it between two
+namespace hosts: ping RTT and loss and a bulk TCP copy, over plain veths, through the
+emulator unimpaired, and with both links at 20 ms and 1 % loss.
+
 TAP devices without ``IFF_VNET_HDR`` and without ``TUNSETOFFLOAD`` get neither checksum
 offload nor segmentation offload: the kernel hands over wire-sized frames with complete
 checksums, so a frame copied from one to the other is valid as it stands and loss applies to
@@ -33,11 +37,85 @@ import struct
 import sys
 import time
 from collections import deque
+from pathlib import Path
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 FRAME = 65536
+
+# A peer for the measurements, run inside a host's namespace: ``echo ADDRESS PORT`` answers
+# every byte back, ``sink ADDRESS PORT`` reads a TCP stream to its end and answers how many
+# bytes; ``udp ADDRESS PORT`` prints the sequence numbers of the datagrams it received
+# (until a second with none); the clients: ``rtt ADDRESS PORT N``, ``bulk ADDRESS PORT
+# BYTES``, ``send ADDRESS PORT N``.
+PEER = r"""
+import json, socket, sys, time
+mode, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def connect():
+    for _ in range(100):
+        try:
+            return socket.create_connection((address, port), timeout=10)
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("no connection")
+
+if mode in ("echo", "sink"):
+    server = socket.create_server((address, port))
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            total = 0
+            while data := conn.recv(1 << 16):
+                total += len(data)
+                if mode == "echo":
+                    conn.sendall(data)
+            if mode == "sink":
+                conn.sendall(str(total).encode())
+elif mode == "udp":
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sock.bind((address, port))
+    print("ready", flush=True)
+    sock.settimeout(20)
+    seen = []
+    try:
+        while True:
+            seen.append(int(sock.recv(64)))
+            sock.settimeout(1)
+    except TimeoutError:
+        pass
+    print(json.dumps(seen))
+elif mode == "rtt":
+    conn = connect()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rtts = []
+    for _ in range(int(sys.argv[4])):
+        start = time.monotonic()
+        conn.sendall(b"x")
+        conn.recv(1)
+        rtts.append((time.monotonic() - start) * 1000)
+    print(json.dumps(rtts))
+elif mode == "bulk":
+    conn = connect()
+    block, left = b"\0" * (1 << 16), int(sys.argv[4])
+    start = time.monotonic()
+    while left > 0:
+        conn.sendall(block[:left])
+        left -= len(block)
+    conn.shutdown(socket.SHUT_WR)
+    received = int(conn.recv(64))
+    print(json.dumps({"bytes": received, "seconds": time.monotonic() - start}))
+elif mode == "send":
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for n in range(int(sys.argv[4])):
+        sock.sendto(str(n).encode(), (address, port))
+        if n % 20 == 19:
+            time.sleep(0.002)  # paced, so no queue on the way overflows
+"""
 
 
 def open_tap(name: str) -> int:
@@ -128,5 +206,42 @@ def main(params_path: str, host_tap: str, switch_tap: str) -> None:
     write_stats()
 
 
+def measure() -> None:
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]
+    from netns import Network  # the harness, only for the measurement
+
+    with Network() as net:
+        a, b = net.add_host("a"), net.add_host("b")
+        net.start(b, sys.executable, "-c", PEER, "sink", b.address, "7002")
+
+        def ping(label: str, count: int) -> None:
+            answer = net.run(a, "ping", "-q", "-c", str(count), "-i", "0.05", b.address)
+            print(f"{label}: ping -c {count} -i 0.05:", *answer.stdout.strip().splitlines()[-2:])
+
+        def bulk(label: str, size: int) -> None:
+            answer = net.run(a, sys.executable, "-c", PEER, "bulk", b.address, "7002", str(size))
+            done = json.loads(answer.stdout)
+            rate = done["bytes"] / done["seconds"] / 1e6
+            print(f"{label}: bulk TCP {size / 1e6:.0f} MB in {done['seconds']:.2f} s, "
+                  f"{rate:.1f} MB/s")  # fmt: skip
+
+        ping("plain veths", 50)
+        bulk("plain veths", 50_000_000)
+        net.emulate(a)
+        net.emulate(b)
+        ping("both links through the emulator, 0 ms 0 %", 50)
+        bulk("both links through the emulator, 0 ms 0 %", 50_000_000)
+        net.impair(a, 20, 1)
+        net.impair(b, 20, 1)
+        ping("both links 20 ms 1 %", 50)
+        ping("both links 20 ms 1 %", 1000)
+        bulk("both links 20 ms 1 %", 10_000_000)
+        print("emulator counters:", {h.name: net.link_stats(h) for h in (a, b)})
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1:2] == ["measure"]:
+        measure()
+    else:
+        main(*sys.argv[1:4])

@@ -187,17 +187,20 @@ class Network:
         return json.loads((self.workdir / f"{host.name}.json.stats").read_text())
 
     def close(self) -> None:
-        for proc in [*self.procs, *self.emulators.values()]:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in [*self.procs, *self.emulators.values()]:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        # the links (emulators) last: a process that exits closes its connections, and a
+        # peer that never sees the FIN (a database in smart shutdown) would wait for it
+        for group in (self.procs, list(self.emulators.values())):
+            for proc in group:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
         for host in self.hosts.values():
             # anything still inside (a daemon a command left behind) goes with its namespace
             pids = subprocess.run(
@@ -212,7 +215,8 @@ class Network:
 
 
 class NsStream:
-    """Studies sent from inside the node's namespace; unacknowledged ones are sent again."""
+    """Studies sent from inside ``host``'s namespace to the node at ``address`` (by default
+    the node itself, on ``host``); unacknowledged ones are sent again."""
 
     def __init__(
         self,
@@ -223,8 +227,10 @@ class NsStream:
         count: int,
         every: float = 1.0,
         seed: int = 500,
+        address: str = "127.0.0.1",
     ) -> None:
         self.net, self.host, self.port, self.directory = net, host, port, directory
+        self.address = address
         self.count, self.every, self.seed = count, every, seed
         self.acknowledged: list[str] = []  # SOP Instance UIDs answered 0x0000
         self.studies: list[str] = []
@@ -241,7 +247,7 @@ class NsStream:
             for _ in range(120):
                 answer = self.net.run(
                     self.host, "/usr/bin/storescu", "-v", "-to", "60", "-td", "60",
-                    "-aec", "CXRNODE", "127.0.0.1", str(self.port), str(path),
+                    "-aec", "CXRNODE", self.address, str(self.port), str(path),
                 )  # fmt: skip
                 if "Received Store Response (Success)" in answer.stdout + answer.stderr:
                     self.acknowledged.append(str(ds.SOPInstanceUID))

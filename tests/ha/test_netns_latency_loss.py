@@ -4,7 +4,9 @@ First the link emulator itself (``linkemu.py``, what :meth:`Network.impair` uses
 kernel has no ``sch_netem``): the delay a TCP round trip sees, the fraction of datagrams lost
 against a binomial bound, order kept, and a bulk TCP copy through it. Then issue 22's
 scenario: 20 ms latency and 1 % loss between all hosts (node host, two GPU-worker hosts, a
-broker host, a database host) under a study stream: every study drafted exactly once.
+broker host, a database host, and a PACS host that sends the studies and receives the
+outputs) under a study stream: every study drafted exactly once, every output delivered
+exactly once.
 """
 
 from __future__ import annotations
@@ -15,83 +17,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import pydicom
 import pytest
-from netns import Host, Network
-
-# A peer for the measurements, run inside a host's namespace: ``echo ADDRESS PORT`` answers
-# every byte back, ``sink ADDRESS PORT`` reads a TCP stream to its end and answers how many
-# bytes; ``udp ADDRESS PORT`` prints the sequence numbers of the datagrams it received
-# (until a second with none); the clients: ``rtt ADDRESS PORT N``, ``bulk ADDRESS PORT
-# BYTES``, ``send ADDRESS PORT N``.
-PEER = r"""
-import json, socket, sys, time
-mode, address, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-
-def connect():
-    for _ in range(100):
-        try:
-            return socket.create_connection((address, port), timeout=10)
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("no connection")
-
-if mode in ("echo", "sink"):
-    server = socket.create_server((address, port))
-    print("ready", flush=True)
-    while True:
-        conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            total = 0
-            while data := conn.recv(1 << 16):
-                total += len(data)
-                if mode == "echo":
-                    conn.sendall(data)
-            if mode == "sink":
-                conn.sendall(str(total).encode())
-elif mode == "udp":
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    sock.bind((address, port))
-    print("ready", flush=True)
-    sock.settimeout(20)
-    seen = []
-    try:
-        while True:
-            seen.append(int(sock.recv(64)))
-            sock.settimeout(1)
-    except TimeoutError:
-        pass
-    print(json.dumps(seen))
-elif mode == "rtt":
-    conn = connect()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    rtts = []
-    for _ in range(int(sys.argv[4])):
-        start = time.monotonic()
-        conn.sendall(b"x")
-        conn.recv(1)
-        rtts.append((time.monotonic() - start) * 1000)
-    print(json.dumps(rtts))
-elif mode == "bulk":
-    conn = connect()
-    block, left = b"\0" * (1 << 16), int(sys.argv[4])
-    start = time.monotonic()
-    while left > 0:
-        conn.sendall(block[:left])
-        left -= len(block)
-    conn.shutdown(socket.SHUT_WR)
-    received = int(conn.recv(64))
-    print(json.dumps({"bytes": received, "seconds": time.monotonic() - start}))
-elif mode == "send":
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for n in range(int(sys.argv[4])):
-        sock.sendto(str(n).encode(), (address, port))
-        if n % 20 == 19:
-            time.sleep(0.002)  # paced, so no queue on the way overflows
-"""
+from linkemu import PEER
+from netns import Host, Network, NsStream
+from services import BIN, node_env, wait_for
+from test_netns_gpu_partition import WORKERS
+from test_netns_partition import CHECK, HA, _postgres
 
 
 @pytest.fixture
@@ -164,3 +100,137 @@ def test_a_bulk_copy_through_the_emulator(network: Network) -> None:
     print(f"bulk TCP 50 MB: veths {rates[0]:.0f} MB/s; through two emulators (0 ms, 0 %) "
           f"{rates[1]:.1f} MB/s")  # fmt: skip
     assert rates[1] > 5, "the emulator is no bottleneck for studies of a few MB"
+
+
+OUTPUTS = f"""
+import json, sys
+sys.path[:0] = [{str(HA)!r}, {str(HA.parent)!r}]
+from sqlalchemy import create_engine, text
+engine = create_engine(sys.argv[1])
+with engine.connect() as conn:
+    rows = conn.execute(text(
+        "SELECT s.study_instance_uid, o.sop_instance_uid, o.state, o.attempts FROM outputs o "
+        "JOIN jobs j ON j.id = o.job_id JOIN studies s ON s.id = j.study_id"
+    )).all()
+print(json.dumps([list(r) for r in rows]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_20_ms_and_1_percent_loss_between_all_hosts_every_study_drafted_once(
+    network: Network, tiny_model: Path, tmp_path: Path
+) -> None:
+    names = ("broker", "db", "node", "gpu1", "gpu2", "pacs")
+    hosts = {name: network.add_host(name) for name in names}
+    broker, db, node_host, pacs = hosts["broker"], hosts["db"], hosts["node"], hosts["pacs"]
+    for host in hosts.values():  # every one-way path between two hosts: 20 ms, 1 % loss
+        network.impair(host, 20, 1)
+    started = time.monotonic()
+    logs: dict[str, Path] = {}
+
+    def start(host: Host, name: str, environment: dict[str, str], *args: str) -> None:
+        logs[name] = tmp_path / f"{name}.log"
+        with open(logs[name], "wb") as log:
+            network.start(host, str(BIN / "cxrnode"), *args, env=environment, stdout=log,
+                          stderr=subprocess.STDOUT)  # fmt: skip
+
+    def in_node(script: str, *args: str) -> object:
+        answer = network.run(node_host, sys.executable, "-c", script, *args, timeout=60)
+        assert answer.returncode == 0, answer.stderr
+        return json.loads(answer.stdout)
+
+    network.start(
+        broker,
+        shutil.which("redis-server") or "/usr/bin/redis-server",
+        "--bind", broker.address, "--port", "6379", "--save", "", "--appendonly", "no",
+        "--protected-mode", "no",
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    common = {
+        "model": str(tiny_model),
+        "broker_url": f"redis://{broker.address}:6379/0",
+        "temperature": "0",
+        "max_new_tokens": "8",
+        "reconcile_interval": "5",
+    }
+    # the GPU hosts load their models while the database host starts PostgreSQL
+    for name in ("gpu1", "gpu2"):
+        start(hosts[name], name, node_env(tmp_path / name, **common), "worker", "--queues",
+              "infer", "--concurrency", "2")  # fmt: skip
+    received = tmp_path / "pacs"
+    received.mkdir()
+    network.start(pacs, "/usr/bin/storescp", "-aet", "PACS", "-uf", "-od", str(received),
+                  "11112", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    database_url = _postgres(network, db)
+    data = tmp_path / "node"
+    data.mkdir()
+    env = node_env(
+        data, database_url=database_url, destinations=f"PACS@{pacs.address}:11112", **common
+    )
+    port = int(env["CXRNODE_DICOM_PORT"])
+    start(node_host, "serve", env, "serve", "--no-workers")
+    start(node_host, "node-worker", env, "worker", "--queues", "prepare,outputs,send")
+
+    def loaded() -> bool:
+        workers = in_node(WORKERS, broker.address)
+        infer = [w for w in workers if "infer" in w["queues"]]  # type: ignore[union-attr]
+        return len(workers) == 3 and sum(w["state"].get("model") == "loaded" for w in infer) == 2  # type: ignore[arg-type,union-attr]
+
+    wait_for(loaded, 120, "three workers over the impaired links, two models loaded", interval=1)
+    wait_for(
+        lambda: network.run(
+            node_host, "/usr/bin/echoscu", "-aec", "CXRNODE", "127.0.0.1", str(port)
+        ).returncode == 0,
+        60,
+        "the node in its namespace",
+        interval=0.5,
+    )  # fmt: skip
+    ready = time.monotonic()
+
+    count = 10
+    # the studies come from the PACS host, so they too cross two impaired links
+    stream = NsStream(network, pacs, port, tmp_path / "studies", count=count, every=0.5,
+                      address=node_host.address)  # fmt: skip
+    stream.thread.start()
+    stream.thread.join(120)
+    assert not stream.thread.is_alive()
+
+    def all_delivered() -> tuple[dict, list] | None:
+        found = in_node(CHECK, database_url)
+        outputs = in_node(OUTPUTS, database_url)
+        if not set(found["done"]) >= set(stream.studies):  # type: ignore[index]
+            return None
+        per_study = {study: [o for o in outputs if o[0] == study] for study in stream.studies}  # type: ignore[union-attr]
+        if not all(rows and all(o[2] == "delivered" for o in rows) for rows in per_study.values()):
+            return None
+        return found, outputs  # type: ignore[return-value]
+
+    found, outputs = wait_for(all_delivered, 90, "every study drafted and delivered", interval=2)
+    finished = time.monotonic()
+    arrived = [
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in received.iterdir()
+    ]  # fmt: skip
+    sent_outputs = [o[1] for o in outputs if o[0] in stream.studies]
+    drafted = sum(found["done"].get(s) == 1 for s in stream.studies)
+    duplicated = sum(max(0, found["inferred"].get(s, 0) - 1) for s in stream.studies)
+    dropped = {
+        name: sum(network.link_stats(host)[d]["dropped"] for d in ("to_host", "from_host"))
+        for name, host in hosts.items()
+    }
+    print(
+        f"20 ms + 1 % loss between all hosts: {len(stream.studies)} studies sent "
+        f"({stream.refused} C-STOREs repeated), {drafted} drafted once, {duplicated} "
+        f"duplicated, {count - drafted} lost; {len(sent_outputs)} outputs, {len(arrived)} "
+        f"arrived at the PACS ({len(set(arrived))} distinct; send attempts "
+        f"{sum(o[3] for o in outputs)}); setup {ready - started:.0f} s, stream to last "
+        f"delivery {finished - ready:.0f} s; frames dropped per host link {dropped}"
+    )
+    assert len(stream.studies) == len(set(stream.studies)) == count
+    assert set(stream.acknowledged) <= set(found["rows"]), "an acknowledged instance lost its row"
+    for study in stream.studies:
+        counts = (found["jobs"][study], found["done"][study], found["inferred"][study])
+        assert counts == (1, 1, 1), (study, counts)
+    assert sorted(arrived) == sorted(sent_outputs), "every output delivered once, none lost"

@@ -13,7 +13,8 @@ independently per frame, or held for delay_ms in a per-direction FIFO and then w
 so frames keep their order within a direction. Once both devices exist the emulator prints
 ``ready``; the harness then moves HOST_TAP into the host's namespace (the open file keeps
 working across the move). Counters (frames read, dropped, written, write errors, per
-direction) are written to ``PARAMS.stats`` twice a second and on exit; SIGTERM stops it.
+direction) are written to ``PARAMS.stats`` twice a second, on SIGUSR1 and on exit;
+SIGTERM stops it.
 
 ``python tests/ha/linkemu.py measure`` (as root, with ping installed) measures it between two
 namespace hosts: ping RTT and loss and a bulk TCP copy, over plain veths, through the
@@ -34,6 +35,7 @@ import random
 import select
 import signal
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
@@ -163,44 +165,58 @@ def main(params_path: str, host_tap: str, switch_tap: str) -> None:
     to_host = Direction("to_host", switch_fd, host_fd, rng)
     from_host = Direction("from_host", host_fd, switch_fd, rng)
     directions = (to_host, from_host)
-    flags = {"stop": False, "reload": True}
+    flags = {"stop": False, "reload": False, "stats": False, "serial": 0, "generation": 0}
 
     def load() -> None:
         with open(params_path) as handle:
             params = json.load(handle)
         if "seed" in params:
             rng.seed(params["seed"])
+        flags["generation"] = params.get("generation", 0)
         for direction in directions:
             delay_ms, loss_percent = params.get(direction.name, (0, 0))
             direction.delay, direction.loss = delay_ms / 1000, loss_percent / 100
 
     def write_stats() -> None:
-        stats = {d.name: d.counts for d in directions}
+        flags["serial"] += 1
+        stats = {"serial": flags["serial"], "generation": flags["generation"]}
+        stats.update({d.name: d.counts for d in directions})
         with open(params_path + ".stats.tmp", "w") as handle:
             json.dump(stats, handle)
         os.replace(params_path + ".stats.tmp", params_path + ".stats")
 
     signal.signal(signal.SIGTERM, lambda *_: flags.update(stop=True))
     signal.signal(signal.SIGHUP, lambda *_: flags.update(reload=True))
+    signal.signal(signal.SIGUSR1, lambda *_: flags.update(stats=True))
+    # a signal wakes the poll at once (else it is retried until its timeout)
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_write)
     poller = select.poll()
-    poller.register(host_fd, select.POLLIN)
-    poller.register(switch_fd, select.POLLIN)
+    for fd in (host_fd, switch_fd, wake_read):
+        poller.register(fd, select.POLLIN)
+    load()
+    write_stats()
     print("ready", flush=True)
     stats_due = 0.0
     while not flags["stop"]:
         if flags["reload"]:
             flags["reload"] = False
             load()
+            flags["stats"] = True  # the new generation acknowledged at once
         now = time.monotonic()
         dues = [d for d in (x.next_due() for x in directions) if d is not None]
         wait = min([0.5, *(due - now for due in dues)])
         ready = poller.poll(max(0, int(wait * 1000 + 0.999)))
         now = time.monotonic()
         for fd, _ in ready:
-            (to_host if fd == switch_fd else from_host).receive(now)
+            if fd == wake_read:
+                os.read(wake_read, 512)
+            else:
+                (to_host if fd == switch_fd else from_host).receive(now)
         for direction in directions:
             direction.send_due(now)
-        if now >= stats_due:
+        if now >= stats_due or flags["stats"]:
+            flags["stats"] = False
             write_stats()
             stats_due = now + 0.5
     write_stats()
@@ -213,7 +229,8 @@ def measure() -> None:
 
     with Network() as net:
         a, b = net.add_host("a"), net.add_host("b")
-        net.start(b, sys.executable, "-c", PEER, "sink", b.address, "7002")
+        net.start(b, sys.executable, "-c", PEER, "sink", b.address, "7002",
+                  stdout=subprocess.DEVNULL)  # fmt: skip
 
         def ping(label: str, count: int) -> None:
             answer = net.run(a, "ping", "-q", "-c", str(count), "-i", "0.05", b.address)
@@ -236,7 +253,11 @@ def measure() -> None:
         net.impair(b, 20, 1)
         ping("both links 20 ms 1 %", 50)
         ping("both links 20 ms 1 %", 1000)
+        before = net.link_stats(b)["to_host"]
         bulk("both links 20 ms 1 %", 10_000_000)
+        after = net.link_stats(b)["to_host"]
+        read, dropped = (after[k] - before[k] for k in ("read", "dropped"))
+        print(f"  frames towards b during that copy: {read} read, {dropped} dropped")
         print("emulator counters:", {h.name: net.link_stats(h) for h in (a, b)})
 
 

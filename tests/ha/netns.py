@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class Network:
     hosts: dict[str, Host] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     emulators: dict[str, subprocess.Popen] = field(default_factory=dict)
+    generation: int = 0  # of the emulators' parameters
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cxrnode-net-")))
 
     @property
@@ -145,13 +147,17 @@ class Network:
         """Route ``host``'s link through the userspace emulator (``linkemu.py``), with
         (delay_ms, loss_percent) per direction; called again, it changes them in place."""
         params = self.workdir / f"{host.name}.json"
-        values: dict[str, object] = {"to_host": to_host, "from_host": from_host}
+        self.generation += 1
+        values: dict[str, object] = {
+            "to_host": to_host, "from_host": from_host, "generation": self.generation
+        }  # fmt: skip
         if seed is not None:
             values["seed"] = seed
         params.write_text(json.dumps(values))
         running = self.emulators.get(host.name)
-        if running is not None:
+        if running is not None:  # change it in place, and return once it has taken them
             running.send_signal(signal.SIGHUP)
+            self._wait_stats(host, lambda stats: stats["generation"] == self.generation)
             return
         index = host.inner.removeprefix(f"{self.tag}h")
         host_tap, switch_tap = f"{self.tag}e{index}", f"{self.tag}t{index}"
@@ -183,8 +189,21 @@ class Network:
 
     def link_stats(self, host: Host) -> dict[str, dict[str, int]]:
         """The emulator's frame counters for ``host`` (per direction: read, dropped,
-        written, write_errors), as of the last half second."""
-        return json.loads((self.workdir / f"{host.name}.json.stats").read_text())
+        written, write_errors), asked for now (written within half a second)."""
+        path = self.workdir / f"{host.name}.json.stats"
+        serial = json.loads(path.read_text())["serial"]
+        self.emulators[host.name].send_signal(signal.SIGUSR1)
+        stats = self._wait_stats(host, lambda stats: stats["serial"] > serial)
+        return {k: v for k, v in stats.items() if k in ("to_host", "from_host")}
+
+    def _wait_stats(self, host: Host, done: Callable[[dict], bool]) -> dict:
+        path = self.workdir / f"{host.name}.json.stats"
+        deadline = time.monotonic() + 5
+        while not done(stats := json.loads(path.read_text())):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the link emulator for {host.name} does not answer")
+            time.sleep(0.02)
+        return stats
 
     def close(self) -> None:
         # the links (emulators) last: a process that exits closes its connections, and a

@@ -66,6 +66,22 @@ def test_the_emulator_holds_frames_for_each_directions_delay(network: Network) -
     assert median < 35 + 15, "the emulator adds no more than its delay (on a loaded machine)"
 
 
+def test_partition_and_heal_still_work_on_an_emulated_link(network: Network) -> None:
+    a, b = network.add_host("a"), network.add_host("b")
+    network.impair(b, 10, 0)
+    _serve(network, b, "echo", 7003)
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], 7003), timeout=2)"
+
+    def reaches() -> bool:
+        return network.run(a, sys.executable, "-c", probe, b.address).returncode == 0
+
+    assert reaches()
+    network.partition(b)
+    assert not reaches(), "the TAP on the switch taken down: frames vanish"
+    network.heal(b)
+    assert reaches()
+
+
 def test_the_emulator_drops_its_fraction_and_keeps_order(network: Network) -> None:
     a, b = network.add_host("a"), network.add_host("b")
     network.emulate(b, to_host=(5, 10))

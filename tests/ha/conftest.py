@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ for folder in ("jobs", "web"):
         sys.path.insert(0, str(_TESTS / folder))
 
 from jobcore import Node  # noqa: E402
+from netns import Network  # noqa: E402
 
 from cxrnode.db import make_engine, make_sessionmaker  # noqa: E402
 from cxrnode.db.migrate import upgrade  # noqa: E402
@@ -43,3 +46,12 @@ def core(tmp_path: Path) -> Iterator[Node]:
     )
     engine.dispose()
     reader.dispose()
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    """A test network of namespaces (see ``netns.py``), removed when the test ends."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.fail("the namespace tests run as root with iproute2 (as here and in CI)")
+    with Network() as net:
+        yield net

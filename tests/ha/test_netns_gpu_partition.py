@@ -11,28 +11,20 @@ exactly once.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from netns import Host, Network, NsStream
+from nshosts import WORKERS
 from services import BIN, node_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 HA = Path(__file__).resolve().parent
-WORKERS = f"""
-import json, sys
-sys.path[:0] = [{str(HA)!r}, {str(HA.parent)!r}]
-import redis
-client = redis.Redis(host=sys.argv[1], port=6379, socket_timeout=5)
-print(json.dumps([json.loads(client.get(k)) for k in client.keys("cxrnode:worker:*")]))
-"""
 DRAFTS = f"""
 import json, sys
 sys.path[:0] = [{str(HA)!r}, {str(HA.parent)!r}]
@@ -40,14 +32,6 @@ from stream import drafts
 found = drafts(sys.argv[1])
 print(json.dumps({{"jobs": found.jobs, "done": found.done, "inferred": found.inferred}}))
 """
-
-
-@pytest.fixture
-def network() -> Iterator[Network]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the namespace tests run as root with iproute2 (as here and in CI)")
-    with Network() as net:
-        yield net
 
 
 def test_a_gpu_host_partitioned_mid_batch_has_its_studies_drafted_once_by_the_other(

@@ -13,29 +13,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from linkemu import PEER
 from netns import Host, Network, NsStream
+from nshosts import CHECK, HA, WORKERS, postgres_host
 from services import BIN, node_env, wait_for
-from test_netns_gpu_partition import WORKERS
-from test_netns_partition import CHECK, HA, _postgres
-
-
-@pytest.fixture
-def network() -> Iterator[Network]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the namespace tests run as root with iproute2 (as here and in CI)")
-    with Network() as net:
-        yield net
 
 
 def _serve(net: Network, host: Host, mode: str, port: int) -> subprocess.Popen:
@@ -179,7 +168,7 @@ def test_20_ms_and_1_percent_loss_between_all_hosts_every_study_drafted_once(
     received.mkdir()
     network.start(pacs, "/usr/bin/storescp", "-aet", "PACS", "-uf", "-od", str(received),
                   "11112", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    database_url = _postgres(network, db)
+    database_url = postgres_host(network, db)
     data = tmp_path / "node"
     data.mkdir()
     env = node_env(

@@ -10,90 +10,26 @@ acknowledged instance has its row and every study is drafted exactly once.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import Host, Network, NsStream
-from services import BIN, _pg_bin, node_env, wait_for
+from netns import Network, NsStream
+from nshosts import CHECK, postgres_host
+from services import BIN, node_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 HA = Path(__file__).resolve().parent
-CHECK = f"""
-import json, sys
-sys.path[:0] = [{str(HA)!r}, {str(HA.parent)!r}]
-from stream import drafts
-from sqlalchemy import create_engine, text
-url = sys.argv[1]
-found = drafts(url)
-engine = create_engine(url)
-with engine.connect() as conn:
-    rows = [r[0] for r in conn.execute(text("SELECT sop_instance_uid FROM instances"))]
-print(json.dumps({{"jobs": found.jobs, "done": found.done, "inferred": found.inferred, "rows": rows}}))
-"""
-
-
-@pytest.fixture
-def network() -> Iterator[Network]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the namespace tests run as root with iproute2 (as here and in CI)")
-    with Network() as net:
-        yield net
-
-
-def _postgres(net: Network, host: Host) -> str:
-    root = Path(tempfile.mkdtemp(prefix="cxrnode-nspg-"))
-    shutil.chown(root, "postgres")
-    data = root / "data"
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [
-            *as_postgres,
-            _pg_bin("initdb") or "initdb",
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-D",
-            str(data),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    with open(data / "pg_hba.conf", "a") as hba:
-        hba.write(f"host all all {net.subnet}.0/24 trust\n")
-    net.start(
-        host,
-        *as_postgres,
-        _pg_bin("postgres") or "postgres",
-        "-D", str(data), "-p", "5432", "-k", str(root), "-c", f"listen_addresses={host.address}",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    psql = _pg_bin("psql") or "psql"
-
-    def created() -> bool:
-        answer = net.run(
-            host, psql, "-h", host.address, "-U", "postgres", "-c", "CREATE DATABASE cxrnode"
-        )
-        return answer.returncode == 0
-
-    wait_for(created, 60, "PostgreSQL in its namespace", interval=0.5)
-    return f"postgresql+psycopg://postgres@{host.address}:5432/cxrnode"
 
 
 def test_the_database_host_partitioned_for_30_s_loses_no_acknowledged_instance_and_recovers(
     network: Network, tiny_model: Path, tmp_path: Path
 ) -> None:
     node_host, db_host = network.add_host("node"), network.add_host("db")
-    database_url = _postgres(network, db_host)
+    database_url = postgres_host(network, db_host)
     data = tmp_path / "node"
     data.mkdir()
     env = node_env(

@@ -186,7 +186,8 @@ def test_flushall_mid_flight_is_healed_by_the_reconciler(
             60,
             "jobs to be queued",
         )
-        assert client.llen(host_queue("prepare", socket.gethostname())) == 3  # NODE_HOST
+        queue = host_queue("prepare", socket.gethostname())  # this node host's (NODE_HOST)
+        wait_for(lambda: client.llen(queue) == 3, 10, "the messages published after the commit")
         client.flushall()  # every queued message and the waiting marks are gone
         worker = subprocess.Popen(
             [str(node.env["PATH"].split(":")[0] + "/cxrnode"), "worker"],

@@ -24,7 +24,7 @@ from cxrnode.db import (
     utcnow,
 )
 from cxrnode.jobs import tracking
-from cxrnode.jobs.broker import STAGE_QUEUES, celery_app
+from cxrnode.jobs.broker import STAGE_QUEUES, celery_app, queue_depths
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.messages import host_queue
 from cxrnode.jobs.scheduler import Scheduler
@@ -71,6 +71,14 @@ def test_a_message_in_another_node_hosts_queue_is_waiting(dispatcher: Dispatcher
     age_marks(redis, GRACE + 5)
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE)
     assert list(kept) == ["6"]
+
+
+def test_a_queues_depth_counts_every_node_hosts_copy(dispatcher: Dispatcher, redis) -> None:
+    dispatcher.prepare_image(3, 1, "node-a")
+    dispatcher.prepare_image(4, 1, "node-b")
+    dispatcher.prepare_image(5, 1)  # this host's
+    depths = queue_depths(dispatcher.settings)
+    assert depths["prepare"] == 3 and depths["send"] == 0
 
 
 def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatcher, redis) -> None:

@@ -39,6 +39,7 @@ from cxrnode.db.migrate import upgrade
 from cxrnode.ingest.reconcile import reconcile_files
 from cxrnode.ingest.storage import clean_tmp
 from cxrnode.jobs.broker import EmbeddedBroker, broker_url, is_embedded, redis_client
+from cxrnode.jobs.lease import Lease
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.jobs.tracking import WorkerInfo, live_workers
 from cxrnode.monitor.service import run_monitor_thread
@@ -355,6 +356,8 @@ class Supervisor:
         watcher.start()
         audit_stop = threading.Event()  # its own: set once Application Stop is written
         audit_forwarder = start_audit(self.settings, audit_stop)
+        # the singletons (settling, reconciling, retention) run on one node host at a time
+        lease = Lease(self.settings.effective_database_url)
         retention = threading.Thread(
             target=run_retention,
             args=(
@@ -362,6 +365,7 @@ class Supervisor:
                 make_sessionmaker(self.engine),
                 make_sessionmaker(self.reader),
                 self.stop,
+                lease.held,
             ),
             name="retention",
             daemon=True,
@@ -376,7 +380,10 @@ class Supervisor:
         threading.Thread(target=prober.run, args=(self.stop,), name="probe", daemon=True).start()
         try:
             scheduler = Scheduler(
-                self.settings, make_sessionmaker(self.engine), make_sessionmaker(self.reader)
+                self.settings,
+                make_sessionmaker(self.engine),
+                make_sessionmaker(self.reader),
+                lease=lease,
             )
             scheduler.run(self.stop)
         finally:

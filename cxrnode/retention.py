@@ -30,6 +30,12 @@ history and association logs are untouched. `cxrnode status` and the metrics rea
 ``RETENTION_INTERVAL_SECONDS`` (an hour) between passes; an idle pass is one indexed
 read-only query. Work is done in batches of :data:`BATCH_STUDIES` studies, one transaction
 each, so the listener can commit arrivals in between.
+
+**Two node hosts.** Where two node hosts share the database, deciding what is due is a
+singleton: only the holder of the lease (:mod:`cxrnode.jobs.lease`) runs :func:`purge_due`.
+Each host holds only its own files (``instances.node_host``, ``jobs.node_host``), so the
+holder removes its own and marks the study; the other host removes its files of the purged
+study at its next pass (:func:`purge_left_behind`).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -68,6 +74,7 @@ __all__ = [
     "cutoff",
     "due_studies",
     "purge_due",
+    "purge_left_behind",
     "retention_counts",
     "retention_metrics",
     "run_retention",
@@ -193,7 +200,7 @@ def _purge_batch(
         query = due_studies(before).with_for_update(of=Study, skip_locked=True)
         study_ids = list(session.scalars(query).all())
         for study_id in study_ids:
-            result += _purge_study(session, settings, study_id, before, now)
+            result += _purge_study(session, settings.node_host, settings, study_id, before, now)
         session.commit()
     _audit_deleted(settings, sessions, study_ids)
     return result
@@ -219,18 +226,28 @@ def _audit_deleted(settings: Settings, sessions: sessionmaker, study_ids: list[i
 
 
 def _purge_study(
-    session: Session, settings: Settings, study_id: int, before: datetime, now: datetime
+    session: Session,
+    host: str,
+    settings: Settings,
+    study_id: int,
+    before: datetime,
+    now: datetime,
 ) -> PurgeResult:
+    """Remove the study's files held by this node host and mark their rows; the study is
+    marked too, and another node host removes its own files of it at its next pass
+    (:func:`purge_left_behind`)."""
     study = session.get(Study, study_id)
     assert study is not None
     uid = study.study_instance_uid
     instances = session.scalars(
-        select(Instance).where(Instance.study_id == study_id, Instance.purged_at.is_(None))
+        select(Instance).where(
+            Instance.study_id == study_id, Instance.purged_at.is_(None), _held_by(Instance, host)
+        )
     ).all()
     outputs = session.scalars(
         select(Output)
         .join(Job, Output.job_id == Job.id)
-        .where(Job.study_id == study_id, Output.purged_at.is_(None))
+        .where(Job.study_id == study_id, Output.purged_at.is_(None), _held_by(Job, host))
     ).all()
     files = nbytes = 0
     for root, relpaths in (
@@ -250,7 +267,7 @@ def _purge_study(
                 nbytes += max(removed, 0)
         for root in (settings.instances_dir, settings.outputs_dir, settings.prepared_dir):
             _remove_empty_dir(root / uid)
-    study.purged_at = now
+    study.purged_at = study.purged_at or now
     if instances:
         session.execute(
             update(Instance)
@@ -266,6 +283,66 @@ def _purge_study(
             .execution_options(synchronize_session=False)
         )
     return PurgeResult(1, len(instances), len(outputs), files, nbytes)
+
+
+def _held_by(table: Any, host: str) -> Any:
+    """Rows whose files are in this node host's DATA_DIR (NULL: recorded before 0005a, when
+    one node host held everything)."""
+    return or_(table.node_host == host, table.node_host.is_(None))
+
+
+def purge_left_behind(
+    settings: Settings, sessions: sessionmaker, *, now: datetime | None = None
+) -> PurgeResult:
+    """Remove this node host's files of studies another node host purged.
+
+    Deciding which studies are due is a singleton (:func:`purge_due` runs on the holder of
+    the lease); each node host removes only the files in its own DATA_DIR, so the files a
+    split study left on the other host are removed by that host here, at its next pass.
+    """
+    before = cutoff(settings, now)
+    if before is None:
+        return PurgeResult()
+    now = now or utcnow()
+    host = settings.node_host
+    with sessions() as session:
+        left = set(
+            session.scalars(
+                select(Instance.study_id)
+                .join(Study, Instance.study_id == Study.id)
+                .where(
+                    Instance.node_host == host,
+                    Instance.purged_at.is_(None),
+                    Study.purged_at.is_not(None),
+                )
+                .limit(BATCH_STUDIES)
+            )
+        )
+        left |= set(
+            session.scalars(
+                select(Job.study_id)
+                .join(Output, Output.job_id == Job.id)
+                .join(Study, Job.study_id == Study.id)
+                .where(
+                    Job.node_host == host,
+                    Output.purged_at.is_(None),
+                    Study.purged_at.is_not(None),
+                )
+                .limit(BATCH_STUDIES)
+            )
+        )
+        result = PurgeResult()
+        for study_id in sorted(i for i in left if i is not None):
+            done = _purge_study(session, host, settings, study_id, before, now)
+            result += PurgeResult(0, done.instances, done.outputs, done.files, done.bytes)
+        session.commit()
+    if result.files:
+        log.info(
+            "retention: removed this host's %d files (%.1f MB) of studies purged elsewhere",
+            result.files,
+            result.bytes / 1e6,
+        )
+    return result
 
 
 def _timestamp(moment: datetime) -> float:
@@ -323,15 +400,23 @@ def run_retention(
     sessions: sessionmaker,
     readers: sessionmaker | None,
     stop: threading.Event,
+    leads: Callable[[], bool] | None = None,
 ) -> None:
-    """Body of `serve`'s retention thread: a pass every ``RETENTION_INTERVAL_SECONDS``."""
+    """Body of `serve`'s retention thread: a pass every ``RETENTION_INTERVAL_SECONDS``.
+
+    Deciding what is due runs on one node host at a time, the one for which ``leads``
+    (the singletons' lease, :mod:`cxrnode.jobs.lease`) says so; every node host then removes
+    its own files of what was purged (:func:`purge_left_behind`).
+    """
     if settings.retention_days <= 0:
         log.info("retention is off (RETENTION_DAYS=0): files are kept forever")
         return
     delay = min(FIRST_PASS_DELAY, settings.retention_interval_seconds)
     while not stop.wait(delay):
         try:
-            purge_due(settings, sessions, readers, stop=stop)
+            if leads is None or leads():
+                purge_due(settings, sessions, readers, stop=stop)
+            purge_left_behind(settings, sessions)
         except Exception:  # a bad moment of the database must not end retention for good
             log.exception("retention pass failed; trying again at the next interval")
         delay = settings.retention_interval_seconds

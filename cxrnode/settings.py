@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -185,6 +186,19 @@ class Settings(BaseSettings):
             "Redis Sentinel: the monitored master's name, with BROKER_URL listing the "
             "Sentinels as sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379. The "
             "workers and the node follow the master the Sentinels elect."
+        ),
+    )
+    node_host: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description=(
+            "This node host's name (default: the machine's host name). Two active node hosts "
+            "sharing the database and broker each need their own: it is recorded on every "
+            "instance this host stores and on every job, and the steps that read or write "
+            "DATA_DIR (prepare, outputs, send) go to this host's queues (prepare.<NODE_HOST>, "
+            "...), which its node-side worker consumes."
         ),
     )
     destination_probe_seconds: float = Field(
@@ -908,6 +922,16 @@ def get_settings() -> Settings:
     return Settings()
 
 
+class _Computed(str):
+    """A default computed at start-up, shown in the example as what it is computed from."""
+
+
+_COMPUTED = {
+    "data_dir": _Computed('"~/.local/share/cxrnode"  # $XDG_DATA_HOME/cxrnode'),
+    "node_host": _Computed('""  # the machine\'s host name'),
+}
+
+
 def example_toml() -> str:
     """Render every option with its description and default as a commented TOML file."""
     lines = [
@@ -920,7 +944,7 @@ def example_toml() -> str:
         env = ENV_PREFIX + name.upper()
         lines.append(f"# {field.description} (env {env})")
         if field.default_factory is not None:
-            default = "(computed)" if name == "data_dir" else field.default_factory()
+            default = _COMPUTED.get(name) or field.default_factory()
         else:
             default = field.default
         lines.append(f"# {name} = {_toml_value(default)}")
@@ -937,6 +961,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if value == "(computed)":
-        return '"~/.local/share/cxrnode"  # $XDG_DATA_HOME/cxrnode'
+    if isinstance(value, _Computed):
+        return str(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

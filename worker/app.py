@@ -19,7 +19,7 @@ from typing import Any
 from celery import signals
 
 from cxrnode.jobs.broker import celery_app, redis_client
-from cxrnode.jobs.messages import BadMessage, message_type
+from cxrnode.jobs.messages import BadMessage, base_queue, consumed_queues, message_type
 from cxrnode.jobs.tracking import Heartbeat
 from cxrnode.settings import get_settings
 
@@ -60,8 +60,13 @@ def _request_keys(request: Any) -> list[str]:
 @signals.worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global heartbeat
-    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    # the queues by their plain names (a node host's copies are named in its state): what
+    # `--queues` asked for, as `cxrnode status` and the readiness checks count them
+    consumed = sender.app.amqp.queues.consume_from.values()
+    queues = sorted({base_queue(q.name) for q in consumed})
     heartbeat = Heartbeat(redis_client(get_settings()), sender.hostname, queues)
+    if any(q.name != base_queue(q.name) for q in consumed):
+        heartbeat.state["node_host"] = get_settings().node_host
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         heartbeat.state["gpu"] = os.environ["CUDA_VISIBLE_DEVICES"]  # `worker --gpus`
     heartbeat.start()
@@ -131,7 +136,7 @@ def run_worker(queues: list[str], concurrency: int, loglevel: str = "INFO") -> i
         [
             "--quiet",  # no banner: `cxrnode serve` prints its own start-up summary
             "worker",
-            f"--queues={','.join(queues)}",
+            f"--queues={','.join(consumed_queues(queues, get_settings().node_host))}",
             "--pool=threads",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",

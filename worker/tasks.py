@@ -184,18 +184,20 @@ def model_host() -> Any:
 @app.task(name=InferReport.task, bind=True, max_retries=None)
 def infer_report(self: Task, *args: Any, **kwargs: Any) -> str:
     """Run the model (batched with concurrent tasks). Needs only the broker: results and
-    problems go back to the node side as messages."""
+    problems go back as messages to the outputs queue of the node host that prepared the
+    image (``InferReport.node_host``)."""
 
     message = accept(InferReport, args, kwargs)
     if message is None:
         return "refused"
     job_id, version = message.job_id, message.version
+    reply_to = message.node_host  # the node host holding the prepared images: its outputs queue
     settings = get_settings()
     try:
         image = decode_model_input(message.model_input_b64)
     except ImagingError as exc:
         failed = RecordProblem(job_id, version, JobState.failed, f"bad message: {exc}")
-        dispatcher().publish(failed)
+        dispatcher().publish(failed, node_host=reply_to)
         return "failed"
     try:
         result: ModelResult = model_host().submit(image, message.context, message.params).result()
@@ -203,13 +205,15 @@ def infer_report(self: Task, *args: Any, **kwargs: Any) -> str:
         if worker_app.heartbeat is not None:
             worker_app.heartbeat.set_state(model="unavailable", model_error=str(exc))
         if self.request.retries == 0:
-            dispatcher().publish(RecordProblem(job_id, version, JobState.waiting_model, str(exc)))
+            dispatcher().publish(
+                RecordProblem(job_id, version, JobState.waiting_model, str(exc)), node_host=reply_to
+            )
         raise self.retry(countdown=settings.model_retry_seconds) from exc
     except Exception as exc:
         if self.request.retries >= 3:
             failed = RecordProblem(job_id, version, JobState.failed, f"inference failed: {exc}")
-            dispatcher().publish(failed)
+            dispatcher().publish(failed, node_host=reply_to)
             return "failed"
         raise self.retry(countdown=10 * (self.request.retries + 1)) from exc
-    dispatcher().publish(RecordResult(job_id, version, result))
+    dispatcher().publish(RecordResult(job_id, version, result), node_host=reply_to)
     return "inferred"

@@ -94,6 +94,8 @@ class Instance(Base):
     body_part: Mapped[str | None] = mapped_column(String(64))
     view: Mapped[str | None] = mapped_column(String(16))  # PA, AP, LATERAL or None
     path: Mapped[str] = mapped_column(String(512))  # relative to DATA_DIR/instances
+    #: the node host whose DATA_DIR holds the file (Settings.node_host; NULL: before 0005a)
+    node_host: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     calling_aet: Mapped[str] = mapped_column(AET)
     peer_host: Mapped[str | None] = mapped_column(String(64))
@@ -138,6 +140,8 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    #: the host whose queues run its prepare, outputs and send steps: its instance's host
+    node_host: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)

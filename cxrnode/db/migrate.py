@@ -10,6 +10,9 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: The PostgreSQL advisory lock that serialises migrations of node hosts sharing a database
+#: ("cxrdbmg" in ASCII; the singletons' lease uses another key).
+MIGRATION_LOCK = 0x63787264626D67
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -45,6 +48,10 @@ def _migrate(engine: Engine, step: Any, revision: str) -> None:
             raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    # two node hosts starting together: one migrates, the other waits for
+                    # its commit and then finds nothing to do
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 config.attributes["connection"] = connection
                 step(config, revision)
                 if sqlite:

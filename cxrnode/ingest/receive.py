@@ -73,6 +73,7 @@ _REPLACE_INSTANCE = (
     .where(_INSTANCES.c.id == bindparam("b_id"))
     .values(
         path=bindparam("b_path"),
+        node_host=bindparam("b_host"),
         size_bytes=bindparam("b_size"),
         received_at=bindparam("b_now"),
         header=bindparam("b_header"),
@@ -490,6 +491,7 @@ class Ingest:
                     {
                         "b_id": existing.id,
                         "b_path": relpath,
+                        "b_host": self.settings.node_host,
                         "b_size": size,
                         "b_now": now,
                         "b_header": header.recorded,
@@ -519,6 +521,7 @@ class Ingest:
                         "body_part": header.body_part,
                         "view": header.view,
                         "path": relpath,
+                        "node_host": self.settings.node_host,
                         "size_bytes": size,
                         "calling_aet": calling_aet,
                         "peer_host": peer_host,

@@ -14,6 +14,10 @@ outputs     ``RecordResult``   record the answer, build and record SR/SC/...
 send        ``SendOutputs``    deliver one study's outputs to one destination
 ==========  =================  ==========================================================
 
+``prepare``, ``outputs`` and ``send`` read or write a node host's DATA_DIR: each node host has
+its own copy of them (``prepare.<NODE_HOST>``, ...; :func:`cxrnode.jobs.messages.host_queue`),
+which its node-side worker consumes with the plain ones. ``infer`` is one queue for all.
+
 **Embedded mode** (no ``BROKER_URL``): ``cxrnode serve`` starts and owns a ``redis-server``
 child listening only on a unix socket in DATA_DIR (no TCP port), with an append-only file in
 DATA_DIR/broker, and restarts it if it dies. **Distributed mode**: ``BROKER_URL=redis://…``.
@@ -217,15 +221,20 @@ def wake_scheduler(client: Any) -> None:
 
 
 def queue_depths(settings: Settings) -> dict[str, int | None]:
-    """Messages waiting in each queue (None when the broker cannot be asked)."""
+    """Messages waiting in each queue, every node host's copy of it included (None when the
+    broker cannot be asked)."""
     depths: dict[str, int | None] = dict.fromkeys(QUEUES)
     try:
         client = redis_client(settings, timeout=2)
+        lists = [(queue, queue) for queue in QUEUES]
+        for queue in messages.HOST_QUEUES:  # each node host's copy counts in its queue
+            lists += [(queue, name) for name in client.scan_iter(match=f"{queue}.*", count=100)]
         with client.pipeline(transaction=False) as pipe:
-            for queue in QUEUES:
-                pipe.llen(queue)
-            for queue, depth in zip(QUEUES, pipe.execute(), strict=True):
-                depths[queue] = int(depth)
+            for _, name in lists:
+                pipe.llen(name)
+            depths.update(dict.fromkeys(QUEUES, 0))
+            for (queue, _), depth in zip(lists, pipe.execute(), strict=True):
+                depths[queue] = (depths[queue] or 0) + int(depth)
         client.close()
     except Exception:  # status must answer even when the broker is down
         pass

@@ -14,7 +14,13 @@ from typing import Any
 
 from cxrnode.jobs import tracking
 from cxrnode.jobs.broker import celery_app, redis_client, wake_scheduler
-from cxrnode.jobs.messages import Message, PrepareImage, SendOutputs, WakeScheduler
+from cxrnode.jobs.messages import (
+    Message,
+    PrepareImage,
+    SendOutputs,
+    WakeScheduler,
+    host_queue,
+)
 from cxrnode.outputs.outbox import SendBatch
 from cxrnode.settings import Settings
 
@@ -27,9 +33,15 @@ class Dispatcher:
         self.celery = celery if celery is not None else celery_app(settings)
         self.redis = redis if redis is not None else redis_client(settings)
 
-    def publish(self, *messages: Message) -> None:
+    def publish(self, *messages: Message, node_host: str | None = None) -> None:
         """Publish each message to its task, marked as waiting first (a
-        :class:`WakeScheduler` wakes the scheduler instead)."""
+        :class:`WakeScheduler` wakes the scheduler instead).
+
+        A message of a host-bound queue (prepare, outputs, send) goes to the copy of that
+        queue of ``node_host``, the node host whose DATA_DIR holds the files its step needs
+        (default: this process's own, ``NODE_HOST``); ``infer`` is one queue for all.
+        """
+        host = node_host or self.settings.node_host
         for message in messages:
             if isinstance(message, WakeScheduler):
                 self.wake_scheduler()
@@ -39,18 +51,23 @@ class Dispatcher:
             keys = message.tracking_keys()
             tracking.mark_waiting(self.redis, keys, message.stage)
             self.celery.send_task(
-                message.task, args=(message.to_wire(),), headers={tracking.KEYS_HEADER: keys}
+                message.task,
+                args=(message.to_wire(),),
+                headers={tracking.KEYS_HEADER: keys},
+                queue=host_queue(message.queue, host),
             )
 
-    def prepare_image(self, job_id: int, version: int) -> None:
-        """Publish :class:`PrepareImage` for a job its caller just queued."""
-        self.publish(PrepareImage(job_id, version))
+    def prepare_image(self, job_id: int, version: int, node_host: str | None = None) -> None:
+        """Publish :class:`PrepareImage` for a job its caller just queued, to the queue of
+        the host holding its image (``node_host``, the job's)."""
+        self.publish(PrepareImage(job_id, version), node_host=node_host)
 
     def send_outputs(self, batches: Iterable[SendBatch]) -> None:
-        """Publish one :class:`SendOutputs` per claimed study and destination; each output
-        it carries is tracked (waiting, then held) like a job, so a lost message is noticed
-        quickly."""
-        self.publish(*(SendOutputs(b.destination, tuple(b.output_ids)) for b in batches))
+        """Publish one :class:`SendOutputs` per claimed study and destination, to the queue
+        of the host holding the files; each output it carries is tracked (waiting, then
+        held) like a job, so a lost message is noticed quickly."""
+        for b in batches:
+            self.publish(SendOutputs(b.destination, tuple(b.output_ids)), node_host=b.node_host)
 
     def wake_scheduler(self) -> None:
         wake_scheduler(self.redis)

@@ -105,7 +105,7 @@ def settle_due_studies(
                 detail="a better image arrived",
                 commit=False,
             )
-        new_jobs.append(new_version(session, study, chosen.id, now))
+        new_jobs.append(new_version(session, study, chosen.id, now, node_host=chosen.node_host))
     if commit:
         session.commit()
     else:

@@ -1,5 +1,5 @@
-"""One node at a time runs the singletons (settling studies, reconciling lost work) when
-several node hosts share one PostgreSQL database.
+"""One node at a time runs the singletons (settling studies, reconciling lost work, deciding
+which studies retention purges) when several node hosts share one PostgreSQL database.
 
 The lease is a PostgreSQL session-level advisory lock (``pg_try_advisory_lock``) held on a
 connection of its own. It lasts exactly as long as the holder's session: a node that stops
@@ -16,6 +16,7 @@ Sending due outputs is not a singleton: claiming them is a compare-and-set with
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -47,11 +48,16 @@ class Lease:
         self._engine: Any = None
         self._conn: Any = None
         self._was_held = False
+        self._lock = threading.Lock()  # the scheduler's and the retention thread's
 
     def held(self) -> bool:
         """Whether this node holds the lease now (taking it when free). Never raises."""
         if self.always:
             return True
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> bool:
         try:
             if self._conn is None:
                 self._take()
@@ -63,7 +69,7 @@ class Lease:
         holds = self._conn is not None
         if holds != self._was_held:
             log.info(
-                "this node %s the singletons (settling, reconciling)",
+                "this node %s the singletons (settling, reconciling, retention)",
                 "now runs" if holds else "no longer runs",
             )
             self._was_held = holds
@@ -97,7 +103,8 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease up (closing its session frees the lock)."""
-        self._drop()
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+        with self._lock:
+            self._drop()
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None

@@ -18,6 +18,10 @@ message             queue      step                                             
 :class:`SendOutputs`   send     ``steps.send``: one association per study          WakeScheduler
 ==================  =========  ==================================================  ==========
 
+The queues ``prepare``, ``outputs`` and ``send`` have a copy per node host (:func:`host_queue`):
+a job's message goes to the copy of the host holding its files, and :class:`InferReport`
+carries that host so the GPU side answers to it.
+
 On the wire a message is one JSON object, the task's only argument: its fields and
 ``"schema"``, the version of its contract. A worker meeting a schema it does not know (a GPU
 host still on an older release during a rolling upgrade), or a message of the positional form
@@ -29,7 +33,7 @@ it is running. Change a message's fields only together with its ``schema``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -59,7 +63,11 @@ __all__ = [
     "UnknownSchema",
     "WakeScheduler",
     "accept",
+    "HOST_QUEUES",
+    "base_queue",
+    "consumed_queues",
     "generation_params",
+    "host_queue",
     "infer_message",
     "message_type",
 ]
@@ -188,16 +196,20 @@ class InferReport(JobMessage):
     """Everything the GPU side needs for one study: it has no database and no shared disk.
 
     ``model_input_b64`` is the model input as base64 of its raw bytes: 512 x 512 uint8,
-    row-major, no header (:func:`cxrnode.prepare.images.encode_model_input`).
+    row-major, no header (:func:`cxrnode.prepare.images.encode_model_input`). ``node_host``
+    is the node host that prepared it and holds the display image: the answer goes to its
+    ``outputs`` queue (:func:`host_queue`). Schema 2 added it.
     """
 
     task: ClassVar[str] = "cxrnode.infer_report"
     queue: ClassVar[str] = "infer"
+    schema: ClassVar[int] = 2
     nested: ClassVar[Mapping[str, Any]] = {"context": StudyContext, "params": GenerationParams}
 
     model_input_b64: str
     context: StudyContext
     params: GenerationParams
+    node_host: str
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -206,6 +218,8 @@ class InferReport(JobMessage):
                 f"InferReport.model_input_b64 must be a base64 string; got "
                 f"{type(self.model_input_b64).__name__}"
             )
+        if not isinstance(self.node_host, str) or not self.node_host:
+            raise BadMessage(f"InferReport.node_host must name a node host; got {self.node_host!r}")
 
 
 @dataclass(frozen=True)
@@ -322,13 +336,54 @@ def generation_params(settings: Settings) -> GenerationParams:
 
 
 def infer_message(
-    settings: Settings, job_id: int, version: int, image: np.ndarray, context: StudyContext
+    settings: Settings,
+    job_id: int,
+    version: int,
+    image: np.ndarray,
+    context: StudyContext,
+    node_host: str | None = None,
 ) -> InferReport:
     """The inference request of a prepared job: the message carries everything the GPU side
-    needs (image, context, decoding parameters), so that side needs no database."""
+    needs (image, context, decoding parameters, where to answer), so that side needs no
+    database. ``node_host``: the host holding the job's prepared images (default: this one)."""
     return InferReport(
-        job_id, version, encode_model_input(image), context, generation_params(settings)
+        job_id,
+        version,
+        encode_model_input(image),
+        context,
+        generation_params(settings),
+        node_host or settings.node_host,
     )
+
+
+#: The queues whose steps read or write a node host's DATA_DIR: each node host has its own
+#: copy of them (``prepare.<host>``, ...), consumed by its node-side worker; ``infer`` is one
+#: queue for every GPU worker (they need only the broker).
+HOST_QUEUES = frozenset({"prepare", "outputs", "send"})
+
+
+def host_queue(queue: str, node_host: str | None) -> str:
+    """The queue a message of ``queue`` travels in for work on ``node_host``:
+    ``prepare.<host>`` for a host-bound queue, the plain name otherwise (``infer``, or no host
+    named: the plain queues every node-side worker also consumes)."""
+    if node_host and queue in HOST_QUEUES:
+        return f"{queue}.{node_host}"
+    return queue
+
+
+def consumed_queues(queues: Iterable[str], node_host: str) -> list[str]:
+    """What a worker asked for ``queues`` consumes on ``node_host``: each host-bound queue
+    twice, its host's copy and the plain one (messages published before 0005a, or by a
+    release without host queues), so ``--queues prepare,outputs,send`` keeps its meaning."""
+    consumed: list[str] = []
+    for queue in queues:
+        consumed += dict.fromkeys((queue, host_queue(queue, node_host)))
+    return consumed
+
+
+def base_queue(queue: str) -> str:
+    """The queue a per-host queue is a copy of (``prepare.node-a`` -> ``prepare``)."""
+    return queue.split(".", 1)[0]
 
 
 #: Every message a worker consumes.

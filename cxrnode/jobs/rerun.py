@@ -89,7 +89,9 @@ def rerun_study(session: Session, study_uid: str) -> Rerun:
         )
         superseded.append(job.id)
     require(move_study(study, StudyState.settled), f"study {study_uid} could not be settled again")
-    job = new_version(session, study, chosen.id, now, detail=RERUN_DETAIL)
+    job = new_version(
+        session, study, chosen.id, now, detail=RERUN_DETAIL, node_host=chosen.node_host
+    )
     transition(session, job.id, JobState.queued, detail=RERUN_DETAIL, commit=False)
     session.commit()
-    return Rerun(Work(job.id, job.version), superseded)
+    return Rerun(Work(job.id, job.version, job.node_host), superseded)

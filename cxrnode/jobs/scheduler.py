@@ -110,7 +110,7 @@ class Scheduler:
             settle_due_studies(session, commit=False)
             taken = states.take_pending(session)  # commits the new jobs as queued
         for work in taken:
-            self.dispatch.prepare_image(work.job_id, work.version)
+            self.dispatch.prepare_image(work.job_id, work.version, work.node_host)
 
     def _holding(self, now: datetime, last_settle_at: datetime | None) -> bool:
         """Receive first: whether settling waits because instances are still arriving.
@@ -140,7 +140,7 @@ class Scheduler:
     def queue_new_jobs(self) -> None:
         with self.sessions() as session:
             for work in states.take_pending(session):
-                self.dispatch.prepare_image(work.job_id, work.version)
+                self.dispatch.prepare_image(work.job_id, work.version, work.node_host)
 
     def send_due_outputs(self) -> None:
         """Hand outputs whose next try is due to the send queue, one task per study and
@@ -207,20 +207,25 @@ class Scheduler:
             self.resend(item)
 
     def resend(self, item: states.Resend) -> None:
+        """Publish a lost job's message again, to the queues of the job's node host (this
+        node may be another one: the singletons run on the lease holder)."""
+        host = item.node_host or self.settings.node_host
         if item.task is not InferReport:
-            self.dispatch.publish(item.task(item.job_id, item.version))
+            self.dispatch.publish(item.task(item.job_id, item.version), node_host=host)
             return
         with self.readers() as session:
             work = states.prepare_work(session, item.job_id, item.version)
         if work is None:
             return
-        image = load_model_input(self.settings, work.study_instance_uid, work.sop_instance_uid)
-        if image is None:  # the kept input is gone: prepare again
-            self.dispatch.prepare_image(item.job_id, item.version)
+        image = None
+        if host == self.settings.node_host:  # the kept input is on this host's disk
+            image = load_model_input(self.settings, work.study_instance_uid, work.sop_instance_uid)
+        if image is None:  # the kept input is gone, or on the other host: prepare again there
+            self.dispatch.prepare_image(item.job_id, item.version, host)
             return
         context = study_context(header_dataset(work.header))
         self.dispatch.publish(
-            infer_message(self.settings, item.job_id, item.version, image, context)
+            infer_message(self.settings, item.job_id, item.version, image, context, host)
         )
 
     def seconds_until_due(self, now_monotonic: float) -> float:

@@ -198,15 +198,23 @@ def move_study(
 
 
 def new_version(
-    session: Session, study: Any, instance_id: int, now: datetime, detail: str | None = None
+    session: Session,
+    study: Any,
+    instance_id: int,
+    now: datetime,
+    detail: str | None = None,
+    *,
+    node_host: str | None = None,
 ) -> Job:
     """Start job version ``study.version + 1`` for ``study`` on ``instance_id``, state
-    ``pending``, with its first history row (flushed, not committed)."""
+    ``pending``, with its first history row (flushed, not committed). ``node_host`` is the
+    host holding the instance's file: the job's file-bound steps run on its queues."""
     study.version += 1
     study.chosen_instance_id = instance_id
     job = Job(
         study_id=study.id,
         instance_id=instance_id,
+        node_host=node_host,
         version=study.version,
         state=JobState.pending,
         created_at=now,
@@ -241,6 +249,7 @@ class Work:
 
     job_id: int
     version: int
+    node_host: str | None = None  # whose queues take its file-bound steps (None: plain ones)
 
 
 @dataclass(frozen=True)
@@ -264,7 +273,7 @@ def take_pending(session: Session, limit: int = 100) -> list[Work]:
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
-    taken = [Work(job.id, job.version) for job in jobs]
+    taken = [Work(job.id, job.version, job.node_host) for job in jobs]
     for work in taken:
         transition(session, work.job_id, S.queued, commit=False)
     session.commit()
@@ -298,6 +307,7 @@ class Resend:
     job_id: int
     version: int
     task: type[JobMessage]
+    node_host: str | None = None  # the job's host (see :class:`Work`)
 
 
 def find_lost(
@@ -349,7 +359,7 @@ def find_lost(
             continue
         if state == S.pending:
             transition(session, job.id, S.queued, detail="re-sent", commit=False)
-        resend.append(Resend(job.id, job.version, RESEND[state]))
+        resend.append(Resend(job.id, job.version, RESEND[state], job.node_host))
     session.commit()
     return resend, failed
 

@@ -189,7 +189,8 @@ def verify_waiting(
 
     Marks younger than ``grace_seconds``, and marks of held keys, are kept as they are. For
     older ones the queue of their stage (``queues``: stage -> queue, as
-    :data:`cxrnode.jobs.messages.STAGE_QUEUES`) and kombu's
+    :data:`cxrnode.jobs.messages.STAGE_QUEUES`), every node host's copy of it
+    (``<queue>.<host>``, :func:`cxrnode.jobs.messages.host_queue`) and kombu's
     unacknowledged set are searched for a message naming the key. Returns the marks still
     waiting, and the delivery tags of unacknowledged messages whose keys no live worker holds
     (orphans of a dead worker: the caller re-sends the work and may drop these).
@@ -204,8 +205,10 @@ def verify_waiting(
         return marks, {}
     queued: set[str] = set()
     for queue in {queues.get(stage, stage) for stage, _ in old.values()}:
-        for suffix in _PRIORITY_SUFFIXES:
-            for raw in client.lrange(queue + suffix, 0, -1):
+        lists = [queue + suffix for suffix in _PRIORITY_SUFFIXES]
+        lists += client.scan_iter(match=_glob_escape(queue) + ".*", count=100)  # per host
+        for name in lists:
+            for raw in client.lrange(name, 0, -1):
                 queued.update(_keys_in(raw))
     orphans: dict[str, list[bytes]] = {}
     stale_tags = client.zrangebyscore(UNACKED_INDEX, "-inf", now - grace_seconds)
@@ -216,6 +219,10 @@ def verify_waiting(
                     orphans.setdefault(key, []).append(tag)
     kept = {key: mark for key, mark in marks.items() if key not in old or key in queued}
     return kept, orphans
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def forget(client: Any, keys: Iterable[str], orphan_tags: Iterable[bytes] = ()) -> None:

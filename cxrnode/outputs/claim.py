@@ -151,6 +151,8 @@ class SendBatch(NamedTuple):
     destination: str
     study_uid: str
     output_ids: list[int]
+    #: the node host whose DATA_DIR holds the files (their job's host; None: before 0005a)
+    node_host: str | None = None
 
 
 def due_outputs(
@@ -161,7 +163,8 @@ def due_outputs(
     only: Iterable[int] | None = None,
     limit: int = 500,
 ) -> list[SendBatch]:
-    """Claim the outputs whose next try is due, grouped by destination and study: the one
+    """Claim the outputs whose next try is due, grouped by destination, study and node host
+    (the one whose DATA_DIR holds the files, which sends them): the one
     query that decides what is sent next (and in which order).
 
     Due are ``pending`` rows whose ``next_try_at`` has come, and ``in_flight`` rows whose
@@ -178,7 +181,7 @@ def due_outputs(
     """
     now = now or utcnow()
     query = (
-        select(Output, Study.study_instance_uid, Job.version)
+        select(Output, Study.study_instance_uid, Job.version, Job.node_host)
         .join(Job, Output.job_id == Job.id)
         .join(Study, Job.study_id == Study.id)
         .where(Output.state.in_(sorted(output_states.OPEN)), Output.next_try_at <= now)
@@ -192,16 +195,16 @@ def due_outputs(
     )
     claimed = session.execute(query).all()
     until = now + timedelta(seconds=lease_seconds)
-    groups: dict[tuple[str, str], list[tuple[tuple[int, int, int], int]]] = {}
-    for row, study_uid, version in claimed:
+    groups: dict[tuple[str, str, str | None], list[tuple[tuple[int, int, int], int]]] = {}
+    for row, study_uid, version, node_host in claimed:
         if not output_states.move(row, OutputState.in_flight, now=now, next_try_at=until):
             continue
-        key = (row.destination, study_uid)
+        key = (row.destination, study_uid, node_host)
         groups.setdefault(key, []).append((batch_order(row, version), row.id))
     session.commit()
     return [
-        SendBatch(destination, study_uid, [output_id for _, output_id in sorted(items)])
-        for (destination, study_uid), items in groups.items()
+        SendBatch(destination, study_uid, [output_id for _, output_id in sorted(items)], host)
+        for (destination, study_uid, host), items in groups.items()
     ]
 
 

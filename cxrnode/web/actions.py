@@ -55,7 +55,7 @@ class Actions:
             made = rerun_study(session, study_uid)
         dispatcher = self._dispatch()
         with self._lock:
-            dispatcher.prepare_image(made.work.job_id, made.work.version)
+            dispatcher.prepare_image(made.work.job_id, made.work.version, made.work.node_host)
         log.info(
             "admin action from %s: re-run of study %s (job %d, version %d; superseded %s)",
             client,

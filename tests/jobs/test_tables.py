@@ -8,7 +8,7 @@ import logging
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from cxrnode.db import (
     Instance,
@@ -115,26 +115,30 @@ def test_migration_0004a_moves_claimed_rows_into_in_flight_and_back(tmp_path) ->
         study = Study(study_instance_uid="1.2.3", state=StudyState.settled, settle_at=utcnow())
         session.add(study)
         session.flush()
-        instance = Instance(
-            sop_instance_uid="1.2.3.4",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-            study_instance_uid="1.2.3",
-            series_instance_uid="1.2.3.5",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            path="x.dcm",
-            size_bytes=1,
-            calling_aet="PACS",
-            state=InstanceState.stored,
-            study_id=study.id,
+        # Core inserts of the columns of that revision (the models have later columns)
+        session.execute(
+            insert(Instance.__table__).values(
+                id=1,
+                sop_instance_uid="1.2.3.4",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.3.5",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="x.dcm",
+                size_bytes=1,
+                calling_aet="PACS",
+                state=InstanceState.stored,
+                study_id=study.id,
+            )
         )
-        session.add(instance)
-        session.flush()
-        job = Job(study_id=study.id, instance_id=instance.id, state=JobState.done)
-        session.add(job)
-        session.flush()
+        session.execute(
+            insert(Job.__table__).values(
+                id=1, study_id=study.id, instance_id=1, state=JobState.done
+            )
+        )
         rows = [output(O.pending) for _ in range(2)]
         for row, status in zip(rows, ("in flight", "no-connection"), strict=True):
-            row.id, row.job_id, row.last_status = None, job.id, status
+            row.id, row.job_id, row.last_status = None, 1, status
             session.add(row)
         session.commit()
 

@@ -24,8 +24,9 @@ from cxrnode.db import (
     utcnow,
 )
 from cxrnode.jobs import tracking
-from cxrnode.jobs.broker import STAGE_QUEUES, celery_app
+from cxrnode.jobs.broker import STAGE_QUEUES, celery_app, queue_depths
 from cxrnode.jobs.dispatch import Dispatcher
+from cxrnode.jobs.messages import host_queue
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.outputs.outbox import SendBatch
 
@@ -36,6 +37,11 @@ GRACE = tracking.HEARTBEAT_TTL
 def dispatcher(node: Node, redis, redis_url: str) -> Dispatcher:
     settings = node.settings.model_copy(update={"broker_url": redis_url + "/0"})
     return Dispatcher(settings, celery=celery_app(settings), redis=redis)
+
+
+def own_queue(dispatcher: Dispatcher, queue: str) -> str:
+    """This node host's copy of a host-bound queue (where its own messages go)."""
+    return host_queue(queue, dispatcher.settings.node_host)
 
 
 def age_marks(redis, seconds: float) -> None:
@@ -58,9 +64,26 @@ def test_a_published_message_is_waiting_and_stays_so_while_it_is_in_its_queue(
     assert list(kept) == ["7"] and orphans == {}
 
 
+def test_a_message_in_another_node_hosts_queue_is_waiting(dispatcher: Dispatcher, redis) -> None:
+    """Two node hosts: the reconciler on one finds the other's messages in its queues."""
+    dispatcher.prepare_image(6, 1, "node-b")
+    assert redis.llen("prepare.node-b") == 1 and redis.llen("prepare") == 0
+    age_marks(redis, GRACE + 5)
+    kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE)
+    assert list(kept) == ["6"]
+
+
+def test_a_queues_depth_counts_every_node_hosts_copy(dispatcher: Dispatcher, redis) -> None:
+    dispatcher.prepare_image(3, 1, "node-a")
+    dispatcher.prepare_image(4, 1, "node-b")
+    dispatcher.prepare_image(5, 1)  # this host's
+    depths = queue_depths(dispatcher.settings)
+    assert depths["prepare"] == 3 and depths["send"] == 0
+
+
 def test_a_mark_whose_message_is_in_no_queue_is_not_waiting(dispatcher: Dispatcher, redis) -> None:
     dispatcher.prepare_image(8, 1)
-    redis.delete("prepare")  # taken by a worker that died before it said so
+    redis.delete(own_queue(dispatcher, "prepare"))  # taken by a worker that died before it said so
     age_marks(redis, GRACE + 5)
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE)
     assert kept == {}
@@ -70,7 +93,7 @@ def test_a_young_mark_is_trusted_without_looking_at_the_queue(
     dispatcher: Dispatcher, redis
 ) -> None:
     dispatcher.prepare_image(9, 1)
-    redis.delete("prepare")
+    redis.delete(own_queue(dispatcher, "prepare"))
     kept, _ = tracking.verify_waiting(redis, tracking.waiting(redis), set(), STAGE_QUEUES, GRACE)
     assert list(kept) == ["9"]
 
@@ -78,9 +101,9 @@ def test_a_young_mark_is_trusted_without_looking_at_the_queue(
 def test_an_unacknowledged_message_no_live_worker_holds_is_an_orphan(
     dispatcher: Dispatcher, redis
 ) -> None:
-    dispatcher.send_outputs([SendBatch("PACS@pacs:104", "1.2.3", [11, 12])])
-    (raw,) = redis.lrange("send", 0, -1)
-    redis.delete("send")  # what kombu does when it hands the message to a consumer:
+    dispatcher.send_outputs([SendBatch("PACS@pacs:104", "1.2.3", [11, 12], "node-a")])
+    (raw,) = redis.lrange("send.node-a", 0, -1)  # the queue of the host holding the files
+    redis.delete("send.node-a")  # what kombu does when it hands the message to a consumer:
     redis.hset(tracking.UNACKED, "tag-1", json.dumps([json.loads(raw), "", "send"]))
     redis.zadd(tracking.UNACKED_INDEX, {"tag-1": time.time() - GRACE - 5})
     age_marks(redis, GRACE + 5)

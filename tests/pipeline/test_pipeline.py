@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from cxrnode.db import Job
+from cxrnode.jobs.messages import host_queue
 from model.labeler import FINDINGS
 
 FAST = dict(temperature="0", max_new_tokens="8", settle_seconds="1", reconcile_interval="1")
@@ -184,7 +186,8 @@ def test_flushall_mid_flight_is_healed_by_the_reconciler(
             60,
             "jobs to be queued",
         )
-        assert client.llen("prepare") == 3
+        queue = host_queue("prepare", socket.gethostname())  # this node host's (NODE_HOST)
+        wait_for(lambda: client.llen(queue) == 3, 10, "the messages published after the commit")
         client.flushall()  # every queued message and the waiting marks are gone
         worker = subprocess.Popen(
             [str(node.env["PATH"].split(":")[0] + "/cxrnode"), "worker"],

@@ -116,6 +116,8 @@ def process_rss(node: Node) -> dict[str, int]:
             role = "redis"
         elif "-m worker --queues" in cmd:
             role = "worker-" + cmd.split("--queues", 1)[1].split()[0]
+        elif cmd.startswith("[celeryd: "):  # Celery's title: [celeryd: <queues>-<pid>@<host>...
+            role = "worker-" + cmd.removeprefix("[celeryd: ").split("@", 1)[0].rsplit("-", 1)[0]
         elif cmd.startswith("cxrnode: listener") or cmd.startswith("cxrnode: web"):
             role = cmd.split()[1]  # the title a spawned child gives itself (cxrnode.process)
         elif "multiprocessing" in cmd:
@@ -130,9 +132,11 @@ def process_rss(node: Node) -> dict[str, int]:
 
 def worker_pids(node: Node, queues: str) -> list[int]:
     assert node.proc is not None
-    found = subprocess.run(
-        ["pgrep", "-f", "--", f"-m worker --queues {queues}"], capture_output=True, text=True
-    ).stdout.split()
+    found = []  # by command line before the worker titles itself, by Celery's title after
+    for pattern in (f"-m worker --queues {queues}", rf"^\[celeryd: {queues}-[0-9]+@"):
+        found += subprocess.run(
+            ["pgrep", "-f", "--", pattern], capture_output=True, text=True
+        ).stdout.split()
     pgid = os.getpgid(node.proc.pid)
     pids = []
     for pid in found:

@@ -59,14 +59,11 @@ def wait_done(database_url: str, count: int, timeout: float = 120) -> list[Job]:
     return wait_for(finished, timeout, f"{count} jobs to be done", interval=0.5)
 
 
-def worker_pids(node, queues: str) -> list[int]:
-    """PIDs of the node's `cxrnode worker --queues <queues>` children (which exec
-    `python -m worker`)."""
-    out = subprocess.run(
-        ["pgrep", "-f", "--", f"-m worker --queues {queues}"], capture_output=True, text=True
-    ).stdout.split()
-    group = os.getpgid(node.proc.pid)
-    return [int(p) for p in out if os.getpgid(int(p)) == group]
+def infer_workers(node) -> list[dict]:
+    """The node's live inference workers, from their heartbeats (``cxrnode status``): each
+    names its pid. (Not ``pgrep``: a worker's process title replaces its command line.)"""
+    workers = json.loads(node.cli("status", "--json").stdout)["workers"] or []
+    return [w for w in workers if "infer" in w["queues"]]
 
 
 @pytest.fixture(params=["embedded", "redis+postgresql"])
@@ -144,16 +141,16 @@ def test_a_worker_killed_during_inference_still_completes_the_job_once(
     # the lost work must be found from the dead worker's missing heartbeat.
     node = make_node(model=str(tiny_model), **{**FAST, "max_new_tokens": "512"})
     database = f"sqlite:///{node.data_dir / 'cxrnode.db'}"
-    wait_for(lambda: worker_pids(node, "infer"), 30, "the inference worker")
+    wait_for(lambda: infer_workers(node), 60, "the inference worker")
     send_studies(node, tmp_path, 1)
 
-    def infer_worker_holds_the_job() -> bool:
-        workers = json.loads(node.cli("status", "--json").stdout)["workers"] or []
-        return any("infer" in w["queues"] and w["jobs"] == 1 for w in workers)
+    def infer_worker_holding_the_job() -> int | None:
+        return next((w["pid"] for w in infer_workers(node) if w["jobs"] == 1), None)
 
-    wait_for(infer_worker_holds_the_job, 60, "the inference worker to take the job", interval=0.2)
-    for pid in worker_pids(node, "infer"):
-        os.kill(pid, signal.SIGKILL)
+    pid = wait_for(
+        infer_worker_holding_the_job, 60, "the inference worker to take the job", interval=0.2
+    )
+    os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     (job,) = wait_done(database, 1, timeout=300)
     # found from the missing heartbeat (about a minute on a quiet machine; bench/soak.py

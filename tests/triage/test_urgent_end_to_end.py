@@ -341,7 +341,7 @@ def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
     import redis as redis_py
     from services import redis_server
 
-    from cxrnode.jobs.messages import RecordResult
+    from cxrnode.jobs.messages import RecordResult, host_queue
     from cxrnode.settings import get_settings
     from model.contracts import ModelResult
     from worker import tasks
@@ -377,7 +377,9 @@ def test_the_outputs_task_sends_an_urgent_draft_ahead_of_queued_sends(
             (message,) = peer.messages()  # only the urgent ORU went out
             assert str(message.segment("OBR")(3)) == "ACC-URGENT"
             assert len(webhook.received) == 1
-            queued = redis_py.Redis.from_url(broker).llen("send")
+            # the send queue of this node host (a queue per node host, see jobs.messages)
+            send_queue = host_queue("send", get_settings().node_host)
+            queued = redis_py.Redis.from_url(broker).llen(send_queue)
             assert queued == 1  # the routine draft's send message still waits
         finally:
             tasks.app.close()  # drop connections to this test's broker

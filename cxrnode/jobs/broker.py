@@ -47,14 +47,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import redis
-from celery import Celery
 
 from cxrnode.jobs import messages
 from cxrnode.settings import Settings
+
+if TYPE_CHECKING:  # Celery itself is imported by what makes an app: listeners never do
+    from celery import Celery
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,8 @@ def redis_client(settings: Settings, *, timeout: float = 5.0) -> Any:
 
 def celery_app(settings: Settings) -> Celery:
     """A Celery app configured for this node's broker; tasks are registered by ``worker``."""
+    from celery import Celery
+
     app = Celery("cxrnode", broker=broker_url(settings), set_as_current=False)
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT, "polling_interval": BRPOP_TIMEOUT}
     if is_sentinel(settings):

@@ -50,25 +50,19 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "hl7")]
 
 import dicomgen  # noqa: E402
 import pydicom  # noqa: E402
-from loop_helpers import model_result  # noqa: E402
+from loop_helpers import inferred_job_from_file, model_result  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from services import fresh_database, postgres_server  # noqa: E402
 
 from cxrnode import notify  # noqa: E402
 from cxrnode.db import (  # noqa: E402
     Instance,
-    InstanceState,
     Job,
-    JobState,
     Study,
-    StudyState,
     make_engine,
     make_sessionmaker,
-    utcnow,
 )
 from cxrnode.db.migrate import upgrade  # noqa: E402
-from cxrnode.ingest.header import recorded_header  # noqa: E402
-from cxrnode.ingest.storage import instance_relpath  # noqa: E402
 from cxrnode.outputs.build import build_outputs  # noqa: E402
 from cxrnode.settings import Settings  # noqa: E402
 
@@ -106,53 +100,16 @@ class Receiver:
 
 
 def record_inferred(settings: Settings, sessions: Any, source: Path) -> int:
-    """A stored image and an inferred job with a known urgent result; returns the job id."""
-    ds = pydicom.dcmread(source, stop_before_pixels=True)
-    ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
-    relpath = instance_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
-    target = settings.instances_dir / relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    full = pydicom.dcmread(source)
-    full.StudyInstanceUID, full.SOPInstanceUID = ds.StudyInstanceUID, ds.SOPInstanceUID
-    full.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    full.save_as(target)
-    with sessions() as session:
-        study = Study(
-            study_instance_uid=ds.StudyInstanceUID,
-            state=StudyState.settled,
-            settle_at=utcnow(),
-            version=1,
-        )
-        session.add(study)
-        session.flush()
-        instance = Instance(
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-            study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID,
-            transfer_syntax_uid=full.file_meta.TransferSyntaxUID,
-            modality=ds.Modality,
-            body_part="CHEST",
-            view="PA",
-            path=relpath,
-            size_bytes=target.stat().st_size,
-            calling_aet="BENCH",
-            state=InstanceState.stored,
-            study_id=study.id,
-            header=recorded_header(ds),
-        )
-        session.add(instance)
-        session.flush()
-        job = Job(
-            study_id=study.id,
-            instance_id=instance.id,
-            version=1,
-            state=JobState.inferred,
-            result=model_result({"pneumothorax": "present"}),
-        )
-        session.add(job)
-        session.commit()
-        return job.id
+    """A stored image (``source`` as a new study) and an inferred job with a known urgent
+    result; returns the job id."""
+    study = pydicom.dcmread(source)
+    study.StudyInstanceUID, study.SOPInstanceUID = generate_uid(), generate_uid()
+    study.file_meta.MediaStorageSOPInstanceUID = study.SOPInstanceUID
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "study.dcm"
+        study.save_as(copy)
+        result = model_result({"pneumothorax": "present"})
+        return inferred_job_from_file(settings, sessions, copy, result, calling_aet="BENCH")
 
 
 def urgent_path(url: str, data_dir: Path, studies: int) -> dict[str, float]:
@@ -207,7 +164,7 @@ def node_mode(name: str, settings: dict[str, str], model: Path, work: Path, n: i
     from sqlalchemy import create_engine, select
     from sqlalchemy.orm import Session
 
-    from cxrnode.db import Instance, Job, Study, UrgentDraft
+    from cxrnode.db import UrgentDraft
 
     receiver = Receiver()
     data = work / name

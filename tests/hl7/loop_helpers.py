@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import threading
 import uuid
@@ -14,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hl7
+import pydicom
 from hl7.mllp import start_hl7_server
 from sqlalchemy.orm import sessionmaker
 
 from cxrnode.db import Instance, InstanceState, Job, JobState, Study, StudyState, utcnow
+from cxrnode.ingest.header import recorded_header
+from cxrnode.ingest.storage import instance_relpath
+from cxrnode.settings import Settings
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 MODEL_HASH = "cd" * 32
@@ -232,6 +237,63 @@ def seed_study(
         session.add(job)
         session.commit()
         return study.id, job.id
+
+
+def inferred_job_from_file(
+    settings: Settings,
+    sessions: sessionmaker,
+    source: Path,
+    result: dict,
+    *,
+    calling_aet: str = "TEST",
+) -> int:
+    """Store ``source`` as the node stores a received instance (its file under DATA_DIR, its
+    recorded header) with its settled study and an inferred job holding ``result``, as the
+    pipeline leaves them before the outputs step; return the job id."""
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    relpath = instance_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    target = settings.instances_dir / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    accession = str(ds.get("AccessionNumber", "")) or None
+    with sessions() as session:
+        study = Study(
+            study_instance_uid=ds.StudyInstanceUID,
+            state=StudyState.settled,
+            settle_at=utcnow(),
+            accession_number=accession,
+            version=1,
+        )
+        session.add(study)
+        session.flush()
+        instance = Instance(
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            modality=ds.Modality,
+            body_part="CHEST",
+            view="PA",
+            path=relpath,
+            size_bytes=target.stat().st_size,
+            calling_aet=calling_aet,
+            state=InstanceState.stored,
+            study_id=study.id,
+            header=recorded_header(ds),
+        )
+        session.add(instance)
+        session.flush()
+        job = Job(
+            study_id=study.id,
+            instance_id=instance.id,
+            version=1,
+            state=JobState.inferred,
+            result=result,
+        )
+        session.add(job)
+        session.commit()
+        return job.id
 
 
 def files_under(directory: Path) -> list[Path]:

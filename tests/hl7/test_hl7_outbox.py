@@ -4,13 +4,11 @@ delivered, AE retried, AR dead letter; resend keeps each kind to its own destina
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -20,25 +18,19 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 
 import dicomgen  # noqa: E402
-from loop_helpers import mllp_peer, model_result  # noqa: E402
+from loop_helpers import inferred_job_from_file, mllp_peer, model_result  # noqa: E402
 from services import free_port  # noqa: E402
 
 from cxrnode.db import (  # noqa: E402
-    Instance,
-    InstanceState,
     Job,
-    JobState,
     Output,
     OutputState,
     Study,
-    StudyState,
     make_engine,
     make_sessionmaker,
     utcnow,
 )
 from cxrnode.db.migrate import upgrade  # noqa: E402
-from cxrnode.ingest.header import recorded_header  # noqa: E402
-from cxrnode.ingest.storage import instance_relpath  # noqa: E402
 from cxrnode.outputs.build import build_outputs  # noqa: E402
 from cxrnode.outputs.outbox import Destination, due_outputs, resend, send_batch  # noqa: E402
 from cxrnode.settings import Settings  # noqa: E402
@@ -59,49 +51,8 @@ class Site:
             cols=64,
             extra={"AccessionNumber": accession},
         )
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
-        relpath = instance_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
-        target = self.settings.instances_dir / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        with self.sessions() as session:
-            study = Study(
-                study_instance_uid=ds.StudyInstanceUID,
-                state=StudyState.settled,
-                settle_at=utcnow(),
-                accession_number=accession,
-                version=1,
-            )
-            session.add(study)
-            session.flush()
-            instance = Instance(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                modality=ds.Modality,
-                body_part="CHEST",
-                view="PA",
-                path=relpath,
-                size_bytes=target.stat().st_size,
-                calling_aet="TEST",
-                state=InstanceState.stored,
-                study_id=study.id,
-                header=recorded_header(ds),
-            )
-            session.add(instance)
-            session.flush()
-            job = Job(
-                study_id=study.id,
-                instance_id=instance.id,
-                version=1,
-                state=JobState.inferred,
-                result=model_result({"cardiomegaly": "present", "pneumothorax": "absent"}),
-            )
-            session.add(job)
-            session.commit()
-            return job.id
+        result = model_result({"cardiomegaly": "present", "pneumothorax": "absent"})
+        return inferred_job_from_file(self.settings, self.sessions, source, result)
 
     def build(self, job_id: int) -> list[Output]:
         with self.sessions() as session:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import shutil
 import sys
 import threading
 import time
@@ -31,29 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hl7"))
 
 import dicomgen  # noqa: E402
 from dicom_checks import dciodvfy  # noqa: E402
-from loop_helpers import mllp_peer, model_result  # noqa: E402
+from loop_helpers import inferred_job_from_file, mllp_peer, model_result  # noqa: E402
 from receivers import Hook, Mailbox  # noqa: E402
 from services import free_port, wait_for  # noqa: E402
 
 from cxrnode import notify  # noqa: E402
 from cxrnode.db import (  # noqa: E402
-    Instance,
-    InstanceState,
     Job,
     JobState,
     Notification,
     NotificationState,
     Output,
-    Study,
-    StudyState,
     UrgentDraft,
     make_engine,
     make_sessionmaker,
-    utcnow,
 )
 from cxrnode.db.migrate import upgrade  # noqa: E402
-from cxrnode.ingest.header import recorded_header  # noqa: E402
-from cxrnode.ingest.storage import instance_relpath  # noqa: E402
 from cxrnode.outputs.build import build_outputs  # noqa: E402
 from cxrnode.outputs.outbox import due_outputs, send_batch  # noqa: E402
 from cxrnode.settings import Settings  # noqa: E402
@@ -92,49 +84,8 @@ class Site:
             cols=64,
             extra=extra,
         )
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
-        relpath = instance_relpath(ds.StudyInstanceUID, ds.SOPInstanceUID)
-        target = self.settings.instances_dir / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        with self.sessions() as session:
-            study = Study(
-                study_instance_uid=ds.StudyInstanceUID,
-                state=StudyState.settled,
-                settle_at=utcnow(),
-                accession_number=accession,
-                version=1,
-            )
-            session.add(study)
-            session.flush()
-            instance = Instance(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                study_instance_uid=ds.StudyInstanceUID,
-                series_instance_uid=ds.SeriesInstanceUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                modality=ds.Modality,
-                body_part="CHEST",
-                view="PA",
-                path=relpath,
-                size_bytes=target.stat().st_size,
-                calling_aet="TEST",
-                state=InstanceState.stored,
-                study_id=study.id,
-                header=recorded_header(ds),
-            )
-            session.add(instance)
-            session.flush()
-            job = Job(
-                study_id=study.id,
-                instance_id=instance.id,
-                version=1,
-                state=JobState.inferred,
-                result=model_result(findings) | (VOTED if findings == URGENT else {}),
-            )
-            session.add(job)
-            session.commit()
-            return job.id
+        result = model_result(findings) | (VOTED if findings == URGENT else {})
+        return inferred_job_from_file(self.settings, self.sessions, source, result)
 
     def outputs(self, job_id: int) -> list[Output]:
         with self.sessions() as session:

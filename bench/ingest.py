@@ -8,10 +8,11 @@ with a quarter of the files), all in the same run:
 - **cxrnode**: ``cxrnode serve --no-workers`` with a fresh data directory and SQLite
   database, the settle period set to an hour so study grouping stays out of the way;
 - **cxrnode+workers**: ``cxrnode serve`` with its workers (embedded defaults, the tiny test
-  checkpoint as its model, ``--model none`` for none) and a settle period of one second, so
-  every study is prepared, inferred and built while the burst is still arriving: the
-  background work competes with the listeners for the cores, as on a node at work. Its ratio
-  to **cxrnode** (same run) is what receive-first promises to keep near 1;
+  checkpoint as its model, ``--model none`` for none) and a settle period of one second, sent
+  to once ``/readyz`` says the workers are up and the model is loaded (a node at work, not one
+  still starting): every study settles during the burst, and whatever background work the
+  node lets run then (prepare, inference, outputs) competes with the listeners for the cores.
+  Its ratio to **cxrnode** (same run) is what receive-first promises to keep near 1;
 - **storescp**: dcmtk ``storescp`` (plain for one association, ``--fork`` for four);
 - **orthanc**: the Debian ``Orthanc`` binary with a generated configuration (own storage and
   index directory, no plugins, ``MaximumPduLength`` 131072).
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,10 +160,11 @@ def _cxrnode(work: Path, processes: int | None, workers: bool) -> Iterator[Recei
     data = work / "cxrnode"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+    http_port = free_port()
     env.update(
         CXRNODE_DATA_DIR=str(data),
         CXRNODE_DICOM_PORT=str(port),
-        CXRNODE_HTTP_PORT=str(free_port()),
+        CXRNODE_HTTP_PORT=str(http_port),
         CXRNODE_SETTLE_SECONDS="1" if workers else "3600",
         CXRNODE_MIN_FREE_DISK_MB="256",
         CXRNODE_LOG_LEVEL="WARNING",
@@ -184,6 +187,12 @@ def _cxrnode(work: Path, processes: int | None, workers: bool) -> Iterator[Recei
         wait_until(
             lambda: _alive(proc, work / "cxrnode.log") and echo_ok(port, "CXRNODE"), 60, "cxrnode"
         )
+        if workers:  # a node at work: its workers up and its model loaded, not still starting
+            wait_until(
+                lambda: _alive(proc, work / "cxrnode.log") and _ready(http_port, MODEL["path"]),
+                180,
+                "cxrnode's workers (and model) to be ready",
+            )
 
         def count() -> int:
             with contextlib.closing(sqlite3.connect(data / "cxrnode.db")) as db:
@@ -194,6 +203,19 @@ def _cxrnode(work: Path, processes: int | None, workers: bool) -> Iterator[Recei
         yield Receiver("CXRNODE", port, count)
     finally:
         stop(proc, group=True)
+
+
+def _ready(http_port: int, model: str | None) -> bool:
+    """``/readyz``: every check passes, or without a model every check but the model's."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as answer:
+            return answer.status == 200
+    except urllib.error.HTTPError as refused:  # 503: which checks fail is in the body
+        checks = json.loads(refused.read() or b"{}").get("checks", {})
+        failing = {name for name, check in checks.items() if not check.get("ok")}
+        return model is None and failing == {"model"}
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

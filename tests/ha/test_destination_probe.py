@@ -155,6 +155,7 @@ def test_a_node_shows_its_pacs_down_and_delivers_as_soon_as_it_returns(
     assert f'cxrnode_destination_up{{destination="{pacs.destination}"}} 0.0' in metrics
     page = requests.get(base + "/", timeout=30).text
     assert "Destinations down" in page and pacs.destination in page
+    assert 'id="destinations" data-refresh hidden' not in page  # shown, not just present
 
     pacs.start()
     try:

@@ -47,7 +47,7 @@ from cxrnode.net.cap import AssociationCap
 from cxrnode.net.listener import run_listener
 from cxrnode.net.metrics import prepare_metrics_dir
 from cxrnode.outputs.probe import Prober
-from cxrnode.process import die_with_parent, set_title, spawn_context
+from cxrnode.process import die_with_parent, set_title, spawn_context, supervised_child
 from cxrnode.retention import run_retention
 from cxrnode.settings import Settings
 from cxrnode.web.exposure import exposure_problem
@@ -126,17 +126,6 @@ def worker_environment(
     return env
 
 
-def _child(target: Any, *args: Any) -> None:
-    """Run a supervised child process's ``target``, deaf to SIGINT.
-
-    Ctrl-C reaches the whole process group; the supervisor stops its children itself, in
-    order, with SIGTERM. A child that took the SIGINT too would die mid-work with a
-    KeyboardInterrupt traceback (uvicorn re-raises it after its own shutdown).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    target(*args)
-
-
 class WorkerProcess:
     """A `cxrnode worker` subprocess, with the same interface as multiprocessing's."""
 
@@ -190,7 +179,7 @@ class Supervisor:
         name = f"listener-{index}"
         self.cap.reset(index)  # a dead listener's associations died with it
         process = self.context.Process(
-            target=_child,
+            target=supervised_child,
             args=(run_listener, self.settings, self.cap, index),
             name=name,
             daemon=True,
@@ -206,7 +195,7 @@ class Supervisor:
 
     def _start_web(self) -> None:
         process = self.context.Process(
-            target=_child, args=(run_web, self.settings), name="web", daemon=True
+            target=supervised_child, args=(run_web, self.settings), name="web", daemon=True
         )
         process.start()
         self.children["web"] = process

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 from multiprocessing.context import SpawnContext
 
 log = logging.getLogger(__name__)
@@ -95,3 +96,16 @@ def spawn_context() -> SpawnContext:
     if main is not None and getattr(main, "__spec__", None) is None:
         main.__spec__ = importlib.machinery.ModuleSpec("cxrnode.__main__", None)
     return multiprocessing.get_context("spawn")
+
+
+def supervised_child(target: Callable[..., object], *args: object) -> None:
+    """Run a supervised child process's ``target``, deaf to SIGINT.
+
+    Ctrl-C reaches the whole process group; the supervisor stops its children itself, in
+    order, with SIGTERM. A child that took the SIGINT too would die mid-work with a
+    KeyboardInterrupt traceback (uvicorn re-raises it after its own shutdown). It lives here,
+    not in :mod:`cxrnode.node`: a spawned child imports its target's module, and this one
+    imports nothing of the node's, so a listener loads the listener's modules only.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(*args)

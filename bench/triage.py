@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -99,6 +100,12 @@ class Receiver:
         self.server.server_close()
 
 
+def p95(values: list[float]) -> float:
+    """The 95th percentile by nearest rank (the largest value when there are fewer than 20)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
 def record_inferred(settings: Settings, sessions: Any, source: Path) -> int:
     """A stored image (``source`` as a new study) and an inferred job with a known urgent
     result; returns the job id."""
@@ -141,7 +148,7 @@ def urgent_path(url: str, data_dir: Path, studies: int) -> dict[str, float]:
     return {
         "studies": studies,
         "p50_s": round(statistics.median(seconds), 4),
-        "p95_s": round(seconds[max(0, int(0.95 * len(seconds)) - 1)], 4),
+        "p95_s": round(p95(seconds), 4),
         "max_s": round(seconds[-1], 4),
     }
 
@@ -236,7 +243,7 @@ def node_mode(name: str, settings: dict[str, str], model: Path, work: Path, n: i
         "drafts": drafts,
         "urgent": len(lags),
         "p50_s": round(statistics.median(lags), 3) if lags else None,
-        "p95_s": round(lags[max(0, int(0.95 * len(lags)) - 1)], 3) if lags else None,
+        "p95_s": round(p95(lags), 3) if lags else None,
         "max_s": round(lags[-1], 3) if lags else None,
     }
 

@@ -64,7 +64,6 @@ QUEUES = ("prepare", "infer", "outputs", "send")
 
 #: The queue of each task (declared with its message class).
 TASK_QUEUES = messages.TASK_QUEUES
-STAGE_QUEUES = messages.STAGE_QUEUES
 
 #: Pub/sub channel on which anything that creates due work wakes the scheduler.
 WAKE_CHANNEL = "cxrnode:wake"

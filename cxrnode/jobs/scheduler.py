@@ -32,12 +32,12 @@ from cxrnode import notify
 from cxrnode.db import Study, StudyState, utcnow
 from cxrnode.ingest.header import header_dataset, study_context
 from cxrnode.jobs import states, tracking
-from cxrnode.jobs.broker import STAGE_QUEUES, WAKE_CHANNEL
+from cxrnode.jobs.broker import WAKE_CHANNEL
 from cxrnode.jobs.dispatch import Dispatcher
 from cxrnode.jobs.grouping import next_settle_at, settle_due_studies
 from cxrnode.jobs.lease import CHECK_SECONDS as LEASE_CHECK_SECONDS
 from cxrnode.jobs.lease import Lease
-from cxrnode.jobs.messages import InferReport, infer_message
+from cxrnode.jobs.messages import STAGE_QUEUES, InferReport, infer_message
 from cxrnode.outputs import outbox
 from cxrnode.prepare.images import load_model_input
 from cxrnode.settings import Settings

@@ -24,9 +24,9 @@ from cxrnode.db import (
     utcnow,
 )
 from cxrnode.jobs import tracking
-from cxrnode.jobs.broker import STAGE_QUEUES, celery_app, queue_depths
+from cxrnode.jobs.broker import celery_app, queue_depths
 from cxrnode.jobs.dispatch import Dispatcher
-from cxrnode.jobs.messages import host_queue
+from cxrnode.jobs.messages import STAGE_QUEUES, host_queue
 from cxrnode.jobs.scheduler import Scheduler
 from cxrnode.outputs.outbox import SendBatch
 

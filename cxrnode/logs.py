@@ -14,6 +14,13 @@ pynetdicom's own ERROR lines (and its tracebacks) in this process while a send w
 failures the caller classifies and logs itself is under way. Process-wide, not per thread:
 pynetdicom connects and logs from the association's own thread; the processes that send
 (the node-side worker) use pynetdicom for nothing else.
+
+A lost broker is one line too: when Redis goes away (a Sentinel failover, a restart), Celery
+logs the error that stops a worker, and kombu's failures while closing the dead connection,
+with every chained traceback (a hundred lines for one event). :class:`_BrokerLossFilter`
+keeps such a record to its message and the connection error under it; the node restarts
+the worker and its reconciler re-sends what the broker lost. ``LOG_LEVEL=DEBUG`` keeps the
+tracebacks. An error with no lost connection under it keeps its traceback at any level.
 """
 
 from __future__ import annotations
@@ -60,6 +67,41 @@ def expected_network_failures() -> Iterator[None]:
 class _QuietNetworkFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (_quiet_sends and record.name.startswith("pynetdicom"))
+
+
+def _lost_connection(exc: BaseException | None) -> BaseException | None:
+    """The connection error in ``exc``'s chain (its causes and contexts), if there is one."""
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+    except ImportError:  # pragma: no cover - redis is a dependency of every process
+        RedisConnectionError = OSError  # noqa: N806
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, RedisConnectionError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _BrokerLossFilter(logging.Filter):
+    """Celery's error records caused by a lost broker connection, as one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.exc_info
+            and record.exc_info[1] is not None
+            and record.levelno >= logging.ERROR
+            and record.name.startswith(("celery", "kombu"))
+            and logging.getLogger().getEffectiveLevel() > logging.DEBUG
+        ):
+            lost = _lost_connection(record.exc_info[1])
+            if lost is not None:
+                record.msg = f"{record.getMessage()} (broker connection lost: {lost})"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -147,11 +189,12 @@ def setup_logging(level: str = "INFO", settings: Settings | None = None) -> None
         formatter = logging.Formatter(
             f"%(asctime)s %(levelname)s [{role} {os.getpid()}] %(name)s: %(message)s"
         )
-    quiet = _QuietNetworkFilter()
+    quiet, broker_loss = _QuietNetworkFilter(), _BrokerLossFilter()
     handlers = _handlers(settings, role)
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(quiet)
+        handler.addFilter(broker_loss)
     root.handlers[:] = handlers
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO/DEBUG; keep it quiet unless asked for.

@@ -229,6 +229,7 @@ def run_mode(name: str, settings: dict[str, str], model: Path, work: Path, args)
             "studies_per_min": args.studies / span * 60,
             "overhead_p50_ms": statistics.median(overheads) * 1000,
             "overhead_p95_ms": percentile(overheads, 95) * 1000,
+            "overhead_slowest_ms": [round(v * 1000) for v in sorted(overheads)[-5:]],
             "model_s_median": statistics.median(m for _, _, m in rows),
             "source_reads_per_study": counter.reads / args.latency_studies,
             "steps_p50_p95_ms": steps,
@@ -269,6 +270,7 @@ def main() -> None:
             f" {r['source_reads_per_study']:>17.1f}"
         )
     for r in results:
+        print(f"{r['mode']}: slowest overheads (ms): {r['overhead_slowest_ms']}")
         print(f"{r['mode']}: where the overhead goes (p50 / p95 ms)")
         for name, (p50, p95) in r["steps_p50_p95_ms"].items():
             print(f"  {name:<26} {p50:7.0f} {p95:7.0f}")

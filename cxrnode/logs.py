@@ -71,10 +71,8 @@ class _QuietNetworkFilter(logging.Filter):
 
 def _lost_connection(exc: BaseException | None) -> BaseException | None:
     """The connection error in ``exc``'s chain (its causes and contexts), if there is one."""
-    try:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-    except ImportError:  # pragma: no cover - redis is a dependency of every process
-        RedisConnectionError = OSError  # noqa: N806
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

@@ -200,7 +200,7 @@ def _purge_batch(
         query = due_studies(before).with_for_update(of=Study, skip_locked=True)
         study_ids = list(session.scalars(query).all())
         for study_id in study_ids:
-            result += _purge_study(session, settings.node_host, settings, study_id, before, now)
+            result += _purge_study(session, settings, study_id, before, now)
         session.commit()
     _audit_deleted(settings, sessions, study_ids)
     return result
@@ -226,16 +226,12 @@ def _audit_deleted(settings: Settings, sessions: sessionmaker, study_ids: list[i
 
 
 def _purge_study(
-    session: Session,
-    host: str,
-    settings: Settings,
-    study_id: int,
-    before: datetime,
-    now: datetime,
+    session: Session, settings: Settings, study_id: int, before: datetime, now: datetime
 ) -> PurgeResult:
-    """Remove the study's files held by this node host and mark their rows; the study is
-    marked too, and another node host removes its own files of it at its next pass
-    (:func:`purge_left_behind`)."""
+    """Remove the study's files held by this node host (``settings.node_host``) and mark
+    their rows; the study is marked too, and another node host removes its own files of it
+    at its next pass (:func:`purge_left_behind`)."""
+    host = settings.node_host
     study = session.get(Study, study_id)
     assert study is not None
     uid = study.study_instance_uid
@@ -333,7 +329,7 @@ def purge_left_behind(
         )
         result = PurgeResult()
         for study_id in sorted(i for i in left if i is not None):
-            done = _purge_study(session, host, settings, study_id, before, now)
+            done = _purge_study(session, settings, study_id, before, now)
             result += PurgeResult(0, done.instances, done.outputs, done.files, done.bytes)
         session.commit()
     if result.files:

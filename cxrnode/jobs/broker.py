@@ -52,7 +52,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
-from cxrnode.jobs import messages
+from cxrnode.jobs import messages, tracking
 from cxrnode.settings import Settings
 
 if TYPE_CHECKING:  # Celery itself is imported by what makes an app: listeners never do
@@ -231,7 +231,7 @@ def queue_depths(settings: Settings) -> dict[str, int | None]:
         client = redis_client(settings, timeout=2)
         lists = [(queue, queue) for queue in QUEUES]
         for queue in messages.HOST_QUEUES:  # each node host's copy counts in its queue
-            lists += [(queue, name) for name in client.scan_iter(match=f"{queue}.*", count=100)]
+            lists += [(queue, name) for name in tracking.host_copies(client, queue)]
         with client.pipeline(transaction=False) as pipe:
             for _, name in lists:
                 pipe.llen(name)

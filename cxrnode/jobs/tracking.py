@@ -206,7 +206,7 @@ def verify_waiting(
     queued: set[str] = set()
     for queue in {queues.get(stage, stage) for stage, _ in old.values()}:
         lists = [queue + suffix for suffix in _PRIORITY_SUFFIXES]
-        lists += client.scan_iter(match=_glob_escape(queue) + ".*", count=100)  # per host
+        lists += host_copies(client, queue)
         for name in lists:
             for raw in client.lrange(name, 0, -1):
                 queued.update(_keys_in(raw))
@@ -221,8 +221,10 @@ def verify_waiting(
     return kept, orphans
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+def host_copies(client: Any, queue: str) -> list[str]:
+    """The broker's lists of every node host's copy of ``queue`` (``prepare.node-a``, ...;
+    :func:`cxrnode.jobs.messages.host_queue`), with their priority lists."""
+    return list(client.scan_iter(match=f"{queue}.*", count=100))
 
 
 def forget(client: Any, keys: Iterable[str], orphan_tags: Iterable[bytes] = ()) -> None:

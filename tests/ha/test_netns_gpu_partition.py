@@ -19,19 +19,10 @@ from pathlib import Path
 
 import pytest
 from netns import Host, Network, NsStream
-from nshosts import WORKERS
+from nshosts import CHECK, WORKERS
 from services import BIN, node_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
-
-HA = Path(__file__).resolve().parent
-DRAFTS = f"""
-import json, sys
-sys.path[:0] = [{str(HA)!r}, {str(HA.parent)!r}]
-from stream import drafts
-found = drafts(sys.argv[1])
-print(json.dumps({{"jobs": found.jobs, "done": found.done, "inferred": found.inferred}}))
-"""
 
 
 def test_a_gpu_host_partitioned_mid_batch_has_its_studies_drafted_once_by_the_other(
@@ -131,7 +122,7 @@ def test_a_gpu_host_partitioned_mid_batch_has_its_studies_drafted_once_by_the_ot
     def all_drafted() -> dict | None:
         if stream.thread.is_alive():
             return None
-        found = in_node(DRAFTS, database)
+        found = in_node(CHECK, database)
         return found if set(found["done"]) >= set(stream.studies) else None  # type: ignore[index]
 
     # within the partition: the heartbeat expires (30 s), the reconciler re-sends, gpu2 drafts
@@ -140,7 +131,7 @@ def test_a_gpu_host_partitioned_mid_batch_has_its_studies_drafted_once_by_the_ot
     time.sleep(max(0.0, 60 - drafted_after))
     network.heal(gpu1)
     time.sleep(10)  # room for the partitioned worker's late results to arrive and be refused
-    found = in_node(DRAFTS, database)
+    found = in_node(CHECK, database)
     assert len(stream.studies) == 10
     for study in stream.studies:
         counts = (found["jobs"][study], found["done"][study], found["inferred"][study])  # type: ignore[index]

@@ -22,8 +22,6 @@ from services import BIN, node_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-HA = Path(__file__).resolve().parent
-
 
 def test_the_database_host_partitioned_for_30_s_loses_no_acknowledged_instance_and_recovers(
     network: Network, tiny_model: Path, tmp_path: Path

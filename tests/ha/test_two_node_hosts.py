@@ -30,15 +30,14 @@ import redis as redis_lib
 from services import (
     BIN,
     Node,
-    free_port,
     fresh_database,
     node_env,
-    port_open,
     storescu,
     wait_for,
 )
 from sqlalchemy import select
 from stream import drafts
+from webnode import Pacs
 
 from cxrnode.db import (
     Instance,
@@ -66,19 +65,12 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[str]:
     """A dcmtk storescp as the destination PACS; yields its DESTINATIONS entry."""
-    port, directory = free_port(), tmp_path / "pacs"
-    directory.mkdir()
-    proc = subprocess.Popen(
-        ["/usr/bin/storescp", "-aet", "PACS", "-od", str(directory), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    peer = Pacs(tmp_path / "pacs")
+    peer.start()
     try:
-        wait_for(lambda: port_open(port), 10, "storescp")
-        yield f"PACS@127.0.0.1:{port}"
+        yield peer.destination
     finally:
-        proc.terminate()
-        proc.wait(10)
+        peer.stop()
 
 
 class Processes:
